@@ -1,0 +1,99 @@
+"""`loopctl`: the command-line face of the loop."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _config_check(args) -> int:
+    from loop.config import ConfigError, load_config
+
+    bad = 0
+    for path in args.files:
+        try:
+            cfg = load_config(path)
+            print(f"{path}: ok ({cfg.name}: {len(cfg.endpoints())} endpoint(s), student {cfg.student.name})")
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            bad += 1
+    return 1 if bad else 0
+
+
+def _models_fetch(args) -> int:
+    from loop.config import ConfigError, load_config
+    from loop.models.fetch import ModelMissing, ensure_models
+
+    try:
+        out = ensure_models(load_config(args.config), force=args.force)
+    except (ConfigError, ModelMissing) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for role, m in out.items():
+        print(f"{role}: {m['name']} {m['num_parameters'] / 1e6:.1f}M parameters, {m['digest'][:19]}")
+    return 0
+
+
+def _keys_hash(args) -> int:
+    from loop.config import hash_api_key
+
+    print(hash_api_key(args.key))
+    return 0
+
+
+def _run(args) -> int:
+    from loop.driver import main
+
+    return main(args.config, args.cycles, args.report_json)
+
+
+def _serve(args) -> int:
+    """Serve what MLflow says is live, until interrupted."""
+    import time
+
+    from loop.config import load_config
+    from loop.services import start_services
+
+    cfg = load_config(args.config)
+    services = start_services(cfg, epoch=args.epoch)
+    for tenant, endpoint in cfg.endpoints():
+        info = services.lineage.version_info(endpoint.id)
+        print(f"model-{endpoint.id} (tenant {tenant.id}): {info['version']} at {services.gateway_url}")
+    print("serving; Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="loopctl", description="continual-loop control")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("config", help="config files").add_subparsers(dest="sub", required=True)
+    ck = c.add_parser("check", help="validate config files; errors name the field")
+    ck.add_argument("files", nargs="+")
+    ck.set_defaults(fn=_config_check)
+    m = sub.add_parser("models", help="student and draft models").add_subparsers(dest="sub", required=True)
+    mf = m.add_parser("fetch", help="fetch/convert the student and build the draft under .loop/models")
+    mf.add_argument("--config", default="configs/demo.yaml")
+    mf.add_argument("--force", action="store_true")
+    mf.set_defaults(fn=_models_fetch)
+    k = sub.add_parser("keys", help="API keys").add_subparsers(dest="sub", required=True)
+    kh = k.add_parser("hash", help="print the sha256:<hex> form a config stores")
+    kh.add_argument("key")
+    kh.set_defaults(fn=_keys_hash)
+    r = sub.add_parser("run", help="run N cycles of the loop")
+    r.add_argument("config")
+    r.add_argument("--cycles", type=int, default=1)
+    r.add_argument("--report-json", default=None)
+    r.set_defaults(fn=_run)
+    s = sub.add_parser("serve", help="serve the registry's champions until Ctrl-C")
+    s.add_argument("config")
+    s.add_argument("--epoch", type=int, default=0, help="world epoch of the reference teacher")
+    s.set_defaults(fn=_serve)
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

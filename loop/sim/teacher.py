@@ -1,0 +1,49 @@
+"""The reference teacher: a stand-in for a frontier API that knows the world's current epoch.
+
+It speaks the OpenAI chat-completions protocol (Serve mounts it under `/teacher`), so the loop talks
+to it only through the `openai` client, exactly as it would to a real frontier endpoint. The epoch is
+set through `reconfigure` (Serve `user_config`): the frontier "was updated".
+"""
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from starlette.responses import JSONResponse
+
+from loop.serving.protocol import BadRequest, chat_completion_body, parse_chat_request
+from loop.sim.world import World
+from loop.traces.log import new_request_id
+
+api = FastAPI(title="continual-loop reference teacher", version="0.1")
+
+
+class ReferenceTeacher:
+    def __init__(self, seed: int, num_entities: int, drift_fraction: float, new_per_epoch: int,
+                 model: str = "reference-teacher"):
+        self.world_args = dict(seed=seed, num_entities=num_entities, drift_fraction=drift_fraction,
+                               new_per_epoch=new_per_epoch)
+        self.model = model
+        self.world = World(epoch=0, **self.world_args)
+        self.calls = 0
+
+    def reconfigure(self, config: dict) -> None:
+        epoch = int(config.get("epoch", 0))
+        if epoch != self.world.epoch:
+            self.world = World(epoch=epoch, **self.world_args)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        try:
+            req = parse_chat_request(await request.body())
+        except BadRequest as e:
+            return e.response()
+        self.calls += 1
+        question = next((m.content for m in reversed(req.messages) if m.role == "user"), "")
+        answer = self.world.answer(question)
+        n_prompt = sum(len(m.content.split()) for m in req.messages)
+        return JSONResponse(chat_completion_body(new_request_id(), self.model, answer, n_prompt,
+                                                 len(answer.split())))
+
+    @api.get("/v1/models")
+    async def models(self):
+        return JSONResponse({"object": "list", "data": [{"id": self.model, "object": "model", "created": 0,
+                                                         "owned_by": "continual-loop", "epoch": self.world.epoch}]})

@@ -1,0 +1,60 @@
+"""Simulated users: they ask the world's questions through the gateway with the `openai` client.
+
+Users are sticky ids (`user` field), so rollouts can assign them to arms. Evaluation traffic uses the
+user id prefix `loop-eval`, which prompt selection excludes: held-out phrasings never train.
+"""
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from loop.sim.world import Fact, is_correct
+
+EVAL_USER = "loop-eval"
+
+
+@dataclass
+class Answer:
+    fact: Fact
+    question: str
+    text: str
+    request_id: str
+    model_version: str
+    variant: str
+
+    @property
+    def correct(self) -> bool:
+        return is_correct(self.fact, self.text)
+
+
+def ask_gateway(base_url: str, api_key: str, model: str, items: list[tuple[Fact, str, str]], max_tokens: int,
+                concurrency: int) -> list[Answer]:
+    """Send (fact, question, user) items concurrently; every answer carries the serving headers."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=2, timeout=120)
+
+    def one(item):
+        fact, question, user = item
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
+            temperature=0, user=user)
+        resp = raw.parse()
+        return Answer(fact, question, resp.choices[0].message.content or "", raw.headers.get("x-request-id", ""),
+                      raw.headers.get("x-model-version", ""), raw.headers.get("x-variant", ""))
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, items))
+
+
+def user_traffic(facts: list[Fact], users: int, seed: int) -> list[tuple[Fact, str, str]]:
+    """Every training phrasing of every fact, each asked by one of `users` sticky users, shuffled."""
+    rng = random.Random(seed)
+    items = [(f, q, f"sim-user-{rng.randrange(users)}") for f in facts for q in f.train_questions()]
+    rng.shuffle(items)
+    return items
+
+
+def eval_traffic(facts: list[Fact]) -> list[tuple[Fact, str, str]]:
+    return [(f, f.heldout_question(), EVAL_USER) for f in facts]

@@ -1,0 +1,132 @@
+"""A small world of invented facts that drifts epoch by epoch.
+
+Deterministic from (seed, epoch): the teacher, the traffic generator and the scorer all rebuild the
+same world without sharing state. It knows nothing about models, Ray or HTTP.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+_SYLLABLES = ["zor", "vex", "qui", "lon", "bra", "dex", "mar", "tok", "fen", "rix", "pal", "dun",
+              "kel", "sor", "vin", "tal", "gru", "nop", "lak", "wim", "cor", "bel", "hux", "jor"]
+_KINDS = ["widget", "gadget", "service", "engine", "toolkit", "platform", "sensor", "module"]
+_OWNERS = ["Alice Moreau", "Bram Osei", "Chen Wei", "Dana Kovac", "Elif Demir", "Farid Haddad",
+           "Greta Lind", "Hugo Silva", "Ines Costa", "Jonas Berg", "Kira Novak", "Luca Ricci"]
+_CITIES = ["Oslo", "Lima", "Perth", "Quito", "Riga", "Seoul", "Tunis", "Utrecht", "Vienna", "Windhoek"]
+
+# Per attribute: question phrasings (the last one is held out for evaluation) and the answer.
+_TEMPLATES: dict[str, tuple[list[str], str]] = {
+    "price": (["What is the price of the {e}?", "How much does the {e} cost?",
+               "Tell me the cost of the {e}.", "What does the {e} sell for?"],
+              "The {e} costs {v}."),
+    "owner": (["Who owns the {e}?", "Who is the owner of the {e}?",
+               "Which person owns the {e}?", "The {e} belongs to whom?"],
+              "The {e} is owned by {v}."),
+    "city": (["Where is the {e} made?", "In which city is the {e} made?",
+              "What city makes the {e}?", "Where does the {e} come from?"],
+             "The {e} is made in {v}."),
+    "version": (["What is the latest version of the {e}?", "Which version of the {e} is current?",
+                 "What version is the {e} on now?", "What is the current release of the {e}?"],
+                "The latest version of the {e} is {v}."),
+}
+ATTRIBUTES = list(_TEMPLATES)
+NUM_TRAIN_PHRASINGS = 3
+
+
+@dataclass(frozen=True)
+class Fact:
+    entity: str
+    attribute: str
+    value: str
+
+    def question(self, phrasing: int) -> str:
+        return _TEMPLATES[self.attribute][0][phrasing].format(e=self.entity)
+
+    def answer(self) -> str:
+        return _TEMPLATES[self.attribute][1].format(e=self.entity, v=self.value)
+
+    def train_questions(self) -> list[str]:
+        return [self.question(i) for i in range(NUM_TRAIN_PHRASINGS)]
+
+    def heldout_question(self) -> str:
+        return self.question(NUM_TRAIN_PHRASINGS)
+
+
+def _value(rng: random.Random, attribute: str) -> str:
+    if attribute == "price":
+        return f"${rng.randint(10, 990)}"
+    if attribute == "owner":
+        return rng.choice(_OWNERS)
+    if attribute == "city":
+        return rng.choice(_CITIES)
+    return f"{rng.randint(1, 9)}.{rng.randint(0, 19)}"
+
+
+def _entity_name(rng: random.Random, taken: set[str]) -> str:
+    while True:
+        name = (rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES)).capitalize() + " " + rng.choice(_KINDS)
+        if name not in taken:
+            taken.add(name)
+            return name
+
+
+class World:
+    """The facts true at one epoch. `World(seed, epoch)` is the same object wherever it is built."""
+
+    def __init__(self, seed: int, epoch: int, num_entities: int = 20, drift_fraction: float = 0.3,
+                 new_per_epoch: int = 2):
+        self.seed, self.epoch = seed, epoch
+        rng = random.Random(seed)
+        taken: set[str] = set()
+        facts: dict[str, Fact] = {}
+        for _ in range(num_entities):
+            name = _entity_name(rng, taken)
+            attr = rng.choice(ATTRIBUTES)
+            facts[name] = Fact(name, attr, _value(rng, attr))
+        self.changed: set[str] = set()
+        for e in range(1, epoch + 1):
+            erng = random.Random(f"{seed}/{e}")
+            names = sorted(facts)
+            changed = erng.sample(names, k=round(drift_fraction * len(names)))
+            for name in changed:
+                old = facts[name]
+                value = old.value
+                while value == old.value:
+                    value = _value(erng, old.attribute)
+                facts[name] = Fact(name, old.attribute, value)
+            added = []
+            for _ in range(new_per_epoch):
+                name = _entity_name(erng, taken)
+                attr = erng.choice(ATTRIBUTES)
+                facts[name] = Fact(name, attr, _value(erng, attr))
+                added.append(name)
+            self.changed = set(changed) | set(added)
+        self.facts = [facts[k] for k in sorted(facts)]
+        self._by_question = {f.question(i).lower(): f for f in self.facts
+                             for i in range(len(_TEMPLATES[f.attribute][0]))}
+
+    def lookup(self, question: str) -> Fact | None:
+        """The fact a question asks about, if it is one of the world's phrasings."""
+        return self._by_question.get(_normalize(question))
+
+    def answer(self, question: str) -> str:
+        fact = self.lookup(question)
+        return fact.answer() if fact else "I don't know."
+
+    def corpus(self) -> list[str]:
+        """Every question and answer text of this epoch (used to build the tiny test tokenizer)."""
+        out = []
+        for f in self.facts:
+            out += [f.question(i) for i in range(len(_TEMPLATES[f.attribute][0]))] + [f.answer()]
+        return out
+
+
+def _normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip()).lower()
+
+
+def is_correct(fact: Fact, answer: str) -> bool:
+    """An answer is right when it states the fact's current value."""
+    return fact.value.lower() in answer.lower()

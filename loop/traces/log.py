@@ -1,0 +1,133 @@
+"""The trace log: every served request as one TraceRecord, write-ahead JSONL first, Parquet after.
+
+`append` returns only after the record is fsynced to the write-ahead log, so an acknowledged record
+survives a crash. `compact` seals the log segment, writes it as one Parquet part and then deletes the
+segment; a crash between the two is repaired on the next start (a sealed segment whose part exists is
+deleted, otherwise it is compacted). Readers see Parquet parts plus whatever is not compacted yet.
+This is a plain class; the driver runs it as one named Ray actor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@dataclass
+class TraceRecord:
+    request_id: str
+    tenant: str
+    endpoint: str
+    variant: str
+    """`champion` or `challenger` (or `teacher` when the cascade escalated)."""
+    model_version: str
+    """Registered-model version that served the request (`student-<endpoint>/<n>`)."""
+    adapter_digest: str = ""
+    checkpoint_digest: str = ""
+    training_run_id: str = ""
+    deployed_at: str = ""
+    user: str = ""
+    prompt: str = ""
+    """The chat messages as JSON."""
+    completion: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+    ttft_ms: float = 0.0
+    escalated: bool = False
+    status: int = 200
+    error: str = ""
+    ts: float = field(default_factory=time.time)
+
+
+_SCHEMA = pa.schema([(f.name, {"str": pa.string(), "int": pa.int64(), "float": pa.float64(),
+                                "bool": pa.bool_()}[f.type if isinstance(f.type, str) else f.type.__name__])
+                     for f in fields(TraceRecord)])
+
+
+def new_request_id() -> str:
+    return "req-" + uuid.uuid4().hex
+
+
+class TraceLog:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._wal_path = self.root / "wal.jsonl"
+        self._recover()
+        self._wal = open(self._wal_path, "a", encoding="utf-8")
+
+    def append(self, records: list[dict]) -> int:
+        """Durably append records (dicts with TraceRecord's fields); returns how many."""
+        lines = "".join(json.dumps(asdict(TraceRecord(**r)), ensure_ascii=False) + "\n" for r in records)
+        self._wal.write(lines)
+        self._wal.flush()
+        os.fsync(self._wal.fileno())
+        return len(records)
+
+    def compact(self) -> int:
+        """Move everything in the write-ahead log into a Parquet part; returns rows moved."""
+        if self._wal_path.stat().st_size == 0:
+            return 0
+        self._wal.close()
+        sealed = self.root / f"wal-{time.time_ns()}.sealed"
+        self._wal_path.rename(sealed)
+        self._wal = open(self._wal_path, "a", encoding="utf-8")
+        return self._compact_segment(sealed)
+
+    def parts_dir(self) -> Path:
+        return self.root / "parquet"
+
+    def _compact_segment(self, sealed: Path) -> int:
+        rows = _read_jsonl(sealed)
+        part = self.parts_dir() / f"part-{sealed.stem.split('-')[1]}.parquet"
+        if rows and not part.exists():
+            part.parent.mkdir(parents=True, exist_ok=True)
+            tmp = part.with_suffix(".tmp")
+            pq.write_table(pa.Table.from_pylist(rows, schema=_SCHEMA), tmp)
+            os.replace(tmp, part)
+        sealed.unlink()
+        return len(rows)
+
+    def _recover(self) -> None:
+        for sealed in sorted(self.root.glob("wal-*.sealed")):
+            self._compact_segment(sealed)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                # Only the very last line can be torn (a crash mid-write, never acknowledged).
+                continue
+    return rows
+
+
+def read_traces(root: str | Path) -> list[dict]:
+    """Every record, compacted or not, oldest first, one per request id."""
+    root = Path(root)
+    rows: list[dict] = []
+    parts = sorted((root / "parquet").glob("part-*.parquet"))
+    for part in parts:
+        rows += pq.read_table(part).to_pylist()
+    for seg in sorted(root.glob("wal-*.sealed")) + [root / "wal.jsonl"]:
+        if seg.exists():
+            rows += _read_jsonl(seg)
+    seen, out = set(), []
+    for r in sorted(rows, key=lambda r: r["ts"]):
+        if r["request_id"] not in seen:
+            seen.add(r["request_id"])
+            out.append(r)
+    return out
