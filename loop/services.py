@@ -6,6 +6,7 @@ live; `reconcile` makes the gateway serve exactly that.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from loop.config import LoopConfig
@@ -34,10 +35,11 @@ def init_ray(cfg: LoopConfig) -> None:
     # Workers import `loop` and `serve_apps` from the (editable) install, or from the job's
     # working_dir under `ray job submit`.
     kwargs = dict(namespace=cfg.ray.namespace, ignore_reinit_error=True, log_to_driver=True)
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, **kwargs)
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        # Joining a cluster (`ray job submit` sets RAY_ADDRESS): its size is the cluster's business.
+        ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"], **kwargs)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
 def start_services(cfg: LoopConfig, epoch: int) -> Services:
@@ -82,7 +84,7 @@ def reconcile(services: Services) -> dict:
     from serve_apps.gateway_app import deploy_gateway
 
     rollouts = live_rollouts(services)
-    deploy_gateway(services.cfg, services.trace_log, rollouts, services.base_manifest["digest"])
+    deploy_gateway(services.cfg, services.trace_log, rollouts)
     return rollouts
 
 

@@ -1,13 +1,12 @@
-"""The serving application: one vLLM engine per base model, and the OpenAI-compatible gateway.
+"""The serving applications: one vLLM engine per base model, and the OpenAI-compatible gateway.
 
-The engine's deployment version is pinned to its model digest and engine settings, and the
-gateway's to its tenants, so redeploying with new rollouts (the gateway's `user_config`) reconfigures
-replicas in place: no engine restart, a new version is live in seconds.
+They are two Serve applications on purpose: `serve.run` gives every deployment of an app a new
+version, so moving the gateway to new rollouts restarts only the light gateway replica, never the
+engine. A new model version (an adapter) is live without an engine start.
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import functools
 
 from ray import serve
 
@@ -16,34 +15,45 @@ from loop.serving.engine import StudentEngine
 from loop.serving.gateway import Gateway, api
 
 APP_NAME = "gateway"
+ENGINE_APP = "student-engine"
 
 
-def _version(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def build_gateway_app(cfg: LoopConfig, trace_log, rollouts: dict, base_digest: str):
+def deploy_engine(cfg: LoopConfig) -> None:
+    """Start the student engine app unless it is already running (engine start: ~20-60 s on CPU)."""
+    st = serve.status().applications.get(ENGINE_APP)
+    if st is not None and st.status == "RUNNING":
+        return
     eng = cfg.serving.engine
-    engine = serve.deployment(
-        StudentEngine, name="student-engine", version=_version(base_digest, eng.model_dump()),
+    app = serve.deployment(
+        StudentEngine, name=ENGINE_APP,
         ray_actor_options={"num_cpus": eng.num_cpus, "num_gpus": eng.num_gpus},
         max_ongoing_requests=64, health_check_timeout_s=120, graceful_shutdown_timeout_s=5,
     ).bind(str(cfg.model_path(cfg.student)), eng, cfg.student.dtype)
+    serve.run(app, name=ENGINE_APP, route_prefix=None, blocking=False)
+    _wait_running(ENGINE_APP)
+
+
+@functools.cache
+def ingress_gateway():
+    """`serve.ingress` rewrites the FastAPI app's routes: apply it once per process."""
+    return serve.ingress(api)(Gateway)
+
+
+def build_gateway_app(cfg: LoopConfig, trace_log, rollouts: dict):
+    engine = serve.get_deployment_handle(ENGINE_APP, app_name=ENGINE_APP)
     tenants = {t.id: {"api_key_hashes": t.api_key_hashes, "endpoints": [e.id for e in t.endpoints]}
                for t in cfg.tenants}
     gateway = serve.deployment(
-        serve.ingress(api)(Gateway), name="gateway",
-        version=_version(tenants, cfg.serving.admin_key_hash),
-        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256,
+        ingress_gateway(), name="gateway", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256,
         user_config={"endpoints": rollouts},
     ).bind(engine, trace_log, tenants, cfg.serving.admin_key_hash)
     return gateway
 
 
-def deploy_gateway(cfg: LoopConfig, trace_log, rollouts: dict, base_digest: str) -> None:
-    """Create the app, or move it to new rollouts (in place when only the rollouts changed)."""
-    serve.run(build_gateway_app(cfg, trace_log, rollouts, base_digest), name=APP_NAME, route_prefix="/",
-              blocking=False)
+def deploy_gateway(cfg: LoopConfig, trace_log, rollouts: dict) -> None:
+    """Create the gateway app, or move it to new rollouts (the engine app is left alone)."""
+    deploy_engine(cfg)
+    serve.run(build_gateway_app(cfg, trace_log, rollouts), name=APP_NAME, route_prefix="/", blocking=False)
     _wait_running(APP_NAME)
 
 

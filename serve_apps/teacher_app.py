@@ -1,6 +1,8 @@
 """The reference teacher as a Serve app under `/teacher`: an OpenAI-compatible frontier stand-in."""
 from __future__ import annotations
 
+import functools
+
 from ray import serve
 
 from loop.config import LoopConfig
@@ -11,11 +13,16 @@ APP_NAME = "teacher"
 ROUTE = "/teacher"
 
 
+@functools.cache
+def _ingress_teacher():
+    return serve.ingress(api)(ReferenceTeacher)
+
+
 def deploy_teacher(cfg: LoopConfig, epoch: int) -> str:
     """Deploy (or move to `epoch`) the reference teacher; returns its OpenAI base URL."""
     w = cfg.world
     app = serve.deployment(
-        serve.ingress(api)(ReferenceTeacher), name="reference-teacher", version="reference-teacher-1",
+        _ingress_teacher(), name="reference-teacher",
         ray_actor_options={"num_cpus": 0}, user_config={"epoch": epoch},
     ).bind(w.seed, w.num_entities, w.drift_fraction, w.new_per_epoch, cfg.teacher.model)
     serve.run(app, name=APP_NAME, route_prefix=ROUTE, blocking=False)

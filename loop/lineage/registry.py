@@ -103,11 +103,18 @@ class Lineage:
         tags = mv.tags
         adapter_path = None
         if tags.get(BASE_TAG) != "base":
-            adapter_path = _local_path(self.client.get_model_version_download_uri(mv.name, mv.version))
+            adapter_path = self._artifact_path(mv.source)
         return {"version": version_label(endpoint, mv.version), "number": int(mv.version),
                 "adapter_path": adapter_path, "adapter_digest": tags.get("adapter_digest", ""),
                 "checkpoint_digest": tags.get("checkpoint_digest", ""), "training_run_id": tags.get("training_run_id", ""),
                 "deployed_at": tags.get("deployed_at", ""), "kind": tags.get(BASE_TAG, "adapter")}
+
+    def _artifact_path(self, source: str) -> str:
+        """Local path of a `runs:/<id>/<path>` source: the engine loads the registered copy itself."""
+        if source.startswith("runs:/"):
+            run_id, _, path = source[len("runs:/"):].partition("/")
+            source = self.client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + path
+        return _local_path(source)
 
     def find_version(self, endpoint: str, tag: str, value: str) -> dict | None:
         """A version already registered for this output (so a resumed cycle never registers twice)."""

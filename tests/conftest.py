@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny models built from config (no downloads) and one Ray cluster per session.
+
+The cluster is a real `ray start --head` (token auth on, as Ray 2.60 makes it), so the same cluster
+serves the `ray job submit` test, the full-cycle test and the Serve tests: one vLLM engine start.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from loop.models.tiny import build_tiny_model
+    from loop.sim.world import World
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", World(3, 0, 8).corpus())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_config_path(tmp_path_factory) -> Path:
+    """configs/tiny.yaml with its state under a temp dir and its own Serve port."""
+    raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    state = tmp_path_factory.mktemp("state")
+    raw["storage"]["root"] = str(state)
+    raw["serving"]["port"] = _free_port()
+    path = state / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A real local Ray cluster (`ray start --head`), token authentication on; yields its env."""
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
+    port, dash = _free_port(), _free_port()
+    temp = Path("/tmp/loop-ray-test")
+    shutil.rmtree(temp, ignore_errors=True)
+    subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True)
+    subprocess.run([BIN / "ray", "start", "--head", "--port", str(port), "--num-cpus", "6",
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                    "--disable-usage-stats", "--temp-dir", str(temp)],
+                   env=env, check=True, capture_output=True)
+    env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    env["LOOP_DASHBOARD"] = f"http://127.0.0.1:{dash}"
+    yield env
+    subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def cycle_job(ray_cluster, tiny_config_path):
+    """Fetch the tiny models, then run one cycle through `ray job submit` and wait for it."""
+    env = dict(ray_cluster, LOOP_DEMO_API_KEY="sk-loop-demo-acme")
+    subprocess.run([sys.executable, "-m", "loop.cli", "models", "fetch", "--config", str(tiny_config_path)],
+                   env=env, check=True, cwd=ROOT)
+    report = tiny_config_path.parent / "reports.json"
+    started = time.time()
+    proc = subprocess.run(
+        [BIN / "ray", "job", "submit", "--address", env["LOOP_DASHBOARD"], "--working-dir", str(ROOT),
+         "--runtime-env-json", '{"env_vars": {"LOOP_DEMO_API_KEY": "sk-loop-demo-acme"}}',
+         "--", "python", "jobs/run_loop.py", "--config", str(tiny_config_path), "--cycles", "1",
+         "--report-json", str(report)],
+        env=env, capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    return {"proc": proc, "env": env, "report": report, "config": tiny_config_path,
+            "seconds": time.time() - started}

@@ -1,0 +1,114 @@
+"""One full cycle on tiny models, submitted with `ray job submit` to a `ray start` cluster:
+Ray Serve + vLLM AsyncLLM + Ray Train + MLflow, then checked from the outside."""
+import json
+
+import openai
+import pytest
+from mlflow import MlflowClient
+
+from loop.config import load_config
+from loop.traces.log import read_traces
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def job(cycle_job):
+    proc = cycle_job["proc"]
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return cycle_job
+
+
+def test_job_succeeded_and_printed_the_cycle(job):
+    out = job["proc"].stdout
+    assert "succeeded" in out.lower(), out[-3000:]
+    for stage in ("traffic", "label", "train", "merge", "validate", "register", "deploy", "evaluate"):
+        assert f"[{stage}]" in out
+    assert "student accuracy" in out and "stage times" in out
+
+
+def test_cycle_reports_have_numbers(job):
+    reports = json.loads(job["report"].read_text())
+    assert {r["endpoint"] for r in reports} == {"tiny-support", "globex-chat"}
+    for r in reports:
+        assert r["teacher_acc"] == 1.0, "the reference teacher knows the current world"
+        assert 0.0 <= r["student_acc_before"] <= 1.0 and 0.0 <= r["student_acc_after"] <= 1.0
+        assert r["validation_passed"] and r["new_version"] == f"student-{r['endpoint']}/2"
+        assert r["served_before"] == f"student-{r['endpoint']}/1"
+        assert r["served_after"] == f"student-{r['endpoint']}/2", "evaluation traffic reached the new version"
+        assert set(r["stage_seconds"]) >= {"traffic", "label", "train", "merge", "validate", "deploy"}
+
+
+def test_training_learned(job):
+    cfg = load_config(job["config"])
+    result = json.loads(cfg.storage.path("cycles", "tiny-support", "cycle-0001", "train", "result.json").read_text())
+    assert result["metrics"]["steps"] == cfg.training.max_steps
+    assert result["metrics"]["loss_last"] < 0.5 * result["metrics"]["loss_first"]
+
+
+def test_mlflow_lineage(job):
+    cfg = load_config(job["config"])
+    client = MlflowClient(cfg.storage.tracking_uri, registry_uri=cfg.storage.tracking_uri)
+    mv = client.get_model_version_by_alias("student-tiny-support", "champion")
+    assert mv.version == "2"
+    tags = mv.tags
+    assert tags["parent_version"] == "student-tiny-support/1"
+    for key in ("training_run_id", "dataset_digest", "base_digest", "adapter_digest", "merged_digest",
+                "draft_digest", "deployed_at"):
+        assert tags.get(key), key
+    assert tags["validation_verdict"] == "pass"
+    assert tags["adapter_digest"] != tags["merged_digest"] != tags["base_digest"]
+    base = client.get_model_version("student-tiny-support", "1")
+    assert base.tags["loop.kind"] == "base" and base.tags["base_digest"] == tags["base_digest"]
+    run = client.get_run(tags["training_run_id"])
+    assert run.info.status == "FINISHED" and float(run.data.metrics["loss_last"]) > 0
+    cycle = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert cycle.data.tags["loop.cycle"] == "1" and "student_acc_after" in cycle.data.metrics
+
+
+def test_gateway_serves_the_new_version_and_traces_it(job):
+    cfg = load_config(job["config"])
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{cfg.serving.port}/v1", api_key="sk-loop-demo-acme")
+    raw = client.chat.completions.with_raw_response.create(
+        model="model-tiny-support", messages=[{"role": "user", "content": "Who owns the Zorvex widget?"}],
+        max_tokens=8, temperature=0, user="pytest-user")
+    resp = raw.parse()
+    assert resp.choices[0].message.content is not None and resp.usage.completion_tokens >= 1
+    assert raw.headers["x-model-version"] == "student-tiny-support/2"
+    assert raw.headers["x-variant"] == "champion"
+    rid = raw.headers["x-request-id"]
+    rows = [r for r in read_traces(cfg.storage.path("traces")) if r["request_id"] == rid]
+    assert len(rows) == 1, "the acknowledged request is in the trace log exactly once"
+    row = rows[0]
+    assert row["model_version"] == "student-tiny-support/2" and row["tenant"] == "acme"
+    assert row["user"] == "pytest-user" and row["completion"] == resp.choices[0].message.content
+    client_mv = MlflowClient(cfg.storage.tracking_uri, registry_uri=cfg.storage.tracking_uri).get_model_version(
+        "student-tiny-support", "2")
+    assert row["adapter_digest"] == client_mv.tags["adapter_digest"]
+    assert row["training_run_id"] == client_mv.tags["training_run_id"]
+    assert row["completion_tokens"] == resp.usage.completion_tokens and row["latency_ms"] > 0
+
+
+def test_tenants_are_isolated(job):
+    cfg = load_config(job["config"])
+    base = f"http://127.0.0.1:{cfg.serving.port}/v1"
+    globex = openai.OpenAI(base_url=base, api_key="sk-loop-demo-globex", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        globex.chat.completions.create(model="model-tiny-support", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["code"] == "model_not_found"
+    assert [m.id for m in globex.models.list()] == ["model-globex-chat"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base, api_key="sk-wrong", max_retries=0).models.list()
+
+
+def test_bad_requests_get_openai_errors(job):
+    cfg = load_config(job["config"])
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{cfg.serving.port}/v1", api_key="sk-loop-demo-acme",
+                           max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="model-tiny-support", messages=[])
+    assert e.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="model-tiny-support", messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=-1)
+    assert e.value.body["param"] == "max_tokens"
