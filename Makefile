@@ -2,22 +2,26 @@
 PY := .venv/bin/python
 CONFIG ?= configs/demo.yaml
 CYCLES ?= 1
+# The demo tenants' plaintext keys for the simulated users (configs hold only their sha256).
 export LOOP_DEMO_API_KEY ?= sk-loop-demo-acme
-export LOOP_ADMIN_KEY ?= sk-loop-demo-admin
+export LOOP_DEMO_GLOBEX_KEY ?= sk-loop-demo-globex
 
-.PHONY: setup models demo test clean
+.PHONY: venv setup demo serve test clean
 
-setup:
+venv:            ## the pinned stack in .venv (idempotent; seconds when up to date)
 	@bash scripts/setup.sh
 
-models: setup
+setup: venv      ## + the default student and its draft under .loop/models
 	@$(PY) -m loop.cli models fetch --config $(CONFIG)
 
-demo: models
+demo: setup      ## one full cycle (CYCLES=N for more) on the embedded default
 	$(PY) jobs/run_loop.py --config $(CONFIG) --cycles $(CYCLES)
 
-test: setup
+serve: setup     ## serve the registry's champions until Ctrl-C
+	$(PY) -m loop.cli serve $(CONFIG)
+
+test: venv       ## the test suite (tiny models built from config; no downloads)
 	$(PY) -m pytest tests -x -q --timeout 1500
 
 clean:
-	rm -rf .loop
+	rm -rf .loop .loop-tiny

@@ -104,6 +104,9 @@ class TenantConfig(_Strict):
     api_key_hashes: list[str] = Field(min_length=1)
     """`sha256:<hex>` of each key (`loopctl keys hash KEY`); keys are never stored in plaintext."""
     endpoints: list[EndpointConfig] = Field(min_length=1)
+    sim_api_key_env: str | None = None
+    """Environment variable with a plaintext key of this tenant for the simulated users (demo and
+    tests only); the config itself never holds a key."""
 
     @field_validator("api_key_hashes")
     @classmethod
@@ -126,8 +129,6 @@ class TrafficConfig(_Strict):
     users: int = Field(default=8, ge=1)
     concurrency: int = Field(default=8, ge=1)
     max_tokens: int = Field(default=32, ge=1)
-    api_key_env: str = "LOOP_DEMO_API_KEY"
-    """Environment variable with the plaintext key the simulated users send."""
 
 
 class TrainingConfig(_Strict):

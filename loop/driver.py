@@ -20,12 +20,21 @@ def _next_cycle(cfg: LoopConfig, endpoint: str) -> int:
 
 def run(cfg: LoopConfig, cycles: int) -> list[dict]:
     from loop.cycle import Cycle
+    from loop.models.fetch import read_manifest
     from loop.services import start_services
+    from loop.teacher.client import check_reachable
 
-    key = os.environ.get(cfg.traffic.api_key_env)
-    if not key:
-        raise ConfigError(f"traffic.api_key_env: environment variable {cfg.traffic.api_key_env} is not set; "
-                          "export the demo tenant's key (the Makefile sets LOOP_DEMO_API_KEY)")
+    keys = {}
+    for i, tenant in enumerate(cfg.tenants):
+        if not tenant.sim_api_key_env or not os.environ.get(tenant.sim_api_key_env):
+            raise ConfigError(f"tenants[{i}].sim_api_key_env: the simulated users of tenant {tenant.id} need a key; "
+                              f"set the field and export that variable (the Makefile exports the demo keys)")
+        keys[tenant.id] = os.environ[tenant.sim_api_key_env]
+    # Fail fast, before anything starts or is written: models present, external teacher reachable.
+    for model in (cfg.student, cfg.draft):
+        read_manifest(cfg.model_path(model))
+    if cfg.teacher.kind == "openai":
+        check_reachable(cfg.teacher, cfg.teacher.base_url)
     t0 = time.perf_counter()
     first = min(_next_cycle(cfg, e.id) for _, e in cfg.endpoints())
     print(f"[loop] {cfg.name}: starting Ray, MLflow ({cfg.storage.tracking_uri}), teacher and gateway", flush=True)
@@ -33,14 +42,16 @@ def run(cfg: LoopConfig, cycles: int) -> list[dict]:
     print(f"[loop] services up in {time.perf_counter() - t0:.1f} s; gateway {services.gateway_url}", flush=True)
     reports = []
     for _ in range(cycles):
-        for _, endpoint in cfg.endpoints():
+        for tenant, endpoint in cfg.endpoints():
             n = _next_cycle(cfg, endpoint.id)
             print(f"[loop] cycle {n} of model-{endpoint.id} (world epoch {n})", flush=True)
-            rep = Cycle(cfg, services, endpoint, n, key, progress=lambda m: print(m, flush=True)).run()
+            rep = Cycle(cfg, services, endpoint, n, keys[tenant.id], progress=lambda m: print(m, flush=True)).run()
             reports.append(rep.__dict__)
             _print_report(rep)
-    print(f"[loop] done in {time.perf_counter() - t0:.1f} s. Lineage: mlflow ui --backend-store-uri "
-          f"{cfg.storage.tracking_uri}", flush=True)
+    print(f"[loop] done in {time.perf_counter() - t0:.1f} s. Where to look next:\n"
+          f"[loop]   lineage:  mlflow ui --backend-store-uri {cfg.storage.tracking_uri}\n"
+          f"[loop]   serving:  loopctl serve CONFIG (or make serve), then the openai client at {services.gateway_url}\n"
+          f"[loop]   outputs:  {cfg.storage.path('cycles')}", flush=True)
     return reports
 
 

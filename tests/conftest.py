@@ -5,6 +5,7 @@ serves the `ray job submit` test, the full-cycle test and the Serve tests: one v
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -49,7 +50,9 @@ def tiny_config_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A real local Ray cluster (`ray start --head`), token authentication on; yields its env."""
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
+    # The venv's bin first on PATH: job entrypoints (`python jobs/run_loop.py`) run in its Python.
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     port, dash = _free_port(), _free_port()
     temp = Path("/tmp/loop-ray-test")
     shutil.rmtree(temp, ignore_errors=True)
@@ -67,14 +70,15 @@ def ray_cluster(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cycle_job(ray_cluster, tiny_config_path):
     """Fetch the tiny models, then run one cycle through `ray job submit` and wait for it."""
-    env = dict(ray_cluster, LOOP_DEMO_API_KEY="sk-loop-demo-acme")
+    keys = {"LOOP_DEMO_API_KEY": "sk-loop-demo-acme", "LOOP_DEMO_GLOBEX_KEY": "sk-loop-demo-globex"}
+    env = dict(ray_cluster, **keys)
     subprocess.run([sys.executable, "-m", "loop.cli", "models", "fetch", "--config", str(tiny_config_path)],
                    env=env, check=True, cwd=ROOT)
     report = tiny_config_path.parent / "reports.json"
     started = time.time()
     proc = subprocess.run(
         [BIN / "ray", "job", "submit", "--address", env["LOOP_DASHBOARD"], "--working-dir", str(ROOT),
-         "--runtime-env-json", '{"env_vars": {"LOOP_DEMO_API_KEY": "sk-loop-demo-acme"}}',
+         "--runtime-env-json", json.dumps({"env_vars": keys}),
          "--", "python", "jobs/run_loop.py", "--config", str(tiny_config_path), "--cycles", "1",
          "--report-json", str(report)],
         env=env, capture_output=True, text=True, cwd=ROOT, timeout=1200)

@@ -50,7 +50,7 @@ def test_mlflow_lineage(job):
     cfg = load_config(job["config"])
     client = MlflowClient(cfg.storage.tracking_uri, registry_uri=cfg.storage.tracking_uri)
     mv = client.get_model_version_by_alias("student-tiny-support", "champion")
-    assert mv.version == "2"
+    assert str(mv.version) == "2"
     tags = mv.tags
     assert tags["parent_version"] == "student-tiny-support/1"
     for key in ("training_run_id", "dataset_digest", "base_digest", "adapter_digest", "merged_digest",

@@ -33,8 +33,13 @@ def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 512):
 
 
 def build_tiny_model(out_dir: str | Path, corpus: list[str], *, hidden_size: int = 64,
-                     num_layers: int = 2, num_heads: int = 2, seed: int = 0) -> Path:
-    """Write a random 2-layer Llama (hidden 64) and its tokenizer to `out_dir`; returns the dir."""
+                     num_layers: int = 2, num_heads: int = 2, seed: int = 0,
+                     initializer_range: float = 0.2) -> Path:
+    """Write a random 2-layer Llama (hidden 64) and its tokenizer to `out_dir`; returns the dir.
+
+    `initializer_range` is 10x the usual 0.02: with the usual value the frozen tied head yields
+    near-flat logits that a LoRA adapter cannot sharpen, so a tiny student could never learn.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -45,7 +50,7 @@ def build_tiny_model(out_dir: str | Path, corpus: list[str], *, hidden_size: int
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
         max_position_embeddings=512, tie_word_embeddings=True, rms_norm_eps=1e-5,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        torch_dtype="float32")
+        initializer_range=initializer_range, torch_dtype="float32")
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     model.generation_config.eos_token_id = tok.eos_token_id
