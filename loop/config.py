@@ -5,6 +5,7 @@ Only shape and cross-field rules live here; nothing is loaded, started or downlo
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -36,7 +37,9 @@ class RayConfig(_Strict):
 
 class StorageConfig(_Strict):
     root: str = ".loop"
-    """Every piece of state lives under here: models, cycles, traces, the MLflow database."""
+    """Every piece of state lives under here: models, cycles, traces, the MLflow database. A relative
+    root is taken from the working directory; the environment variable LOOP_STORAGE_ROOT overrides
+    it (a `ray job submit` runs in a temporary copy of the working dir, so set it there)."""
     mlflow_tracking_uri: str | None = None
     """Defaults to sqlite under `root`. A server URI (http://...) in production."""
 
@@ -232,6 +235,8 @@ def load_config(path: str | Path) -> LoopConfig:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections (name, student, tenants, ...)")
+    if os.environ.get("LOOP_STORAGE_ROOT") and isinstance(raw.get("storage", {}), dict):
+        raw.setdefault("storage", {})["root"] = os.environ["LOOP_STORAGE_ROOT"]
     try:
         return LoopConfig.model_validate(raw)
     except ValidationError as e:

@@ -21,7 +21,7 @@ def _next_cycle(cfg: LoopConfig, endpoint: str) -> int:
 def run(cfg: LoopConfig, cycles: int) -> list[dict]:
     from loop.cycle import Cycle
     from loop.models.fetch import read_manifest
-    from loop.services import start_services
+    from loop.services import start_services, stop_services
     from loop.teacher.client import check_reachable
 
     keys = {}
@@ -40,6 +40,15 @@ def run(cfg: LoopConfig, cycles: int) -> list[dict]:
     print(f"[loop] {cfg.name}: starting Ray, MLflow ({cfg.storage.tracking_uri}), teacher and gateway", flush=True)
     services = start_services(cfg, epoch=first)
     print(f"[loop] services up in {time.perf_counter() - t0:.1f} s; gateway {services.gateway_url}", flush=True)
+    try:
+        return _cycles(cfg, services, keys, cycles, t0)
+    finally:
+        stop_services(cfg)
+
+
+def _cycles(cfg, services, keys, cycles, t0) -> list[dict]:
+    from loop.cycle import Cycle
+
     reports = []
     for _ in range(cycles):
         for tenant, endpoint in cfg.endpoints():

@@ -35,11 +35,28 @@ def init_ray(cfg: LoopConfig) -> None:
     # Workers import `loop` and `serve_apps` from the (editable) install, or from the job's
     # working_dir under `ray job submit`.
     kwargs = dict(namespace=cfg.ray.namespace, ignore_reinit_error=True, log_to_driver=True)
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+    if not embedded(cfg):
         # Joining a cluster (`ray job submit` sets RAY_ADDRESS): its size is the cluster's business.
         ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"], **kwargs)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+
+
+def embedded(cfg: LoopConfig) -> bool:
+    """True when this process owns its Ray cluster (in-process `ray.init()`), not a job on a cluster."""
+    return not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
+def stop_services(cfg: LoopConfig) -> None:
+    """Embedded mode: stop Serve gracefully (engines release their memory), then Ray. On a cluster
+    the applications stay up after the driver ends: serving outlives the job that deployed it."""
+    import ray
+
+    if embedded(cfg) and ray.is_initialized():
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
 
 
 def start_services(cfg: LoopConfig, epoch: int) -> Services:

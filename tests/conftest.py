@@ -57,6 +57,7 @@ def ray_cluster(tmp_path_factory):
     temp = Path("/tmp/loop-ray-test")
     shutil.rmtree(temp, ignore_errors=True)
     subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True)
+    _kill_orphaned_engines()
     subprocess.run([BIN / "ray", "start", "--head", "--port", str(port), "--num-cpus", "6",
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
                     "--disable-usage-stats", "--temp-dir", str(temp)],
@@ -64,7 +65,20 @@ def ray_cluster(tmp_path_factory):
     env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     env["LOOP_DASHBOARD"] = f"http://127.0.0.1:{dash}"
     yield env
+    # Stop Serve gracefully first so vLLM engines shut their worker processes down, then Ray.
+    subprocess.run([sys.executable, "-c", "import ray; from ray import serve; ray.init(); serve.shutdown()"],
+                   env=env, capture_output=True, timeout=120)
     subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True)
+    _kill_orphaned_engines()
+
+
+def _kill_orphaned_engines() -> None:
+    """vLLM engine processes whose replica was killed are re-parented to init; end those only."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,comm="], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        pid, ppid, comm = line.split(None, 2)
+        if comm.startswith("VLLM::") and ppid == "1":
+            subprocess.run(["kill", "-9", pid], capture_output=True)
 
 
 @pytest.fixture(scope="session")

@@ -40,8 +40,11 @@ def test_crash_after_parquet_written_does_not_duplicate(tmp_path):
     log.compact()
     part = next((tmp_path / "parquet").glob("*.parquet"))
     # The segment survived (crash before unlink): same rows exist in Parquet and in the sealed file.
+    import pyarrow.parquet as pq
+
     (tmp_path / f"wal-{part.stem.split('-')[1]}.sealed").write_text(
-        "".join(json.dumps(dict(_rec(i), ts=0.0)) + "\n" for i in range(3)))
+        "".join(json.dumps(r) + "\n" for r in pq.read_table(part).to_pylist()))
+    assert len(read_traces(tmp_path)) == 3, "readers never see the duplicate"
     TraceLog(tmp_path)
     assert len(read_traces(tmp_path)) == 3
 
@@ -52,6 +55,12 @@ def test_torn_last_line_is_ignored(tmp_path):
     with open(tmp_path / "wal.jsonl", "a") as f:
         f.write('{"request_id": "req-torn", "tena')
     assert [r["request_id"] for r in read_traces(tmp_path)] == ["req-0"]
+
+
+def test_a_reused_client_request_id_keeps_both_records(tmp_path):
+    log = TraceLog(tmp_path)
+    log.append([dict(_rec(0), ts=1.0), dict(_rec(0), ts=2.0)])
+    assert len(read_traces(tmp_path)) == 2
 
 
 def test_request_ids_are_unique():

@@ -68,3 +68,13 @@ class StudentEngine:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+    def __del__(self):
+        # Serve calls this when it stops the replica; without it the engine's worker processes
+        # outlive the replica and keep their KV-cache memory.
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            try:
+                engine.shutdown()
+            except Exception:  # noqa: BLE001 - best effort at interpreter teardown
+                pass

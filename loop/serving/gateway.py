@@ -55,8 +55,10 @@ class Gateway:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         started = time.perf_counter()
-        request_id = new_request_id()
-        headers = {"x-request-id": request_id}
+        # Ray Serve's proxy gives every request an `x-request-id` (the client's, or a fresh one) and
+        # always returns it in the response; the trace uses the same id, so the two always agree.
+        request_id = request.headers.get("x-request-id", "")[:128] or new_request_id()
+        headers: dict[str, str] = {}
         try:
             tenant = self._tenant(request)
             req = parse_chat_request(await request.body())

@@ -116,7 +116,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def read_traces(root: str | Path) -> list[dict]:
-    """Every record, compacted or not, oldest first, one per request id."""
+    """Every record, compacted or not, oldest first; a record seen twice (compacted and still in a
+    segment after a crash) is returned once. Clients may reuse a request id, so the key includes ts."""
     root = Path(root)
     rows: list[dict] = []
     parts = sorted((root / "parquet").glob("part-*.parquet"))
@@ -127,7 +128,8 @@ def read_traces(root: str | Path) -> list[dict]:
             rows += _read_jsonl(seg)
     seen, out = set(), []
     for r in sorted(rows, key=lambda r: r["ts"]):
-        if r["request_id"] not in seen:
-            seen.add(r["request_id"])
+        key = (r["request_id"], r["ts"])
+        if key not in seen:
+            seen.add(key)
             out.append(r)
     return out
