@@ -47,23 +47,33 @@ def _run(args) -> int:
 
 
 def _serve(args) -> int:
-    """Serve what MLflow says is live, until interrupted."""
+    """Serve what MLflow says is live, until interrupted; the teacher at the latest cycle's epoch."""
     import time
 
-    from loop.config import load_config
-    from loop.services import start_services
+    from loop.config import ConfigError, load_config
+    from loop.driver import latest_epoch
+    from loop.models.fetch import ModelMissing, read_manifest
+    from loop.services import start_services, stop_services
 
-    cfg = load_config(args.config)
-    services = start_services(cfg, epoch=args.epoch)
-    for tenant, endpoint in cfg.endpoints():
-        info = services.lineage.version_info(endpoint.id)
-        print(f"model-{endpoint.id} (tenant {tenant.id}): {info['version']} at {services.gateway_url}")
-    print("serving; Ctrl-C to stop", flush=True)
     try:
+        cfg = load_config(args.config)
+        for model in (cfg.student, cfg.draft):
+            read_manifest(cfg.model_path(model))
+    except (ConfigError, ModelMissing) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        services = start_services(cfg, epoch=latest_epoch(cfg))
+        for tenant, endpoint in cfg.endpoints():
+            info = services.lineage.version_info(endpoint.id)
+            print(f"model-{endpoint.id} (tenant {tenant.id}): {info['version']} at {services.gateway_url}")
+        print("serving; Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         return 0
+    finally:
+        stop_services(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     r.set_defaults(fn=_run)
     s = sub.add_parser("serve", help="serve the registry's champions until Ctrl-C")
     s.add_argument("config")
-    s.add_argument("--epoch", type=int, default=0, help="world epoch of the reference teacher")
     s.set_defaults(fn=_serve)
     args = p.parse_args(argv)
     return args.fn(args)

@@ -88,7 +88,9 @@ class TeacherConfig(_Strict):
 class EndpointConfig(_Strict):
     id: str
     """Served as model name `model-{id}`; also names the registered model `student-{id}`."""
-    backend: Literal["multi_lora", "merged"] = "multi_lora"
+    backend: Literal["multi_lora"] = "multi_lora"
+    """`multi_lora`: one vLLM engine per base model, each version a hot-loaded adapter. The `merged`
+    backend (a deployment per merged version with its draft) arrives with the serving plane."""
 
     @field_validator("id")
     @classmethod
@@ -135,7 +137,8 @@ class TrafficConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    strategy: Literal["ddp"] = "ddp"
+    """Distributed strategy of the LoRA trainer. DeepSpeed ZeRO arrives with the training plane."""
     num_workers: int = Field(default=1, ge=1)
     cpus_per_worker: int = Field(default=1, ge=1)
     use_gpu: bool = False

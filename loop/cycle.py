@@ -110,7 +110,10 @@ class Cycle:
             data = self.stage("label", self._select_and_label)
             train = self.stage("train", lambda d, r: self._train(d, r, data))
             merge = self.stage("merge", lambda d, r: self._merge(d, r, train))
-            val = self.stage("validate", lambda d, r: self._validate(d, r, merge))
+            if merge["passed"]:
+                val = self.stage("validate", lambda d, r: self._validate(d, r, merge))
+            else:
+                val = {"passed": False, "reasons": [f"merge proofs failed: {'; '.join(merge['reasons'])}"]}
             self.report.validation_passed = val["passed"]
             if val["passed"]:
                 reg = self.stage("register", lambda d, r: self._register(d, r, data, train, merge, val))
@@ -159,20 +162,23 @@ class Cycle:
     def _select_and_label(self, sdir: Path, run_id: str) -> dict:
         import ray
 
-        from loop.teacher.client import TeacherLabeler
+        from loop.teacher.client import TeacherLabeler, teacher_key
 
         ray.get(self.services.trace_log.compact.remote())
         parts = self.cfg.storage.path("traces", "parquet")
         since = self._previous_cutoff()
         ds = ray.data.read_parquet(str(parts)).filter(
-            expr=f"endpoint == '{self.endpoint.id}' and status == 200 and ts >= {since}")
-        rows = [r for r in ds.select_columns(["prompt", "user", "ts"]).take_all()
-                if not r["user"].startswith(EVAL_USER)]
+            expr=f"endpoint == '{self.endpoint.id}' and status == 200 and ts > {since}")
+        read = ds.select_columns(["prompt", "user", "ts"]).take_all()
+        # The next cycle starts after the newest record read here: nothing falls between cycles.
+        cutoff = max((r["ts"] for r in read), default=since)
+        rows = [r for r in read if not r["user"].startswith(EVAL_USER)]
         prompts = sorted({r["prompt"] for r in rows})
         if not prompts:
             raise CycleFailed(f"no new traffic for model-{self.endpoint.id} since the last cycle: nothing to learn")
         labeled = ray.data.from_items([{"messages": p} for p in prompts]).map_batches(
-            TeacherLabeler, fn_constructor_args=(self.cfg.teacher.model_dump(), self.services.teacher_url),
+            TeacherLabeler, fn_constructor_args=(self.cfg.teacher.model_dump(), self.services.teacher_url,
+                                 teacher_key(self.cfg.teacher)),
             batch_size=32, concurrency=1, num_cpus=0).take_all()
         good = [r for r in labeled if not r["label_error"] and r["completion"].strip()]
         failed = [r for r in labeled if r not in good]
@@ -187,7 +193,7 @@ class Cycle:
         self.lineage.log(run_id, params={"dataset_digest": digest, "since": since},
                          metrics={"selected": len(prompts), "labelled": len(good), "label_failed": len(failed)})
         return {"dataset": str(path), "dataset_digest": digest, "selected": len(prompts), "labelled": len(good),
-                "label_failed": len(failed), "cutoff": time.time()}
+                "label_failed": len(failed), "cutoff": cutoff}
 
     def _previous_cutoff(self) -> float:
         prev = self.dir.parent / f"cycle-{self.number - 1:04d}" / "label" / "result.json"
@@ -213,10 +219,20 @@ class Cycle:
 
         from loop.merge.merger import Merger
 
+        from loop.merge.merger import MergeFailed
+
         actor = ray.remote(num_cpus=1)(Merger).remote(self.cfg.merge)
         try:
             report = ray.get(actor.run.remote(self.cfg.model_path(self.cfg.student), Path(train["adapter_dir"]),
                                               sdir / "merged"))
+        except ray.exceptions.RayTaskError as e:
+            if not isinstance(e.cause, MergeFailed):
+                raise
+            # A failed proof is a verdict, not a crash: recorded, nothing registered or deployed.
+            failed = json.loads((sdir / "merge_report.json").read_text())
+            self.lineage.log_dict(run_id, failed, "merge_report.json")
+            self.lineage.log(run_id, tags={"verdict": "fail"})
+            return failed
         finally:
             ray.kill(actor)
         self.lineage.log_dict(run_id, report.to_dict(), "merge_report.json")

@@ -18,6 +18,11 @@ def _next_cycle(cfg: LoopConfig, endpoint: str) -> int:
     return n
 
 
+def latest_epoch(cfg: LoopConfig) -> int:
+    """The world epoch of the newest finished cycle (0 before any)."""
+    return max((_next_cycle(cfg, e.id) - 1 for _, e in cfg.endpoints()), default=0)
+
+
 def run(cfg: LoopConfig, cycles: int) -> list[dict]:
     from loop.cycle import Cycle
     from loop.models.fetch import read_manifest

@@ -6,6 +6,7 @@ live; `reconcile` makes the gateway serve exactly that.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -70,8 +71,10 @@ def start_services(cfg: LoopConfig, epoch: int) -> Services:
     base_manifest = read_manifest(cfg.model_path(cfg.student))
     lineage = Lineage(cfg.storage.tracking_uri, cfg.storage.path("mlartifacts"))
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
+    # One writer per storage root: a later job on the same cluster with another root gets its own.
+    root_tag = hashlib.sha256(str(cfg.storage.path("traces")).encode()).hexdigest()[:8]
     trace_log = ray.remote(TraceLog).options(
-        name=TRACE_LOG_ACTOR, lifetime="detached", get_if_exists=True, num_cpus=0, max_restarts=-1,
+        name=f"{TRACE_LOG_ACTOR}-{root_tag}", lifetime="detached", get_if_exists=True, num_cpus=0, max_restarts=-1,
         max_task_retries=-1,
     ).remote(str(cfg.storage.path("traces")))
     teacher_url = cfg.teacher.base_url if cfg.teacher.kind == "openai" else deploy_teacher(cfg, epoch)

@@ -17,6 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Ray 2.60 turns token authentication on for new clusters; a client must say so before Ray reads
+# its auth settings (they are cached on first use), so it is set before any test imports Ray.
+os.environ["RAY_AUTH_MODE"] = "token"
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 

@@ -2,7 +2,6 @@
 
 The real vLLM path is covered by test_cycle_job; this isolates the gateway's own behaviour.
 """
-import os
 from dataclasses import dataclass
 
 import openai
@@ -42,8 +41,11 @@ def fake_gateway(ray_cluster, cycle_job, tmp_path_factory):
     from serve_apps.gateway_app import ingress_gateway
 
     cfg = load_config(cycle_job["config"])
-    os.environ["RAY_AUTH_MODE"] = "token"
     ray.init(address=ray_cluster["RAY_ADDRESS"], namespace="loop-tests", ignore_reinit_error=True)
+    # Replicas cannot import this test module: ship FakeEngine by value.
+    import sys
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     traces = tmp_path_factory.mktemp("fake-traces")
     trace_log = ray.remote(TraceLog).options(num_cpus=0).remote(str(traces))
     tenants = {"t1": {"api_key_hashes": [hash_api_key("sk-t1-secret")], "endpoints": ["e1"]},

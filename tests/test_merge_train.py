@@ -27,11 +27,11 @@ def test_prompt_tokens_are_masked(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids, labels = encode_example(tok, [{"role": "user", "content": "Who owns the Zorvex widget?"}],
                                  "The Zorvex widget is owned by Chen Wei.", 64)
-    prompt_len = len(tok.apply_chat_template([{"role": "user", "content": "Who owns the Zorvex widget?"}],
-                                             add_generation_prompt=True, tokenize=False))
-    assert len(ids) == len(labels) and labels[0] == -100
-    n_masked = labels.count(-100)
-    assert 0 < n_masked < len(ids) and prompt_len > 0
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Who owns the Zorvex widget?"}],
+                                     add_generation_prompt=True, tokenize=False)
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert len(ids) == len(labels)
+    assert labels[:n_prompt] == [-100] * n_prompt and -100 not in labels[n_prompt:]
     assert tok.decode([i for i, l in zip(ids, labels) if l != -100]).startswith("The Zorvex widget")
     assert ids[-1] == tok.eos_token_id
 
@@ -70,8 +70,14 @@ def test_merge_matches_peft_reference(tiny_model_dir, tmp_path):
     base_digest = dir_digest(tiny_model_dir)
     assert report.merged_digest != base_digest
     # The merged directory is a plain model: it loads without peft and reproduces base+adapter.
+    from peft import PeftModel
+
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter))
+    ids = torch.tensor([[1, 5, 9, 42, 77, 3]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, reference(ids).logits, atol=1e-4)
     assert json.loads((tmp_path / "merge_report.json").read_text())["passed"] is True
 
 

@@ -55,6 +55,9 @@ def test_torn_last_line_is_ignored(tmp_path):
     with open(tmp_path / "wal.jsonl", "a") as f:
         f.write('{"request_id": "req-torn", "tena')
     assert [r["request_id"] for r in read_traces(tmp_path)] == ["req-0"]
+    # Restart after the crash, then acknowledge a new record: it must not be glued to the torn line.
+    TraceLog(tmp_path).append([_rec(1)])
+    assert [r["request_id"] for r in read_traces(tmp_path)] == ["req-0", "req-1"]
 
 
 def test_a_reused_client_request_id_keeps_both_records(tmp_path):

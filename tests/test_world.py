@@ -30,3 +30,14 @@ def test_scoring_checks_the_current_value():
     f = w.facts[0]
     assert is_correct(f, f.answer())
     assert not is_correct(f, "I don't know.")
+
+
+def test_near_misses_are_wrong():
+    from loop.sim.world import Fact
+
+    price, version = Fact("Zorvex widget", "price", "$59"), Fact("Zorvex widget", "version", "3.1")
+    assert is_correct(price, "It costs $59.") and is_correct(price, "$59")
+    assert not is_correct(price, "It costs $590.") and not is_correct(price, "It costs $159.")
+    assert is_correct(version, "The latest version is 3.1.") and is_correct(version, "v 3.1, released")
+    assert not is_correct(version, "The latest version is 3.15.") and not is_correct(version, "13.1")
+    assert not is_correct(version, "3.1.2")

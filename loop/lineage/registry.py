@@ -85,6 +85,8 @@ class Lineage:
                       "checkpoint_digest": manifest["digest"], "parent_version": ""},
                 description=f"Base model {manifest.get('name', '')}")
             self.end_run(run_id)
+        if self.version_info(endpoint, "champion") is None:
+            # Also repairs a crash between creating version 1 and naming it champion.
             self.client.set_registered_model_alias(name, "champion", "1")
         return self.version_info(endpoint, "champion")
 

@@ -2,8 +2,8 @@
 
 A plain class behind a FastAPI app that Ray Serve mounts (`serve_apps/gateway_app.py` applies
 `serve.ingress(api)` and `serve.deployment`). The engine and the trace log are passed in as handles, so routing can be tested
-with a fake engine. Rollouts arrive through `reconfigure` (Serve `user_config`): changing which
-version is live never restarts a replica.
+with a fake engine. Rollouts arrive through `reconfigure` (Serve `user_config`); a redeploy restarts
+only this light replica, never the engine (see serve_apps/gateway_app.py).
 """
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ class Gateway:
                       model_version=version["version"], adapter_digest=version.get("adapter_digest", ""),
                       checkpoint_digest=version.get("checkpoint_digest", ""),
                       training_run_id=version.get("training_run_id", ""),
-                      deployed_at=version.get("deployed_at", ""), user=user, prompt=json.dumps(messages))
+                      deployed_at=version.get("deployed_at", ""), user=user, prompt=json.dumps(messages),
+                      ts=time.time())  # set once here: a retried append is recognised as the same record
         try:
             gen = await self.engine.generate.remote(
                 messages, max_tokens=req.token_limit, temperature=req.temperature, top_p=req.top_p,

@@ -128,5 +128,7 @@ def _normalize(text: str) -> str:
 
 
 def is_correct(fact: Fact, answer: str) -> bool:
-    """An answer is right when it states the fact's current value."""
-    return fact.value.lower() in answer.lower()
+    """An answer is right when it states the fact's current value as a whole token: "$59" is not
+    found in "$590", nor "3.1" in "3.15"."""
+    pattern = rf"(?<![\w.$]){re.escape(fact.value)}(?![\w]|\.\d)"
+    return re.search(pattern, answer, flags=re.IGNORECASE) is not None

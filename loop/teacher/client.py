@@ -16,12 +16,17 @@ class TeacherUnreachable(RuntimeError):
     pass
 
 
-def make_client(cfg: TeacherConfig, base_url: str):
-    import openai
-
+def teacher_key(cfg: TeacherConfig) -> str:
     key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
     if cfg.api_key_env and not key:
         raise TeacherUnreachable(f"teacher.api_key_env names {cfg.api_key_env}, which is not set: export it")
+    return key
+
+
+def make_client(cfg: TeacherConfig, base_url: str, api_key: str | None = None):
+    import openai
+
+    key = teacher_key(cfg) if api_key is None else api_key
     return openai.OpenAI(base_url=base_url, api_key=key or "unused", timeout=cfg.timeout_s,
                          max_retries=cfg.max_retries)
 
@@ -47,9 +52,10 @@ def check_reachable(cfg: TeacherConfig, base_url: str) -> None:
 class TeacherLabeler:
     """Ray Data UDF: adds the teacher's `completion` (and `label_error`) to a batch of `messages`."""
 
-    def __init__(self, cfg: dict, base_url: str):
+    def __init__(self, cfg: dict, base_url: str, api_key: str):
+        # The key comes from the driver: labelling actors may run on nodes without its environment.
         self.cfg = TeacherConfig.model_validate(cfg)
-        self.client = make_client(self.cfg, base_url)
+        self.client = make_client(self.cfg, base_url, api_key)
         self.pool = ThreadPoolExecutor(self.cfg.concurrency)
 
     def _one(self, messages) -> tuple[str, str]:

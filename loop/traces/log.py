@@ -61,6 +61,7 @@ class TraceLog:
         self.root.mkdir(parents=True, exist_ok=True)
         self._wal_path = self.root / "wal.jsonl"
         self._recover()
+        _truncate_torn_tail(self._wal_path)
         self._wal = open(self._wal_path, "a", encoding="utf-8")
 
     def append(self, records: list[dict]) -> int:
@@ -98,6 +99,16 @@ class TraceLog:
     def _recover(self) -> None:
         for sealed in sorted(self.root.glob("wal-*.sealed")):
             self._compact_segment(sealed)
+
+
+def _truncate_torn_tail(path: Path) -> None:
+    """Cut a crash's partial last line (never acknowledged), so the next record starts on a new line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

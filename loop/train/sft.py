@@ -70,9 +70,14 @@ def train_loop(config: dict) -> None:
             r=tc.lora_rank, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
             target_modules=tc.target_modules, task_type="CAUSAL_LM"))
     model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
 
     rows = [json.loads(line) for line in Path(config["dataset"]).read_text().splitlines() if line.strip()]
     examples = [encode_example(tok, r["messages"], r["completion"], tc.max_seq_len) for r in rows]
+    # A prompt longer than max_seq_len leaves no answer token to learn from (and a NaN loss).
+    examples = [e for e in examples if any(label != -100 for label in e[1])]
+    if not examples:
+        raise ValueError(f"every example is longer than training.max_seq_len ({tc.max_seq_len}); raise it")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -81,7 +86,8 @@ def train_loop(config: dict) -> None:
     losses = []
     bar = tqdm(range(tc.max_steps), desc="distill", disable=rank != 0, mininterval=2.0)
     for step in bar:
-        input_ids, labels, attn = _batches(examples, tc.batch_size, tok.pad_token_id or 0, step, rank, world, tc.seed)
+        input_ids, labels, attn = (t.to(device) for t in _batches(
+            examples, tc.batch_size, tok.pad_token_id or 0, step, rank, world, tc.seed))
         loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
