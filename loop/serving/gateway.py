@@ -89,8 +89,11 @@ class Gateway:
                 messages, max_tokens=req.token_limit, temperature=req.temperature, top_p=req.top_p,
                 seed=req.seed, adapter_path=version.get("adapter_path"), request_id=request_id)
         except Exception as e:  # noqa: BLE001 - every failure is traced and answered, never dropped
-            status, msg = (400, str(e)) if "context" in str(e) else (503, "the engine failed; retry shortly")
-            record.update(status=status, error=str(e)[:500], latency_ms=(time.perf_counter() - started) * 1000)
+            cause = getattr(e, "cause", None) or e  # a Ray task error wraps the engine's exception
+            error = f"{type(cause).__name__}: {cause}"
+            is_context = isinstance(cause, ValueError) and "context" in str(cause)
+            status, msg = (400, str(cause)) if is_context else (503, "the engine failed; retry shortly")
+            record.update(status=status, error=error[:500], latency_ms=(time.perf_counter() - started) * 1000)
             await self.trace_log.append.remote([record])
             return error_response(status, msg, type_="invalid_request_error" if status == 400 else "server_error",
                                   headers={**headers, **({"retry-after": "1"} if status == 503 else {})})
