@@ -113,3 +113,18 @@ def test_bad_requests_get_openai_errors(job):
         client.chat.completions.create(model="model-tiny-support", messages=[{"role": "user", "content": "x"}],
                                        max_tokens=-1)
     assert e.value.body["param"] == "max_tokens"
+
+
+def test_real_engine_streams_the_same_greedy_text(job):
+    cfg = load_config(job["config"])
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{cfg.serving.port}/v1", api_key="sk-loop-demo-acme")
+    msgs = [{"role": "user", "content": "What is the price of the Zorvex widget?"}]
+    whole = client.chat.completions.create(model="model-tiny-support", messages=msgs, max_tokens=12, temperature=0)
+    chunks = list(client.chat.completions.create(model="model-tiny-support", messages=msgs, max_tokens=12,
+                                                 temperature=0, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 2, "tokens arrive as they are made"
+    text = client.completions.create(model="model-tiny-support", prompt="The Zorvex widget", max_tokens=6,
+                                     temperature=0)
+    assert text.usage.completion_tokens >= 1 and text.object == "text_completion"

@@ -2,6 +2,7 @@
 
 The real vLLM path is covered by test_cycle_job; this isolates the gateway's own behaviour.
 """
+import json
 from dataclasses import dataclass
 
 import openai
@@ -20,12 +21,22 @@ pytestmark = pytest.mark.cluster
 class FakeEngine:
     """Echoes which adapter answered, so the test sees routing in the completion text."""
 
-    async def generate(self, messages, *, max_tokens, temperature=0.0, top_p=1.0, seed=None, adapter_path=None,
-                       request_id=""):
-        if messages[-1]["content"] == "boom":
+    async def generate(self, messages=None, *, prompt=None, max_tokens, temperature=0.0, top_p=1.0, seed=None,
+                       adapter_path=None, request_id=""):
+        text = messages[-1]["content"] if messages else prompt
+        if text == "boom":
             raise RuntimeError("engine died")
+        if text == "long":
+            raise ValueError("prompt is 999 tokens; this endpoint's context is 256")
         return Generation(text=f"adapter={adapter_path}", prompt_tokens=3, completion_tokens=2, ttft_ms=1.0,
                           finish_reason="stop")
+
+    async def generate_stream(self, messages=None, *, prompt=None, max_tokens, temperature=0.0, top_p=1.0,
+                              seed=None, adapter_path=None, request_id=""):
+        """Yields `max_tokens` one-token deltas 'tok0 ', 'tok1 ', ..."""
+        for i in range(max_tokens):
+            yield Generation(text=f"tok{i} ", prompt_tokens=3, completion_tokens=1, ttft_ms=1.0,
+                             finish_reason="length" if i == max_tokens - 1 else "")
 
 
 def _version(n, adapter=None):
@@ -131,3 +142,97 @@ def test_auth_and_tenant_isolation(fake_gateway):
 def test_keys_never_reach_the_trace_log(fake_gateway):
     text = "".join(str(r) for r in read_traces(fake_gateway["traces"]))
     assert "sk-t1-secret" not in text and "sk-t2-secret" not in text
+
+
+def test_streaming_chat_is_traced_once_with_the_whole_text(fake_gateway):
+    c = _client(fake_gateway, "sk-t2-secret")
+    stream = c.chat.completions.create(model="model-e2", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=5, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == "tok0 tok1 tok2 tok3 tok4 "
+    assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].usage.prompt_tokens == 3
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    rid = chunks[0].id
+    rows = [r for r in read_traces(fake_gateway["traces"]) if r["request_id"] == rid]
+    assert len(rows) == 1 and rows[0]["completion"] == text and rows[0]["completion_tokens"] == 5
+    assert rows[0]["model_version"] == "student-e1/1"
+
+
+def test_async_client_and_text_completions(fake_gateway):
+    import asyncio
+
+    async def go():
+        c = openai.AsyncOpenAI(base_url=fake_gateway["url"], api_key="sk-t2-secret", max_retries=0)
+        outs = await asyncio.gather(*[c.completions.create(model="model-e2", prompt=f"p{i}", max_tokens=4)
+                                      for i in range(8)])
+        streamed = [chunk async for chunk in await c.completions.create(model="model-e2", prompt="p", max_tokens=3,
+                                                                        stream=True)]
+        return outs, streamed
+
+    outs, streamed = asyncio.run(go())
+    assert all(o.object == "text_completion" and o.choices[0].text == "adapter=None" for o in outs)
+    assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == "tok0 tok1 tok2 "
+    ids = {o.id for o in outs}
+    assert len(ids) == 8 and ids <= {r["request_id"] for r in read_traces(fake_gateway["traces"])}
+
+
+def test_host_header_names_the_endpoint(fake_gateway):
+    import httpx
+
+    r = httpx.post(fake_gateway["url"] + "/chat/completions", headers={
+        "Authorization": "Bearer sk-t2-secret", "Host": "model-e2.loop.example"},
+        json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and r.headers["x-model-version"] == "student-e1/1"
+    r = httpx.post(fake_gateway["url"] + "/chat/completions", headers={
+        "Authorization": "Bearer sk-t2-secret", "Host": "model-e1.loop.example"},
+        json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_feedback_is_recorded_and_validated(fake_gateway):
+    import httpx
+
+    from loop.traces.log import read_feedback
+
+    url, auth = fake_gateway["url"] + "/feedback", {"Authorization": "Bearer sk-t2-secret"}
+    ok = httpx.post(url, headers=auth, json={"request_id": "req-abc", "score": 0.25, "label": "wrong price"})
+    assert ok.status_code == 200 and ok.json()["recorded"] is True
+    rows = [r for r in read_feedback(fake_gateway["traces"]) if r["request_id"] == "req-abc"]
+    assert rows == [dict(rows[0], tenant="t2", score=0.25, label="wrong price")]
+    for body, param in [({"score": 1}, "request_id"), ({"request_id": "x"}, "score"),
+                        ({"request_id": "x", "score": "high"}, "score")]:
+        r = httpx.post(url, headers=auth, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+    assert httpx.post(url, json={"request_id": "x", "score": 1}).status_code == 401
+
+
+def test_bad_requests_are_4xx_in_openai_format(fake_gateway):
+    import httpx
+
+    url, auth = fake_gateway["url"] + "/chat/completions", {"Authorization": "Bearer sk-t2-secret"}
+    cases = [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        (json.dumps({"model": "model-e2", "messages": "hi"}).encode(), 400, "messages"),
+        (json.dumps({"model": "model-e2", "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400,
+         "messages.0.role"),
+        (json.dumps({"model": "model-e2", "messages": [{"role": "user", "content": "x"}], "temperature": 9}).encode(),
+         400, "temperature"),
+        (json.dumps({"model": "model-e2", "messages": [{"role": "user", "content": "x"}], "top_p": 0}).encode(),
+         400, "top_p"),
+        (json.dumps({"model": "model-e2", "messages": [{"role": "user", "content": "x" * (2 << 20)}]}).encode(),
+         413, None),
+        (json.dumps({"model": "model-e2", "messages": [{"role": "user", "content": "long"}]}).encode(), 400,
+         "messages"),
+        (json.dumps({"model": "../../etc/passwd", "messages": [{"role": "user", "content": "x"}]}).encode(), 404,
+         "model"),
+    ]
+    for body, status, param in cases:
+        r = httpx.post(url, headers=auth, content=body)
+        assert r.status_code == status, (body[:80], r.text)
+        err = r.json()["error"]
+        assert err["message"] and err["type"] and err["param"] == param, (body[:80], err)
+    # The server is still up and answering.
+    assert httpx.post(url, headers=auth, json={"model": "model-e2", "messages": [{"role": "user", "content": "x"}]}
+                      ).status_code == 200

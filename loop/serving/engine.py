@@ -44,27 +44,57 @@ class StudentEngine:
         lora_id = self._lora_ids.setdefault(adapter_path, len(self._lora_ids) + 1)
         return LoRARequest(f"adapter-{lora_id}", lora_id, adapter_path)
 
-    async def generate(self, messages: list[dict], *, max_tokens: int, temperature: float = 0.0,
-                       top_p: float = 1.0, seed: int | None = None, adapter_path: str | None = None,
-                       request_id: str) -> Generation:
-        from vllm import SamplingParams
-
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "input_ids") or isinstance(ids, dict):
-            ids = ids["input_ids"]
+    def _prompt_ids(self, messages: list[dict] | None, prompt: str | None) -> list[int]:
+        if messages is not None:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "input_ids") or isinstance(ids, dict):
+                ids = ids["input_ids"]
+        else:
+            ids = self.tokenizer(prompt or "", add_special_tokens=False)["input_ids"]
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(ids)} tokens; this endpoint's context is {self.max_model_len}")
-        max_tokens = min(max_tokens, self.max_model_len - len(ids))
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        start, ttft, final = time.perf_counter(), None, None
-        async for out in self.engine.generate({"prompt_token_ids": list(ids)}, params, request_id,
+        return list(ids)
+
+    async def _outputs(self, messages, prompt, max_tokens, temperature, top_p, seed, adapter_path, request_id,
+                       delta: bool):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        ids = self._prompt_ids(messages, prompt)
+        params = SamplingParams(max_tokens=min(max_tokens, self.max_model_len - len(ids)), temperature=temperature,
+                                top_p=top_p, seed=seed,
+                                output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.CUMULATIVE)
+        async for out in self.engine.generate({"prompt_token_ids": ids}, params, request_id,
                                               lora_request=self._lora(adapter_path)):
-            if ttft is None and out.outputs and out.outputs[0].token_ids:
-                ttft = (time.perf_counter() - start) * 1000
-            final = out
-        choice = final.outputs[0]
-        return Generation(text=choice.text, prompt_tokens=len(ids), completion_tokens=len(choice.token_ids),
-                          ttft_ms=ttft or 0.0, finish_reason=choice.finish_reason or "stop")
+            yield len(ids), out.outputs[0]
+
+    async def generate(self, messages: list[dict] | None = None, *, prompt: str | None = None, max_tokens: int,
+                       temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                       adapter_path: str | None = None, request_id: str) -> Generation:
+        """The whole answer at once. `messages` (chat) or `prompt` (text completion)."""
+        start, first = time.perf_counter(), None
+        async for n_prompt, choice in self._outputs(messages, prompt, max_tokens, temperature, top_p, seed,
+                                                    adapter_path, request_id, delta=False):
+            if first is None and choice.token_ids:
+                first = (time.perf_counter() - start) * 1000
+        return Generation(text=choice.text, prompt_tokens=n_prompt, completion_tokens=len(choice.token_ids),
+                          ttft_ms=first or 0.0, finish_reason=choice.finish_reason or "stop")
+
+    async def generate_stream(self, messages: list[dict] | None = None, *, prompt: str | None = None,
+                              max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                              seed: int | None = None, adapter_path: str | None = None, request_id: str):
+        """Yields Generation deltas as tokens are produced (text and token count of each step)."""
+        start, first = time.perf_counter(), None
+        async for n_prompt, choice in self._outputs(messages, prompt, max_tokens, temperature, top_p, seed,
+                                                    adapter_path, request_id, delta=True):
+            if first is None and choice.token_ids:
+                first = (time.perf_counter() - start) * 1000
+            yield Generation(text=choice.text, prompt_tokens=n_prompt, completion_tokens=len(choice.token_ids),
+                             ttft_ms=first or 0.0, finish_reason=choice.finish_reason or "")
+
+    async def check_health(self) -> None:
+        """Serve's health probe: a dead engine core fails it, so Serve replaces the replica."""
+        await self.engine.check_health()
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -1,21 +1,26 @@
 """The OpenAI-compatible gateway: authenticate, route to a variant, generate, trace, answer.
 
 A plain class behind a FastAPI app that Ray Serve mounts (`serve_apps/gateway_app.py` applies
-`serve.ingress(api)` and `serve.deployment`). The engine and the trace log are passed in as handles, so routing can be tested
-with a fake engine. Rollouts arrive through `reconfigure` (Serve `user_config`); a redeploy restarts
-only this light replica, never the engine (see serve_apps/gateway_app.py).
+`serve.ingress(api)` and `serve.deployment`). The engine and the trace log are passed in as handles,
+so routing is tested with a fake engine. Rollouts arrive through `reconfigure` (Serve `user_config`);
+a redeploy restarts only this light replica, never the engine (see serve_apps/gateway_app.py).
+Every request, answered or refused after authentication, becomes exactly one trace record.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 
 from loop.config import hash_api_key
-from loop.serving.protocol import BadRequest, chat_completion_body, error_response, parse_chat_request
+from loop.serving.protocol import (SSE_DONE, BadRequest, ChatCompletionRequest, CompletionRequest,
+                                   chat_completion_body, completion_body, error_response, parse_request,
+                                   sse_chunk)
 from loop.traces.log import new_request_id
 
 api = FastAPI(title="continual-loop gateway", version="0.1")
@@ -30,6 +35,19 @@ def assign_variant(rollout: dict, user: str) -> str:
     return "challenger" if bucket < weight else "champion"
 
 
+@dataclass
+class Call:
+    """One authenticated request on its way through the gateway."""
+    request_id: str
+    started: float
+    model: str
+    endpoint: str
+    variant: str
+    version: dict
+    record: dict
+    headers: dict = field(default_factory=dict)
+
+
 class Gateway:
     def __init__(self, engine, trace_log, tenants: dict[str, dict], admin_key_hash: str | None = None):
         """`tenants`: tenant id -> {"api_key_hashes": [...], "endpoints": [endpoint ids]}."""
@@ -38,10 +56,12 @@ class Gateway:
         self.tenant_models = {t: {f"model-{e}": e for e in spec["endpoints"]} for t, spec in tenants.items()}
         self.admin_key_hash = admin_key_hash
         self.rollouts: dict[str, dict] = {}
+        self.metrics = _metrics()
 
     def reconfigure(self, config: dict) -> None:
         self.rollouts = dict(config.get("endpoints", {}))
 
+    # --- request preparation ---------------------------------------------------------------
     def _tenant(self, request: Request) -> str:
         auth = request.headers.get("authorization", "")
         if not auth.lower().startswith("bearer ") or not auth[7:].strip():
@@ -52,58 +72,149 @@ class Gateway:
             raise BadRequest("invalid API key", status=401, code="invalid_api_key", type_="authentication_error")
         return tenant
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request):
-        started = time.perf_counter()
+    def _model(self, request: Request, model: str) -> str:
+        """The `model` field, or the endpoint named by a `Host: model-<id>.<domain>` header."""
+        if model:
+            return model
+        host = request.headers.get("host", "").split(":")[0]
+        if host.startswith("model-") and "." in host:
+            return host.split(".")[0]
+        raise BadRequest("model: required (or send Host: model-<id>.<domain>)", param="model")
+
+    async def _prepare(self, request: Request, kind: type) -> tuple[Call, object]:
         # Ray Serve's proxy gives every request an `x-request-id` (the client's, or a fresh one) and
         # always returns it in the response; the trace uses the same id, so the two always agree.
         request_id = request.headers.get("x-request-id", "")[:128] or new_request_id()
-        headers: dict[str, str] = {}
-        try:
-            tenant = self._tenant(request)
-            req = parse_chat_request(await request.body())
-            endpoint = self.tenant_models[tenant].get(req.model)
-            if endpoint is None:
-                # Another tenant's model is reported exactly like a missing one: no existence leak.
-                raise BadRequest(f"model '{req.model}' does not exist or you do not have access to it",
-                                 param="model", status=404, code="model_not_found")
-            rollout = self.rollouts.get(endpoint)
-            if not rollout or not rollout.get("champion"):
-                raise BadRequest(f"model '{req.model}' has no deployed version yet", status=503,
-                                 code="not_deployed", type_="server_error")
-        except BadRequest as e:
-            return e.response(headers)
+        started = time.perf_counter()
+        tenant = self._tenant(request)
+        req = parse_request(await request.body(), kind)
+        model = self._model(request, req.model)
+        endpoint = self.tenant_models[tenant].get(model)
+        if endpoint is None:
+            # Another tenant's model is reported exactly like a missing one: no existence leak.
+            raise BadRequest(f"model '{model}' does not exist or you do not have access to it",
+                             param="model", status=404, code="model_not_found")
+        rollout = self.rollouts.get(endpoint)
+        if not rollout or not rollout.get("champion"):
+            raise BadRequest(f"model '{model}' has no deployed version yet", status=503, code="not_deployed",
+                             type_="server_error")
         user = request.headers.get("x-loop-user") or req.user or ""
         variant = assign_variant(rollout, user)
         version = rollout[variant]
-        headers.update({"x-model-version": version["version"], "x-variant": variant})
-        messages = [m.model_dump() for m in req.messages]
+        prompt = [m.model_dump() for m in req.messages] if kind is ChatCompletionRequest else req.prompt
         record = dict(request_id=request_id, tenant=tenant, endpoint=endpoint, variant=variant,
                       model_version=version["version"], adapter_digest=version.get("adapter_digest", ""),
                       checkpoint_digest=version.get("checkpoint_digest", ""),
                       training_run_id=version.get("training_run_id", ""),
-                      deployed_at=version.get("deployed_at", ""), user=user, prompt=json.dumps(messages),
+                      deployed_at=version.get("deployed_at", ""), user=user, prompt=json.dumps(prompt),
                       ts=time.time())  # set once here: a retried append is recognised as the same record
-        try:
-            gen = await self.engine.generate.remote(
-                messages, max_tokens=req.token_limit, temperature=req.temperature, top_p=req.top_p,
-                seed=req.seed, adapter_path=version.get("adapter_path"), request_id=request_id)
-        except Exception as e:  # noqa: BLE001 - every failure is traced and answered, never dropped
-            cause = getattr(e, "cause", None) or e  # a Ray task error wraps the engine's exception
-            error = f"{type(cause).__name__}: {cause}"
-            is_context = isinstance(cause, ValueError) and "context" in str(cause)
-            status, msg = (400, str(cause)) if is_context else (503, "the engine failed; retry shortly")
-            record.update(status=status, error=error[:500], latency_ms=(time.perf_counter() - started) * 1000)
-            await self.trace_log.append.remote([record])
-            return error_response(status, msg, type_="invalid_request_error" if status == 400 else "server_error",
-                                  headers={**headers, **({"retry-after": "1"} if status == 503 else {})})
-        record.update(completion=gen.text, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-                      ttft_ms=gen.ttft_ms, latency_ms=(time.perf_counter() - started) * 1000)
+        call = Call(request_id, started, model, endpoint, variant, version, record,
+                    {"x-model-version": version["version"], "x-variant": variant})
+        return call, req
+
+    def _engine_args(self, call: Call, req) -> dict:
+        args = dict(max_tokens=req.token_limit, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                    adapter_path=call.version.get("adapter_path"), request_id=call.request_id)
+        if isinstance(req, ChatCompletionRequest):
+            args["messages"] = [m.model_dump() for m in req.messages]
+        else:
+            args["prompt"] = req.prompt
+        return args
+
+    async def _trace(self, call: Call, status: int = 200, error: str = "", **fields) -> None:
+        call.record.update(status=status, error=error[:500], latency_ms=(time.perf_counter() - call.started) * 1000,
+                           **fields)
         # Acknowledge only what is durable: the record is in the write-ahead log before we answer.
-        await self.trace_log.append.remote([record])
-        body = chat_completion_body(request_id, req.model, gen.text, gen.prompt_tokens, gen.completion_tokens,
-                                    gen.finish_reason)
-        return JSONResponse(body, headers=headers)
+        await self.trace_log.append.remote([call.record])
+        self.metrics.observe(call.endpoint, call.variant, status, call.record.get("prompt_tokens", 0),
+                             call.record.get("completion_tokens", 0), call.record["latency_ms"])
+
+    async def _failed(self, call: Call, e: Exception) -> JSONResponse:
+        cause = getattr(e, "cause", None) or e  # a Ray task error wraps the engine's exception
+        is_context = isinstance(cause, ValueError) and "context" in str(cause)
+        status = 400 if is_context else 503
+        await self._trace(call, status=status, error=f"{type(cause).__name__}: {cause}")
+        if is_context:
+            return error_response(400, str(cause), param="messages", code="context_length_exceeded",
+                                  headers=call.headers)
+        return error_response(503, "the engine failed; retry shortly", type_="server_error",
+                              headers={**call.headers, "retry-after": "1"})
+
+    # --- routes -------------------------------------------------------------------------------
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._complete(request, ChatCompletionRequest)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._complete(request, CompletionRequest)
+
+    async def _complete(self, request: Request, kind: type):
+        try:
+            call, req = await self._prepare(request, kind)
+        except BadRequest as e:
+            return e.response()
+        if req.stream:
+            return StreamingResponse(self._stream(call, req), media_type="text/event-stream", headers=call.headers)
+        try:
+            gen = await self.engine.generate.remote(**self._engine_args(call, req))
+        except Exception as e:  # noqa: BLE001 - every failure is traced and answered, never dropped
+            return await self._failed(call, e)
+        await self._trace(call, completion=gen.text, prompt_tokens=gen.prompt_tokens,
+                          completion_tokens=gen.completion_tokens, ttft_ms=gen.ttft_ms)
+        build = chat_completion_body if kind is ChatCompletionRequest else completion_body
+        return JSONResponse(build(call.request_id, call.model, gen.text, gen.prompt_tokens, gen.completion_tokens,
+                                  gen.finish_reason), headers=call.headers)
+
+    async def _stream(self, call: Call, req):
+        chat = isinstance(req, ChatCompletionRequest)
+        text, n_prompt, n_out, ttft, finish, status, error = [], 0, 0, 0.0, "stop", 200, ""
+        try:
+            stream = self.engine.options(stream=True).generate_stream.remote(**self._engine_args(call, req))
+            async for delta in stream:
+                text.append(delta.text)
+                n_prompt, n_out, ttft = delta.prompt_tokens, n_out + delta.completion_tokens, delta.ttft_ms
+                finish = delta.finish_reason or finish
+                yield sse_chunk(call.request_id, call.model, chat, delta.text,
+                                finish_reason=delta.finish_reason or None)
+            if req.stream_options and req.stream_options.include_usage:
+                yield sse_chunk(call.request_id, call.model, chat, None, usage=(n_prompt, n_out))
+            yield SSE_DONE
+        except asyncio.CancelledError:
+            status, error = 499, "client closed the stream"
+            raise
+        except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, trace, end the stream
+            cause = getattr(e, "cause", None) or e
+            status, error = 503, f"{type(cause).__name__}: {cause}"
+            yield f"data: {json.dumps({'error': {'message': 'the engine failed; retry shortly', 'type': 'server_error'}})}\n\n"
+        finally:
+            # Shielded: a client that hangs up mid-stream still leaves its trace record.
+            await asyncio.shield(self._trace(call, status=status, error=error, completion="".join(text),
+                                             prompt_tokens=n_prompt, completion_tokens=n_out, ttft_ms=ttft))
+
+    @api.post("/v1/feedback")
+    async def feedback(self, request: Request):
+        """Outcome labels: `{"request_id": ..., "score": float}` and/or `"label": str`, joined by id."""
+        try:
+            tenant = self._tenant(request)
+            body = json.loads(await request.body() or b"{}")
+            if not isinstance(body, dict) or not isinstance(body.get("request_id"), str) or not body["request_id"]:
+                raise BadRequest("request_id: required string", param="request_id")
+            score, label = body.get("score"), body.get("label")
+            if score is None and label is None:
+                raise BadRequest("send score (number) or label (string)", param="score")
+            if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+                raise BadRequest("score: must be a number", param="score")
+            if label is not None and (not isinstance(label, str) or len(label) > 256):
+                raise BadRequest("label: must be a string of at most 256 characters", param="label")
+        except json.JSONDecodeError as e:
+            return BadRequest(f"request body is not valid JSON: {e}").response()
+        except BadRequest as e:
+            return e.response()
+        row = {"request_id": body["request_id"][:128], "tenant": tenant, "score": score, "label": label,
+               "ts": time.time()}
+        await self.trace_log.append_feedback.remote([row])
+        return JSONResponse({"object": "feedback", "request_id": row["request_id"], "recorded": True})
 
     @api.get("/v1/models")
     async def models(self, request: Request):
@@ -122,3 +233,26 @@ class Gateway:
             return error_response(403, "admin key required", type_="permission_error", code="forbidden")
         return JSONResponse({"endpoints": self.rollouts})
 
+
+class _Metrics:
+    """Per endpoint and variant: requests (by status), tokens, latency; shown on the Ray dashboard."""
+
+    def __init__(self):
+        from ray.serve.metrics import Counter, Histogram
+
+        keys = ("endpoint", "variant")
+        self.requests = Counter("loop_requests", "Requests served", tag_keys=keys + ("status",))
+        self.tokens = Counter("loop_tokens", "Tokens processed", tag_keys=keys + ("kind",))
+        self.latency = Histogram("loop_latency_ms", "End-to-end latency",
+                                 boundaries=[10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000], tag_keys=keys)
+
+    def observe(self, endpoint, variant, status, prompt_tokens, completion_tokens, latency_ms) -> None:
+        tags = {"endpoint": endpoint, "variant": variant}
+        self.requests.inc(tags={**tags, "status": str(status)})
+        self.tokens.inc(prompt_tokens or 0, tags={**tags, "kind": "prompt"})
+        self.tokens.inc(completion_tokens or 0, tags={**tags, "kind": "completion"})
+        self.latency.observe(latency_ms, tags=tags)
+
+
+def _metrics() -> _Metrics:
+    return _Metrics()

@@ -1,14 +1,18 @@
 """The slice of the OpenAI HTTP protocol the gateway and the reference teacher speak.
 
 Request validation gives one clear message naming the field; errors use OpenAI's error body.
+Bodies are built here, so the gateway, the teacher and the tests agree on one shape.
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import JSONResponse
+
+MAX_BODY_BYTES = 1 << 20
 
 
 class ChatMessage(BaseModel):
@@ -17,21 +21,40 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatCompletionRequest(BaseModel):
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")
-    model: str = Field(min_length=1, max_length=128)
-    messages: list[ChatMessage] = Field(min_length=1)
+    model: str = Field(default="", max_length=128)
+    """`model-<endpoint>`; may be empty when the Host header names the endpoint."""
     max_tokens: int | None = Field(default=None, ge=1, le=4096)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)
     seed: int | None = None
+    n: int = Field(default=1, ge=1, le=1)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
 
     @property
     def token_limit(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 256
+
+
+class CompletionRequest(_Sampling):
+    prompt: str = Field(min_length=1)
+
+    @property
+    def token_limit(self) -> int:
+        return self.max_tokens or 16
 
 
 def error_response(status: int, message: str, *, type_: str = "invalid_request_error",
@@ -52,9 +75,11 @@ class BadRequest(Exception):
                               headers=headers)
 
 
-def parse_chat_request(body: bytes) -> ChatCompletionRequest:
-    import json
-
+def parse_request(body: bytes, model: type[BaseModel]):
+    """Validate a JSON body into `model`; any problem is a BadRequest naming the field."""
+    if len(body) > MAX_BODY_BYTES:
+        raise BadRequest(f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}", status=413,
+                         code="request_too_large")
     try:
         raw = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -62,25 +87,56 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     if not isinstance(raw, dict):
         raise BadRequest("request body must be a JSON object")
     try:
-        req = ChatCompletionRequest.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"])
-        raise BadRequest(f"{param}: {err['msg']}", param=param) from None
-    if req.stream:
-        raise BadRequest("stream: true is not supported yet by this endpoint", param="stream")
-    return req
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise BadRequest(f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    return parse_request(body, ChatCompletionRequest)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def chat_completion_body(request_id: str, model: str, text: str, prompt_tokens: int,
                          completion_tokens: int, finish_reason: str = "stop") -> dict:
     return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
+        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                      "finish_reason": finish_reason, "logprobs": None}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": _usage(prompt_tokens, completion_tokens),
     }
+
+
+def completion_body(request_id: str, model: str, text: str, prompt_tokens: int, completion_tokens: int,
+                    finish_reason: str = "stop") -> dict:
+    return {
+        "id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "usage": _usage(prompt_tokens, completion_tokens),
+    }
+
+
+def sse_chunk(request_id: str, model: str, chat: bool, delta: str | None, finish_reason: str | None = None,
+              usage: tuple[int, int] | None = None) -> str:
+    """One server-sent event of a streamed chat or text completion."""
+    if usage is not None:
+        choices = []
+    elif chat:
+        choices = [{"index": 0, "delta": {} if delta is None else {"role": "assistant", "content": delta},
+                    "finish_reason": finish_reason, "logprobs": None}]
+    else:
+        choices = [{"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}]
+    body = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": choices}
+    if usage is not None:
+        body["usage"] = _usage(*usage)
+    return f"data: {json.dumps(body)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"

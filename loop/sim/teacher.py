@@ -34,6 +34,8 @@ class ReferenceTeacher:
     async def chat_completions(self, request: Request):
         try:
             req = parse_chat_request(await request.body())
+            if req.stream:
+                raise BadRequest("the reference teacher does not stream; send stream: false", param="stream")
         except BadRequest as e:
             return e.response()
         self.calls += 1

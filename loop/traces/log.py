@@ -63,6 +63,15 @@ class TraceLog:
         self._recover()
         _truncate_torn_tail(self._wal_path)
         self._wal = open(self._wal_path, "a", encoding="utf-8")
+        _truncate_torn_tail(self.root / "feedback.jsonl")
+        self._feedback = open(self.root / "feedback.jsonl", "a", encoding="utf-8")
+
+    def append_feedback(self, rows: list[dict]) -> int:
+        """Durably append outcome labels ({request_id, tenant, score, label, ts}); joined by request id."""
+        self._feedback.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        self._feedback.flush()
+        os.fsync(self._feedback.fileno())
+        return len(rows)
 
     def append(self, records: list[dict]) -> int:
         """Durably append records (dicts with TraceRecord's fields); returns how many."""
@@ -124,6 +133,11 @@ def _read_jsonl(path: Path) -> list[dict]:
                 # Only the very last line can be torn (a crash mid-write, never acknowledged).
                 continue
     return rows
+
+
+def read_feedback(root: str | Path) -> list[dict]:
+    path = Path(root) / "feedback.jsonl"
+    return _read_jsonl(path) if path.exists() else []
 
 
 def read_traces(root: str | Path) -> list[dict]:
