@@ -249,8 +249,9 @@ class _Metrics:
     def observe(self, endpoint, variant, status, prompt_tokens, completion_tokens, latency_ms) -> None:
         tags = {"endpoint": endpoint, "variant": variant}
         self.requests.inc(tags={**tags, "status": str(status)})
-        self.tokens.inc(prompt_tokens or 0, tags={**tags, "kind": "prompt"})
-        self.tokens.inc(completion_tokens or 0, tags={**tags, "kind": "completion"})
+        for kind, n in (("prompt", prompt_tokens), ("completion", completion_tokens)):
+            if n:  # Counter.inc refuses 0
+                self.tokens.inc(n, tags={**tags, "kind": kind})
         self.latency.observe(latency_ms, tags=tags)
 
 
