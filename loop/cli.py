@@ -76,6 +76,44 @@ def _serve(args) -> int:
         stop_services(cfg)
 
 
+BENCHMARKS = ("serving",)
+
+
+def _bench(args) -> int:
+    """Run benchmarks/NAME.py and write benchmarks/results/NAME.json with the machine it ran on."""
+    import importlib
+    import json
+    import os
+    import platform
+    import time
+    from pathlib import Path
+
+    from loop.config import ConfigError, load_config
+    from loop.models.fetch import ModelMissing
+
+    try:
+        cfg = load_config(args.config)
+        started = time.time()
+        result = importlib.import_module(f"benchmarks.{args.name}").run(cfg)
+    except (ConfigError, ModelMissing) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import torch
+
+    result["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                         "cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+                         "python": platform.python_version()}
+    result["config"] = args.config
+    result["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
+    result["seconds"] = time.time() - started
+    out = Path(args.out_dir) / f"{args.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="loopctl", description="continual-loop control")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -100,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve", help="serve the registry's champions until Ctrl-C")
     s.add_argument("config")
     s.set_defaults(fn=_serve)
+    b = sub.add_parser("bench", help="run a benchmark, write benchmarks/results/NAME.json")
+    b.add_argument("name", choices=BENCHMARKS)
+    b.add_argument("--config", default="configs/demo.yaml")
+    b.add_argument("--out-dir", default="benchmarks/results")
+    b.set_defaults(fn=_bench)
     args = p.parse_args(argv)
     return args.fn(args)
 
