@@ -125,6 +125,8 @@ def test_auth_and_tenant_isolation(fake_gateway):
     with pytest.raises(openai.NotFoundError):
         _client(fake_gateway, "sk-t2-secret").chat.completions.create(model="model-e1", messages=[{"role": "user", "content": "x"}])
     assert [m.id for m in _client(fake_gateway, "sk-t2-secret").models.list()] == ["model-e2"]
+    refused = [r for r in read_traces(fake_gateway["traces"]) if r["tenant"] == "t2" and r["status"] == 404]
+    assert len(refused) == 1 and "model-e1" in refused[0]["error"], "a refused request is traced too"
     import urllib.request
 
     req = urllib.request.Request(fake_gateway["url"].replace("/v1", "/admin/status"),

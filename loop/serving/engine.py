@@ -6,6 +6,7 @@ vLLM is imported only when an engine is built, so `import loop` works without it
 """
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 
@@ -97,7 +98,13 @@ class StudentEngine:
         await self.engine.check_health()
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        # Drop the last reference now: AsyncLLM.__del__ would otherwise run at interpreter exit,
+        # when the modules it needs are already gone.
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
+            del engine
+            gc.collect()
 
     def __del__(self):
         # Serve calls this when it stops the replica; without it the engine's worker processes

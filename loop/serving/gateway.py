@@ -87,7 +87,18 @@ class Gateway:
         request_id = request.headers.get("x-request-id", "")[:128] or new_request_id()
         started = time.perf_counter()
         tenant = self._tenant(request)
-        req = parse_request(await request.body(), kind)
+        try:
+            return self._route(request, kind, request_id, started, tenant, await request.body())
+        except BadRequest as e:
+            # A refused request of a known tenant is traced too (nothing about it is dropped).
+            e.record = dict(request_id=request_id, tenant=tenant, endpoint="", variant="", model_version="",
+                            status=e.status, error=e.message[:500], ts=time.time(),
+                            latency_ms=(time.perf_counter() - started) * 1000)
+            raise
+
+    def _route(self, request: Request, kind: type, request_id: str, started: float, tenant: str,
+               body: bytes) -> tuple[Call, object]:
+        req = parse_request(body, kind)
         model = self._model(request, req.model)
         endpoint = self.tenant_models[tenant].get(model)
         if endpoint is None:
@@ -153,6 +164,8 @@ class Gateway:
         try:
             call, req = await self._prepare(request, kind)
         except BadRequest as e:
+            if getattr(e, "record", None):
+                await self.trace_log.append.remote([e.record])
             return e.response()
         if req.stream:
             return StreamingResponse(self._stream(call, req), media_type="text/event-stream", headers=call.headers)
