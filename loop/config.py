@@ -85,12 +85,20 @@ class TeacherConfig(_Strict):
         return self
 
 
+class CascadeConfig(_Strict):
+    min_mean_logprob: float = Field(le=0)
+    """Escalate to the teacher when the student's mean token log-probability is below this
+    (e.g. -1.0). Non-streaming requests only: a stream's tokens are already on the wire."""
+
+
 class EndpointConfig(_Strict):
     id: str
     """Served as model name `model-{id}`; also names the registered model `student-{id}`."""
     backend: Literal["multi_lora"] = "multi_lora"
     """`multi_lora`: one vLLM engine per base model, each version a hot-loaded adapter. The `merged`
     backend (a deployment per merged version with its draft) arrives with the serving plane."""
+    cascade: CascadeConfig | None = None
+    """Low-confidence answers are replaced by the teacher's (and become training data)."""
 
     @field_validator("id")
     @classmethod

@@ -104,7 +104,7 @@ def reconcile(services: Services) -> dict:
     from serve_apps.gateway_app import deploy_gateway
 
     rollouts = live_rollouts(services)
-    deploy_gateway(services.cfg, services.trace_log, rollouts)
+    deploy_gateway(services.cfg, services.trace_log, rollouts, services.teacher_url)
     return rollouts
 
 

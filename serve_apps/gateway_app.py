@@ -39,21 +39,33 @@ def ingress_gateway():
     return serve.ingress(api)(Gateway)
 
 
-def build_gateway_app(cfg: LoopConfig, trace_log, rollouts: dict):
+def build_gateway_app(cfg: LoopConfig, trace_log, rollouts: dict, teacher_url: str | None = None):
     engine = serve.get_deployment_handle(ENGINE_APP, app_name=ENGINE_APP)
     tenants = {t.id: {"api_key_hashes": t.api_key_hashes, "endpoints": [e.id for e in t.endpoints]}
                for t in cfg.tenants}
     gateway = serve.deployment(
         ingress_gateway(), name="gateway", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256,
         user_config={"endpoints": rollouts},
-    ).bind(engine, trace_log, tenants, cfg.serving.admin_key_hash)
+    ).bind(engine, trace_log, tenants, cfg.serving.admin_key_hash, *_cascade(cfg, teacher_url))
     return gateway
 
 
-def deploy_gateway(cfg: LoopConfig, trace_log, rollouts: dict) -> None:
+def _cascade(cfg: LoopConfig, teacher_url: str | None) -> tuple[dict, dict | None]:
+    """Per-endpoint escalation thresholds, and how the gateway reaches the teacher."""
+    from loop.teacher.client import teacher_key
+
+    cascade = {e.id: e.cascade.min_mean_logprob for _, e in cfg.endpoints() if e.cascade}
+    if not cascade or not teacher_url:
+        return {}, None
+    return cascade, {"base_url": teacher_url, "model": cfg.teacher.model, "api_key": teacher_key(cfg.teacher),
+                     "timeout_s": cfg.teacher.timeout_s}
+
+
+def deploy_gateway(cfg: LoopConfig, trace_log, rollouts: dict, teacher_url: str | None = None) -> None:
     """Create the gateway app, or move it to new rollouts (the engine app is left alone)."""
     deploy_engine(cfg)
-    serve.run(build_gateway_app(cfg, trace_log, rollouts), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(build_gateway_app(cfg, trace_log, rollouts, teacher_url), name=APP_NAME, route_prefix="/",
+              blocking=False)
     _wait_running(APP_NAME)
 
 

@@ -128,3 +128,12 @@ def test_real_engine_streams_the_same_greedy_text(job):
     text = client.completions.create(model="model-tiny-support", prompt="The Zorvex widget", max_tokens=6,
                                      temperature=0)
     assert text.usage.completion_tokens >= 1 and text.object == "text_completion"
+
+
+def test_real_engine_reports_confidence(job):
+    cfg = load_config(job["config"])
+    rows = [r for r in read_traces(cfg.storage.path("traces")) if r["endpoint"] == "globex-chat" and r["status"] == 200]
+    assert rows and all(r["confidence"] < 0 for r in rows), "mean token log-probability measured by vLLM"
+    assert not any(r["escalated"] for r in rows)
+    tiny = [r for r in read_traces(cfg.storage.path("traces")) if r["endpoint"] == "tiny-support"]
+    assert all(r["confidence"] == 0.0 for r in tiny), "no cascade configured: no log-probs requested"

@@ -22,14 +22,15 @@ class FakeEngine:
     """Echoes which adapter answered, so the test sees routing in the completion text."""
 
     async def generate(self, messages=None, *, prompt=None, max_tokens, temperature=0.0, top_p=1.0, seed=None,
-                       adapter_path=None, request_id=""):
+                       adapter_path=None, request_id="", confidence=False):
         text = messages[-1]["content"] if messages else prompt
         if text == "boom":
             raise RuntimeError("engine died")
         if text == "long":
             raise ValueError("prompt is 999 tokens; this endpoint's context is 256")
+        # Questions (text ending in "?") come back with low confidence, to exercise the cascade.
         return Generation(text=f"adapter={adapter_path}", prompt_tokens=3, completion_tokens=2, ttft_ms=1.0,
-                          finish_reason="stop")
+                          finish_reason="stop", mean_logprob=-5.0 if text.endswith("?") else -0.1)
 
     async def generate_stream(self, messages=None, *, prompt=None, max_tokens, temperature=0.0, top_p=1.0,
                               seed=None, adapter_path=None, request_id=""):
@@ -67,7 +68,8 @@ def fake_gateway(ray_cluster, cycle_job, tmp_path_factory):
     app = serve.deployment(ingress_gateway(), name="fake-gateway", ray_actor_options={"num_cpus": 0},
                            user_config={"endpoints": rollouts}).bind(
         serve.deployment(FakeEngine, ray_actor_options={"num_cpus": 0}).bind(), trace_log, tenants,
-        hash_api_key("sk-admin-secret"))
+        hash_api_key("sk-admin-secret"), {"e2": -1.0},
+        {"base_url": f"http://127.0.0.1:{cfg.serving.port}/teacher/v1", "model": "reference-teacher"})
     serve.run(app, name="fake-gateway", route_prefix="/fake", blocking=False)
     import time
 
@@ -238,3 +240,25 @@ def test_bad_requests_are_4xx_in_openai_format(fake_gateway):
     # The server is still up and answering.
     assert httpx.post(url, headers=auth, json={"model": "model-e2", "messages": [{"role": "user", "content": "x"}]}
                       ).status_code == 200
+
+
+def test_low_confidence_escalates_to_the_teacher(fake_gateway, cycle_job):
+    from loop.config import load_config
+    from loop.sim.world import World
+
+    w = load_config(cycle_job["config"]).world
+    fact = World(w.seed, 1, w.num_entities, w.drift_fraction, w.new_per_epoch).facts[0]
+    c = _client(fake_gateway, "sk-t2-secret")
+    raw = c.chat.completions.with_raw_response.create(model="model-e2",
+                                                      messages=[{"role": "user", "content": fact.question(0)}])
+    assert raw.parse().choices[0].message.content == fact.answer(), "the caller gets the teacher's answer"
+    assert raw.headers["x-loop-escalated"] == "true"
+    row = [r for r in read_traces(fake_gateway["traces"]) if r["request_id"] == raw.headers["x-request-id"]][0]
+    assert row["escalated"] and row["completion"] == fact.answer() and row["confidence"] == -5.0
+    assert row["student_completion"] == "adapter=None"
+    sure = c.chat.completions.with_raw_response.create(model="model-e2", messages=[{"role": "user", "content": "hi"}])
+    assert "x-loop-escalated" not in sure.headers and sure.parse().choices[0].message.content == "adapter=None"
+    # e1 has no cascade: its questions are answered by the student, whatever the confidence.
+    other = _client(fake_gateway, "sk-t1-secret").chat.completions.create(
+        model="model-e1", messages=[{"role": "user", "content": fact.question(0)}], user="u0")
+    assert other.choices[0].message.content.startswith("adapter=")

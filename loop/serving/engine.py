@@ -20,6 +20,8 @@ class Generation:
     completion_tokens: int
     ttft_ms: float
     finish_reason: str
+    mean_logprob: float | None = None
+    """Mean log-probability of the generated tokens, when asked for (the cascade's confidence)."""
 
 
 class StudentEngine:
@@ -57,41 +59,45 @@ class StudentEngine:
         return list(ids)
 
     async def _outputs(self, messages, prompt, max_tokens, temperature, top_p, seed, adapter_path, request_id,
-                       delta: bool):
+                       delta: bool, confidence: bool = False):
+        """Generations as the engine makes them: deltas (`delta`) or the text so far."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         ids = self._prompt_ids(messages, prompt)
         params = SamplingParams(max_tokens=min(max_tokens, self.max_model_len - len(ids)), temperature=temperature,
-                                top_p=top_p, seed=seed,
+                                top_p=top_p, seed=seed, logprobs=0 if confidence else None,
                                 output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.CUMULATIVE)
+        start, first = time.perf_counter(), None
         async for out in self.engine.generate({"prompt_token_ids": ids}, params, request_id,
                                               lora_request=self._lora(adapter_path)):
-            yield len(ids), out.outputs[0]
+            choice = out.outputs[0]
+            if first is None and choice.token_ids:
+                first = (time.perf_counter() - start) * 1000
+            mean = None
+            if confidence and choice.cumulative_logprob is not None and choice.token_ids:
+                mean = choice.cumulative_logprob / len(choice.token_ids)
+            yield Generation(text=choice.text, prompt_tokens=len(ids), completion_tokens=len(choice.token_ids),
+                             ttft_ms=first or 0.0, finish_reason=choice.finish_reason or "", mean_logprob=mean)
 
     async def generate(self, messages: list[dict] | None = None, *, prompt: str | None = None, max_tokens: int,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                       adapter_path: str | None = None, request_id: str) -> Generation:
-        """The whole answer at once. `messages` (chat) or `prompt` (text completion)."""
-        start, first = time.perf_counter(), None
-        async for n_prompt, choice in self._outputs(messages, prompt, max_tokens, temperature, top_p, seed,
-                                                    adapter_path, request_id, delta=False):
-            if first is None and choice.token_ids:
-                first = (time.perf_counter() - start) * 1000
-        return Generation(text=choice.text, prompt_tokens=n_prompt, completion_tokens=len(choice.token_ids),
-                          ttft_ms=first or 0.0, finish_reason=choice.finish_reason or "stop")
+                       adapter_path: str | None = None, request_id: str, confidence: bool = False) -> Generation:
+        """The whole answer at once. `messages` (chat) or `prompt` (text completion); `confidence`
+        also returns the mean token log-probability."""
+        async for gen in self._outputs(messages, prompt, max_tokens, temperature, top_p, seed, adapter_path,
+                                       request_id, delta=False, confidence=confidence):
+            pass
+        gen.finish_reason = gen.finish_reason or "stop"
+        return gen
 
     async def generate_stream(self, messages: list[dict] | None = None, *, prompt: str | None = None,
                               max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                               seed: int | None = None, adapter_path: str | None = None, request_id: str):
         """Yields Generation deltas as tokens are produced (text and token count of each step)."""
-        start, first = time.perf_counter(), None
-        async for n_prompt, choice in self._outputs(messages, prompt, max_tokens, temperature, top_p, seed,
-                                                    adapter_path, request_id, delta=True):
-            if first is None and choice.token_ids:
-                first = (time.perf_counter() - start) * 1000
-            yield Generation(text=choice.text, prompt_tokens=n_prompt, completion_tokens=len(choice.token_ids),
-                             ttft_ms=first or 0.0, finish_reason=choice.finish_reason or "")
+        async for gen in self._outputs(messages, prompt, max_tokens, temperature, top_p, seed, adapter_path,
+                                       request_id, delta=True):
+            yield gen
 
     async def check_health(self) -> None:
         """Serve's health probe: a dead engine core fails it, so Serve replaces the replica."""

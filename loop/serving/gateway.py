@@ -49,9 +49,13 @@ class Call:
 
 
 class Gateway:
-    def __init__(self, engine, trace_log, tenants: dict[str, dict], admin_key_hash: str | None = None):
-        """`tenants`: tenant id -> {"api_key_hashes": [...], "endpoints": [endpoint ids]}."""
+    def __init__(self, engine, trace_log, tenants: dict[str, dict], admin_key_hash: str | None = None,
+                 cascade: dict[str, float] | None = None, teacher: dict | None = None):
+        """`tenants`: tenant id -> {"api_key_hashes": [...], "endpoints": [endpoint ids]}.
+        `cascade`: endpoint id -> minimum mean token log-probability before escalating to `teacher`
+        ({"base_url", "model", "api_key", "timeout_s"}), reached with the `openai` client."""
         self.engine, self.trace_log = engine, trace_log
+        self.cascade, self.teacher, self._teacher_client = dict(cascade or {}), teacher, None
         self.key_to_tenant = {h: t for t, spec in tenants.items() for h in spec["api_key_hashes"]}
         self.tenant_models = {t: {f"model-{e}": e for e in spec["endpoints"]} for t, spec in tenants.items()}
         self.admin_key_hash = admin_key_hash
@@ -133,6 +137,7 @@ class Gateway:
         return args
 
     async def _trace(self, call: Call, status: int = 200, error: str = "", **fields) -> None:
+        error = fields.pop("error", error)
         call.record.update(status=status, error=error[:500], latency_ms=(time.perf_counter() - call.started) * 1000,
                            **fields)
         # Acknowledge only what is durable: the record is in the write-ahead log before we answer.
@@ -169,15 +174,39 @@ class Gateway:
             return e.response()
         if req.stream:
             return StreamingResponse(self._stream(call, req), media_type="text/event-stream", headers=call.headers)
+        threshold = self.cascade.get(call.endpoint) if self.teacher else None
         try:
-            gen = await self.engine.generate.remote(**self._engine_args(call, req))
+            gen = await self.engine.generate.remote(**self._engine_args(call, req), confidence=threshold is not None)
         except Exception as e:  # noqa: BLE001 - every failure is traced and answered, never dropped
             return await self._failed(call, e)
-        await self._trace(call, completion=gen.text, prompt_tokens=gen.prompt_tokens,
-                          completion_tokens=gen.completion_tokens, ttft_ms=gen.ttft_ms)
+        text, extra = gen.text, {"confidence": gen.mean_logprob or 0.0}
+        if threshold is not None and gen.mean_logprob is not None and gen.mean_logprob < threshold:
+            try:
+                text = await self._ask_teacher(req)
+                extra.update(escalated=True, student_completion=gen.text)
+                call.headers["x-loop-escalated"] = "true"
+            except Exception as e:  # noqa: BLE001 - the student's answer still serves; the miss is traced
+                extra["error"] = f"escalation failed: {type(e).__name__}: {e}"
+        await self._trace(call, completion=text, prompt_tokens=gen.prompt_tokens,
+                          completion_tokens=gen.completion_tokens, ttft_ms=gen.ttft_ms, **extra)
         build = chat_completion_body if kind is ChatCompletionRequest else completion_body
-        return JSONResponse(build(call.request_id, call.model, gen.text, gen.prompt_tokens, gen.completion_tokens,
+        return JSONResponse(build(call.request_id, call.model, text, gen.prompt_tokens, gen.completion_tokens,
                                   gen.finish_reason), headers=call.headers)
+
+    async def _ask_teacher(self, req) -> str:
+        import openai
+
+        if self._teacher_client is None:
+            t = self.teacher
+            self._teacher_client = openai.AsyncOpenAI(base_url=t["base_url"], api_key=t.get("api_key") or "unused",
+                                                      timeout=t.get("timeout_s", 30), max_retries=1)
+        if isinstance(req, ChatCompletionRequest):
+            messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        else:
+            messages = [{"role": "user", "content": req.prompt}]
+        resp = await self._teacher_client.chat.completions.create(
+            model=self.teacher["model"], messages=messages, max_tokens=req.token_limit, temperature=0)
+        return resp.choices[0].message.content or ""
 
     async def _stream(self, call: Call, req):
         chat = isinstance(req, ChatCompletionRequest)

@@ -41,6 +41,11 @@ class TraceRecord:
     latency_ms: float = 0.0
     ttft_ms: float = 0.0
     escalated: bool = False
+    """The cascade replaced a low-confidence student answer with the teacher's (`completion`)."""
+    student_completion: str = ""
+    """What the student said when the request was escalated."""
+    confidence: float = 0.0
+    """Mean token log-probability of the student's answer (0 when not measured)."""
     status: int = 200
     error: str = ""
     ts: float = field(default_factory=time.time)
