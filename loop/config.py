@@ -180,6 +180,9 @@ class EngineConfig(_Strict):
     max_model_len: int = Field(default=512, ge=16)
     enforce_eager: bool = True
     max_loras: int = Field(default=4, ge=1)
+    """Adapters active in one batch."""
+    max_cpu_loras: int | None = Field(default=16, ge=1)
+    """Adapters kept loaded (LRU): a version beyond this is evicted and reloaded on its next request."""
     max_lora_rank: int = Field(default=16, ge=1)
     num_cpus: float = Field(default=1, gt=0)
     num_gpus: float = Field(default=0, ge=0)
@@ -218,6 +221,10 @@ class LoopConfig(_Strict):
         ids = [e.id for t in self.tenants for e in t.endpoints]
         if len(ids) != len(set(ids)):
             raise ValueError(f"tenants[].endpoints[].id must be unique across tenants, got {ids}")
+        eng = self.serving.engine
+        if eng.max_cpu_loras is not None and eng.max_cpu_loras < eng.max_loras:
+            raise ValueError(f"serving.engine.max_cpu_loras ({eng.max_cpu_loras}) must be at least "
+                             f"serving.engine.max_loras ({eng.max_loras})")
         if self.training.lora_rank > self.serving.engine.max_lora_rank:
             raise ValueError(
                 f"training.lora_rank ({self.training.lora_rank}) exceeds serving.engine.max_lora_rank "

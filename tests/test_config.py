@@ -43,6 +43,10 @@ def _write(tmp_path, mutate):
     (lambda r: r["teacher"].update(kind="openai") if "teacher" in r else r.update(teacher={"kind": "openai"}),
      "teacher.base_url is required"),
     (lambda r: r["tenants"].append(dict(r["tenants"][0], id="copy")), "must be unique across tenants"),
+    (lambda r: r["serving"]["engine"].update(max_loras=8, max_cpu_loras=2), "max_cpu_loras (2) must be at least"),
+    (lambda r: r["training"].update(strategy="deepspeed"), "training.strategy"),
+    (lambda r: r["tenants"][1]["endpoints"][0].update(cascade={"min_mean_logprob": 2}),
+     "tenants[1].endpoints[0].cascade.min_mean_logprob"),
 ])
 def test_bad_config_names_the_field(tmp_path, mutate, expected):
     with pytest.raises(ConfigError) as e:

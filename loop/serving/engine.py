@@ -31,7 +31,8 @@ class StudentEngine:
 
         args = AsyncEngineArgs(
             model=model_dir, dtype=dtype, seed=seed,
-            enable_lora=True, max_loras=engine.max_loras, max_lora_rank=engine.max_lora_rank,
+            enable_lora=True, max_loras=engine.max_loras, max_cpu_loras=engine.max_cpu_loras,
+            max_lora_rank=engine.max_lora_rank,
             gpu_memory_utilization=engine.gpu_memory_utilization, max_model_len=engine.max_model_len,
             enforce_eager=engine.enforce_eager, disable_log_stats=True)
         self.engine = AsyncLLM.from_engine_args(args)
