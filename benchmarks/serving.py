@@ -112,6 +112,7 @@ def run(cfg: LoopConfig, requests: int = 64, max_tokens: int = 32, concurrency: 
 
     from loop.models.fetch import read_manifest
     from loop.services import init_ray
+    from loop.serving.rollouts import RolloutStore
     from loop.traces.log import TraceLog, read_traces
     from serve_apps.gateway_app import ENGINE_APP, deploy_gateway
 
@@ -130,6 +131,7 @@ def run(cfg: LoopConfig, requests: int = 64, max_tokens: int = 32, concurrency: 
     init_ray(cfg)
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
     trace_log = ray.remote(TraceLog).options(num_cpus=0).remote(str(work / "traces"))
+    store = ray.remote(RolloutStore).options(num_cpus=0).remote()
     tenant = cfg.tenants[0]
     endpoint = tenant.endpoints[0].id
     key = "sk-bench-" + str(time.time_ns())
@@ -143,13 +145,13 @@ def run(cfg: LoopConfig, requests: int = 64, max_tokens: int = 32, concurrency: 
                      "challenger_weight": 0.5, "rollout_id": "ab"}}
     try:
         t0 = time.perf_counter()
-        deploy_gateway(cfg, trace_log, one)
+        deploy_gateway(cfg, trace_log, one, rollout_store=store)
         out["services_up_s"] = time.perf_counter() - t0
         print("[bench] gateway, one adapter", flush=True)
         out["gateway_one"], ids_one = asyncio.run(_through_gateway(url, key, model, prompts, max_tokens,
                                                                    concurrency, users=64))
         print("[bench] gateway, A/B over two adapters", flush=True)
-        deploy_gateway(cfg, trace_log, ab)
+        deploy_gateway(cfg, trace_log, ab, rollout_store=store)
         out["gateway_ab"], ids_ab = asyncio.run(_through_gateway(url, key, model, prompts, max_tokens,
                                                                  concurrency, users=64))
         traced = {r["request_id"] for r in read_traces(work / "traces")}
@@ -161,12 +163,14 @@ def run(cfg: LoopConfig, requests: int = 64, max_tokens: int = 32, concurrency: 
         t0 = time.perf_counter()
         fresh = make_adapter(base, work / "adapter-new", rank, seed=99)
         deploy_gateway(cfg, trace_log, {endpoint: {"champion": _version(3, fresh), "challenger": None,
-                                                   "challenger_weight": 0.0, "rollout_id": "new"}})
+                                                   "challenger_weight": 0.0, "rollout_id": "new"}},
+                       rollout_store=store)
         _, ids = asyncio.run(_through_gateway(url, key, model, prompts[:1], 8, 1, users=1))
         out["adapter_to_live_s"] = time.perf_counter() - t0
 
         print("[bench] naive redeploy (fresh engine deployment)", flush=True)
         serve.delete(ENGINE_APP)
+        serve.delete("gateway")
         t0 = time.perf_counter()
         deploy_gateway(cfg, trace_log, one)
         asyncio.run(_through_gateway(url, key, model, prompts[:1], 8, 1, users=1))

@@ -22,6 +22,7 @@ class Services:
     cfg: LoopConfig
     lineage: Lineage
     trace_log: object
+    rollout_store: object
     teacher_url: str
     gateway_url: str
     base_manifest: dict
@@ -64,6 +65,7 @@ def start_services(cfg: LoopConfig, epoch: int) -> Services:
     import ray
     from ray import serve
 
+    from loop.serving.rollouts import RolloutStore
     from loop.traces.log import TraceLog
     from serve_apps.teacher_app import deploy_teacher
 
@@ -77,8 +79,11 @@ def start_services(cfg: LoopConfig, epoch: int) -> Services:
         name=f"{TRACE_LOG_ACTOR}-{root_tag}", lifetime="detached", get_if_exists=True, num_cpus=0, max_restarts=-1,
         max_task_retries=-1,
     ).remote(str(cfg.storage.path("traces")))
+    rollout_store = ray.remote(RolloutStore).options(
+        name=f"loop-rollouts-{root_tag}", lifetime="detached", get_if_exists=True, num_cpus=0, max_restarts=-1,
+        max_task_retries=-1).remote()
     teacher_url = cfg.teacher.base_url if cfg.teacher.kind == "openai" else deploy_teacher(cfg, epoch)
-    services = Services(cfg, lineage, trace_log, teacher_url,
+    services = Services(cfg, lineage, trace_log, rollout_store, teacher_url,
                         f"http://{cfg.serving.host}:{cfg.serving.port}/v1", base_manifest,
                         read_manifest(cfg.model_path(cfg.draft)))
     for _, endpoint in cfg.endpoints():
@@ -104,7 +109,7 @@ def reconcile(services: Services) -> dict:
     from serve_apps.gateway_app import deploy_gateway
 
     rollouts = live_rollouts(services)
-    deploy_gateway(services.cfg, services.trace_log, rollouts, services.teacher_url)
+    deploy_gateway(services.cfg, services.trace_log, rollouts, services.teacher_url, services.rollout_store)
     return rollouts
 
 

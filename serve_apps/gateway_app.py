@@ -1,12 +1,13 @@
 """The serving applications: one vLLM engine per base model, and the OpenAI-compatible gateway.
 
 They are two Serve applications on purpose: `serve.run` gives every deployment of an app a new
-version, so moving the gateway to new rollouts restarts only the light gateway replica, never the
-engine. A new model version (an adapter) is live without an engine start.
+version, so redeploying the gateway never restarts the engine. Moving to new rollouts redeploys
+nothing at all: the rollout store is updated and every gateway replica reads it within POLL_S.
 """
 from __future__ import annotations
 
 import functools
+import time
 
 from ray import serve
 
@@ -39,14 +40,15 @@ def ingress_gateway():
     return serve.ingress(api)(Gateway)
 
 
-def build_gateway_app(cfg: LoopConfig, trace_log, rollouts: dict, teacher_url: str | None = None):
+def build_gateway_app(cfg: LoopConfig, trace_log, rollouts: dict, teacher_url: str | None = None,
+                      rollout_store=None):
     engine = serve.get_deployment_handle(ENGINE_APP, app_name=ENGINE_APP)
     tenants = {t.id: {"api_key_hashes": t.api_key_hashes, "endpoints": [e.id for e in t.endpoints]}
                for t in cfg.tenants}
     gateway = serve.deployment(
         ingress_gateway(), name="gateway", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256,
         user_config={"endpoints": rollouts},
-    ).bind(engine, trace_log, tenants, cfg.serving.admin_key_hash, *_cascade(cfg, teacher_url))
+    ).bind(engine, trace_log, tenants, cfg.serving.admin_key_hash, *_cascade(cfg, teacher_url), rollout_store)
     return gateway
 
 
@@ -61,17 +63,27 @@ def _cascade(cfg: LoopConfig, teacher_url: str | None) -> tuple[dict, dict | Non
                      "timeout_s": cfg.teacher.timeout_s}
 
 
-def deploy_gateway(cfg: LoopConfig, trace_log, rollouts: dict, teacher_url: str | None = None) -> None:
-    """Create the gateway app, or move it to new rollouts (the engine app is left alone)."""
+def deploy_gateway(cfg: LoopConfig, trace_log, rollouts: dict, teacher_url: str | None = None,
+                   rollout_store=None) -> None:
+    """Move the gateway to `rollouts`: in place through the rollout store when the app is running,
+    otherwise create it (and the engine app, if needed)."""
+    import ray
+
+    from loop.serving.rollouts import POLL_S
+
+    if rollout_store is not None:
+        ray.get(rollout_store.set.remote(rollouts))
+        st = serve.status().applications.get(APP_NAME)
+        if st is not None and st.status == "RUNNING":
+            time.sleep(2 * POLL_S)  # every replica reads the store on its next request after POLL_S
+            return
     deploy_engine(cfg)
-    serve.run(build_gateway_app(cfg, trace_log, rollouts, teacher_url), name=APP_NAME, route_prefix="/",
-              blocking=False)
+    serve.run(build_gateway_app(cfg, trace_log, rollouts, teacher_url, rollout_store), name=APP_NAME,
+              route_prefix="/", blocking=False)
     _wait_running(APP_NAME)
 
 
 def _wait_running(app: str, timeout_s: float = 600) -> None:
-    import time
-
     from ray.serve.schema import ApplicationStatus
 
     deadline = time.time() + timeout_s

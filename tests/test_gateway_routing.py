@@ -12,6 +12,7 @@ import ray
 from loop.config import hash_api_key
 from loop.serving.engine import Generation
 from loop.serving.gateway import assign_variant
+from loop.serving.rollouts import POLL_S, RolloutStore
 from loop.traces.log import TraceLog, read_traces
 
 pytestmark = pytest.mark.cluster
@@ -60,16 +61,18 @@ def fake_gateway(ray_cluster, cycle_job, tmp_path_factory):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     traces = tmp_path_factory.mktemp("fake-traces")
     trace_log = ray.remote(TraceLog).options(num_cpus=0).remote(str(traces))
+    store = ray.remote(RolloutStore).options(num_cpus=0).remote()
     tenants = {"t1": {"api_key_hashes": [hash_api_key("sk-t1-secret")], "endpoints": ["e1"]},
                "t2": {"api_key_hashes": [hash_api_key("sk-t2-secret")], "endpoints": ["e2"]}}
     rollouts = {"e1": {"champion": _version(1), "challenger": _version(2, "/adapters/two"),
                        "challenger_weight": 0.5, "rollout_id": "r1"},
                 "e2": {"champion": _version(1), "challenger": None, "challenger_weight": 0.0, "rollout_id": "r2"}}
+    ray.get(store.set.remote(rollouts))
     app = serve.deployment(ingress_gateway(), name="fake-gateway", ray_actor_options={"num_cpus": 0},
                            user_config={"endpoints": rollouts}).bind(
         serve.deployment(FakeEngine, ray_actor_options={"num_cpus": 0}).bind(), trace_log, tenants,
         hash_api_key("sk-admin-secret"), {"e2": -1.0},
-        {"base_url": f"http://127.0.0.1:{cfg.serving.port}/teacher/v1", "model": "reference-teacher"})
+        {"base_url": f"http://127.0.0.1:{cfg.serving.port}/teacher/v1", "model": "reference-teacher"}, store)
     serve.run(app, name="fake-gateway", route_prefix="/fake", blocking=False)
     import time
 
@@ -77,7 +80,8 @@ def fake_gateway(ray_cluster, cycle_job, tmp_path_factory):
         if serve.status().applications["fake-gateway"].status == "RUNNING":
             break
         time.sleep(0.5)
-    yield {"url": f"http://127.0.0.1:{cfg.serving.port}/fake/v1", "traces": traces, "rollouts": rollouts}
+    yield {"url": f"http://127.0.0.1:{cfg.serving.port}/fake/v1", "traces": traces, "rollouts": rollouts,
+           "store": store}
     serve.delete("fake-gateway")
 
 
@@ -262,3 +266,41 @@ def test_low_confidence_escalates_to_the_teacher(fake_gateway, cycle_job):
     other = _client(fake_gateway, "sk-t1-secret").chat.completions.create(
         model="model-e1", messages=[{"role": "user", "content": fact.question(0)}], user="u0")
     assert other.choices[0].message.content.startswith("adapter=")
+
+
+def test_a_new_version_goes_live_in_place_through_the_rollout_store(fake_gateway):
+    import time
+
+    store, before = fake_gateway["store"], fake_gateway["rollouts"]
+    c = _client(fake_gateway, "sk-t2-secret")
+    pid = c.chat.completions.with_raw_response.create(model="model-e2", messages=[{"role": "user", "content": "x"}])
+    assert pid.headers["x-model-version"] == "student-e1/1"
+    changed = {**before, "e2": {"champion": _version(7, "/adapters/seven"), "challenger": None,
+                                "challenger_weight": 0.0, "rollout_id": "r7"}}
+    ray.get(store.set.remote(changed))
+    time.sleep(2 * POLL_S)
+    raw = c.chat.completions.with_raw_response.create(model="model-e2", messages=[{"role": "user", "content": "x"}])
+    assert raw.headers["x-model-version"] == "student-e1/7"
+    assert raw.parse().choices[0].message.content == "adapter=/adapters/seven"
+    # A store that is gone does not take the endpoint down: the last known rollouts keep serving.
+    ray.kill(store)
+    time.sleep(2 * POLL_S)
+    again = c.chat.completions.with_raw_response.create(model="model-e2", messages=[{"role": "user", "content": "x"}])
+    assert again.headers["x-model-version"] == "student-e1/7"
+
+
+def test_an_empty_restarted_store_is_ignored():
+    import asyncio
+
+    from loop.serving.gateway import Gateway
+
+    class Handle:  # the store's remote method, as a gateway sees it
+        def __init__(self, value):
+            self.get = type("M", (), {"remote": staticmethod(lambda since: asyncio.sleep(0, value))})()
+
+    g = Gateway.__new__(Gateway)
+    g.rollouts, g._rollout_version, g._checked = {"e": {"champion": 1}}, 3, 0.0
+    g.rollout_store = Handle((0, {}))
+    assert asyncio.run(g._current_rollouts()) == {"e": {"champion": 1}} and g._rollout_version == 3
+    g._checked, g.rollout_store = 0.0, Handle((4, {"e": {"champion": 2}}))
+    assert asyncio.run(g._current_rollouts()) == {"e": {"champion": 2}} and g._rollout_version == 4

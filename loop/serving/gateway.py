@@ -2,8 +2,9 @@
 
 A plain class behind a FastAPI app that Ray Serve mounts (`serve_apps/gateway_app.py` applies
 `serve.ingress(api)` and `serve.deployment`). The engine and the trace log are passed in as handles,
-so routing is tested with a fake engine. Rollouts arrive through `reconfigure` (Serve `user_config`);
-a redeploy restarts only this light replica, never the engine (see serve_apps/gateway_app.py).
+so routing is tested with a fake engine. Rollouts come from a RolloutStore actor, read on the request
+path at most every POLL_S (or, without one, from Serve's `user_config`): a new version or weight is
+live without restarting this replica or the engine.
 Every request, answered or refused after authentication, becomes exactly one trace record.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from loop.config import hash_api_key
+from loop.serving.rollouts import POLL_S
 from loop.serving.protocol import (SSE_DONE, BadRequest, ChatCompletionRequest, CompletionRequest,
                                    chat_completion_body, completion_body, error_response, parse_request,
                                    sse_chunk)
@@ -50,7 +52,7 @@ class Call:
 
 class Gateway:
     def __init__(self, engine, trace_log, tenants: dict[str, dict], admin_key_hash: str | None = None,
-                 cascade: dict[str, float] | None = None, teacher: dict | None = None):
+                 cascade: dict[str, float] | None = None, teacher: dict | None = None, rollout_store=None):
         """`tenants`: tenant id -> {"api_key_hashes": [...], "endpoints": [endpoint ids]}.
         `cascade`: endpoint id -> minimum mean token log-probability before escalating to `teacher`
         ({"base_url", "model", "api_key", "timeout_s"}), reached with the `openai` client."""
@@ -60,10 +62,24 @@ class Gateway:
         self.tenant_models = {t: {f"model-{e}": e for e in spec["endpoints"]} for t, spec in tenants.items()}
         self.admin_key_hash = admin_key_hash
         self.rollouts: dict[str, dict] = {}
+        self.rollout_store, self._rollout_version, self._checked = rollout_store, -1, 0.0
         self.metrics = _metrics()
 
     def reconfigure(self, config: dict) -> None:
         self.rollouts = dict(config.get("endpoints", {}))
+
+    async def _current_rollouts(self) -> dict:
+        now = time.monotonic()
+        if self.rollout_store is not None and now - self._checked >= POLL_S:
+            self._checked = now
+            try:
+                changed = await self.rollout_store.get.remote(self._rollout_version)
+            except Exception:  # noqa: BLE001 - store unreachable: keep serving the last known rollouts
+                changed = None
+            # Version 0 is a store that (re)started empty: keep serving what we have until it is set.
+            if changed is not None and changed[0] > 0:
+                self._rollout_version, self.rollouts = changed
+        return self.rollouts
 
     # --- request preparation ---------------------------------------------------------------
     def _tenant(self, request: Request) -> str:
@@ -91,6 +107,7 @@ class Gateway:
         request_id = request.headers.get("x-request-id", "")[:128] or new_request_id()
         started = time.perf_counter()
         tenant = self._tenant(request)
+        await self._current_rollouts()
         try:
             return self._route(request, kind, request_id, started, tenant, await request.body())
         except BadRequest as e:
@@ -264,6 +281,7 @@ class Gateway:
             tenant = self._tenant(request)
         except BadRequest as e:
             return e.response()
+        await self._current_rollouts()
         data = [{"id": m, "object": "model", "created": 0, "owned_by": tenant}
                 for m, e in sorted(self.tenant_models[tenant].items()) if self.rollouts.get(e)]
         return JSONResponse({"object": "list", "data": data})
@@ -273,7 +291,7 @@ class Gateway:
         auth = request.headers.get("authorization", "")
         if not self.admin_key_hash or hash_api_key(auth[7:].strip()) != self.admin_key_hash:
             return error_response(403, "admin key required", type_="permission_error", code="forbidden")
-        return JSONResponse({"endpoints": self.rollouts})
+        return JSONResponse({"endpoints": await self._current_rollouts(), "rollout_version": self._rollout_version})
 
 
 class _Metrics:
