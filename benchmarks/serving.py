@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loop.config import LoopConfig
+from loop.config import LoopConfig, hash_api_key
 
 QUESTIONS = ["What is the price of the {}?", "Who owns the {}?", "Where is the {} made?",
              "What is the latest version of the {}?"]
@@ -136,7 +136,7 @@ def run(cfg: LoopConfig, requests: int = 64, max_tokens: int = 32, concurrency: 
     endpoint = tenant.endpoints[0].id
     key = "sk-bench-" + str(time.time_ns())
     cfg = cfg.model_copy(deep=True)
-    cfg.tenants = [tenant.model_copy(update={"api_key_hashes": [__import__("loop").hash_api_key(key)]})]
+    cfg.tenants = [tenant.model_copy(update={"api_key_hashes": [hash_api_key(key)]})]
     url = f"http://{cfg.serving.host}:{cfg.serving.port}/v1"
     model = f"model-{endpoint}"
     one = {endpoint: {"champion": _version(1, adapters[0]), "challenger": None, "challenger_weight": 0.0,

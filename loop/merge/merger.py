@@ -50,16 +50,13 @@ class Merger:
     def run(self, base_dir: Path, adapter_dir: Path, out_dir: Path) -> MergeReport:
         import torch
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from loop.models.chat import chat_batch, left_padded_tokenizer
 
         started = time.perf_counter()
-        tok = AutoTokenizer.from_pretrained(base_dir)
-        tok.padding_side = "left"
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-                   for p in PROBES[: self.cfg.num_probes]]
-        batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        tok = left_padded_tokenizer(base_dir)
+        batch = chat_batch(tok, PROBES[: self.cfg.num_probes])
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
                                           str(adapter_dir))
         model.eval()

@@ -63,7 +63,7 @@ class Gateway:
         self.admin_key_hash = admin_key_hash
         self.rollouts: dict[str, dict] = {}
         self.rollout_store, self._rollout_version, self._checked = rollout_store, -1, 0.0
-        self.metrics = _metrics()
+        self.metrics = _Metrics()
 
     def reconfigure(self, config: dict) -> None:
         self.rollouts = dict(config.get("endpoints", {}))
@@ -313,7 +313,3 @@ class _Metrics:
             if n:  # Counter.inc refuses 0
                 self.tokens.inc(n, tags={**tags, "kind": kind})
         self.latency.observe(latency_ms, tags=tags)
-
-
-def _metrics() -> _Metrics:
-    return _Metrics()

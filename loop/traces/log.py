@@ -51,9 +51,9 @@ class TraceRecord:
     ts: float = field(default_factory=time.time)
 
 
-_SCHEMA = pa.schema([(f.name, {"str": pa.string(), "int": pa.int64(), "float": pa.float64(),
-                                "bool": pa.bool_()}[f.type if isinstance(f.type, str) else f.type.__name__])
-                     for f in fields(TraceRecord)])
+# Field annotations are strings here (`from __future__ import annotations`).
+_ARROW = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
+_SCHEMA = pa.schema([(f.name, _ARROW[f.type]) for f in fields(TraceRecord)])
 
 
 def new_request_id() -> str:

@@ -33,12 +33,11 @@ def generate_answers(model_dir: Path, questions: list[str], max_new_tokens: int,
                      batch_size: int = 16) -> list[str]:
     """Greedy answers from a model directory (optionally with a LoRA adapter on top)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    from loop.models.chat import chat_batch, left_padded_tokenizer
+
+    tok = left_padded_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter_dir:
         from peft import PeftModel
@@ -47,10 +46,7 @@ def generate_answers(model_dir: Path, questions: list[str], max_new_tokens: int,
     model.eval()
     out = []
     for i in range(0, len(questions), batch_size):
-        chunk = questions[i:i + batch_size]
-        prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-                   for q in chunk]
-        batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = chat_batch(tok, questions[i:i + batch_size])
         with torch.no_grad():
             gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
