@@ -27,6 +27,7 @@ class Services:
     gateway_url: str
     base_manifest: dict
     draft_manifest: dict
+    teacher_epoch: int = 0
 
 
 def init_ray(cfg: LoopConfig) -> None:
@@ -85,7 +86,7 @@ def start_services(cfg: LoopConfig, epoch: int) -> Services:
     teacher_url = cfg.teacher.base_url if cfg.teacher.kind == "openai" else deploy_teacher(cfg, epoch)
     services = Services(cfg, lineage, trace_log, rollout_store, teacher_url,
                         f"http://{cfg.serving.host}:{cfg.serving.port}/v1", base_manifest,
-                        read_manifest(cfg.model_path(cfg.draft)))
+                        read_manifest(cfg.model_path(cfg.draft)), epoch)
     for _, endpoint in cfg.endpoints():
         lineage.ensure_base_version(endpoint.id, cfg.model_path(cfg.student), base_manifest)
     reconcile(services)
@@ -114,7 +115,9 @@ def reconcile(services: Services) -> dict:
 
 
 def set_teacher_epoch(services: Services, epoch: int) -> None:
-    if services.cfg.teacher.kind == "reference":
+    """Move the reference teacher to `epoch` (a redeploy), unless it is there already."""
+    if services.cfg.teacher.kind == "reference" and services.teacher_epoch != epoch:
         from serve_apps.teacher_app import deploy_teacher
 
         deploy_teacher(services.cfg, epoch)
+        services.teacher_epoch = epoch
