@@ -227,15 +227,24 @@ class Gateway:
 
     async def _stream(self, call: Call, req):
         chat = isinstance(req, ChatCompletionRequest)
-        text, n_prompt, n_out, ttft, finish, status, error = [], 0, 0, 0.0, "stop", 200, ""
+        text, n_prompt, n_out, ttft, status, error, traced = [], 0, 0, 0.0, 200, "", False
+
+        async def trace():
+            nonlocal traced
+            if not traced:
+                traced = True
+                await self._trace(call, status=status, error=error, completion="".join(text),
+                                  prompt_tokens=n_prompt, completion_tokens=n_out, ttft_ms=ttft)
+
         try:
             stream = self.engine.options(stream=True).generate_stream.remote(**self._engine_args(call, req))
             async for delta in stream:
                 text.append(delta.text)
                 n_prompt, n_out, ttft = delta.prompt_tokens, n_out + delta.completion_tokens, delta.ttft_ms
-                finish = delta.finish_reason or finish
                 yield sse_chunk(call.request_id, call.model, chat, delta.text,
                                 finish_reason=delta.finish_reason or None)
+            # Durable before the stream is acknowledged as complete, as for non-streaming answers.
+            await trace()
             if req.stream_options and req.stream_options.include_usage:
                 yield sse_chunk(call.request_id, call.model, chat, None, usage=(n_prompt, n_out))
             yield SSE_DONE
@@ -245,11 +254,11 @@ class Gateway:
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, trace, end the stream
             cause = getattr(e, "cause", None) or e
             status, error = 503, f"{type(cause).__name__}: {cause}"
+            await trace()
             yield f"data: {json.dumps({'error': {'message': 'the engine failed; retry shortly', 'type': 'server_error'}})}\n\n"
         finally:
             # Shielded: a client that hangs up mid-stream still leaves its trace record.
-            await asyncio.shield(self._trace(call, status=status, error=error, completion="".join(text),
-                                             prompt_tokens=n_prompt, completion_tokens=n_out, ttft_ms=ttft))
+            await asyncio.shield(trace())
 
     @api.post("/v1/feedback")
     async def feedback(self, request: Request):
