@@ -94,9 +94,10 @@ class CascadeConfig(_Strict):
 class EndpointConfig(_Strict):
     id: str
     """Served as model name `model-{id}`; also names the registered model `student-{id}`."""
-    backend: Literal["multi_lora"] = "multi_lora"
-    """`multi_lora`: one vLLM engine per base model, each version a hot-loaded adapter. The `merged`
-    backend (a deployment per merged version with its draft) arrives with the serving plane."""
+    backend: Literal["multi_lora", "merged"] = "multi_lora"
+    """`multi_lora`: one vLLM engine per base model, each version a hot-loaded adapter (a new version
+    is live in seconds). `merged`: one engine deployment per version, serving its merged weights with
+    its matched draft for speculative decoding (a new version costs an engine start)."""
     cascade: CascadeConfig | None = None
     """Low-confidence answers are replaced by the teacher's (and become training data)."""
 
@@ -184,6 +185,8 @@ class EngineConfig(_Strict):
     max_cpu_loras: int | None = Field(default=16, ge=1)
     """Adapters kept loaded (LRU): a version beyond this is evicted and reloaded on its next request."""
     max_lora_rank: int = Field(default=16, ge=1)
+    num_speculative_tokens: int = Field(default=3, ge=0, le=16)
+    """`merged` backend: tokens the matched draft proposes per step (0: no speculative decoding)."""
     num_cpus: float = Field(default=1, gt=0)
     num_gpus: float = Field(default=0, ge=0)
 

@@ -11,12 +11,11 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from loop.config import EndpointConfig, LoopConfig
 from loop.models.digest import dir_digest
-from loop.services import Services, reconcile, set_teacher_epoch
+from loop.services import Services, admin, set_teacher_epoch
 from loop.sim.traffic import EVAL_USER, ask_gateway, eval_traffic, user_traffic
 from loop.sim.world import World, is_correct
 
@@ -268,20 +267,19 @@ class Cycle:
             "base_digest": self.services.base_manifest["digest"], "adapter_digest": train["adapter_digest"],
             "checkpoint_digest": train["adapter_digest"], "merged_digest": merge["merged_digest"],
             "draft_digest": self.services.draft_manifest["digest"],
+            "merged_path": merge["merged_dir"], "draft_path": str(self.cfg.model_path(self.cfg.draft)),
             "validation_verdict": "pass", "candidate_acc": val["candidate_acc"], "champion_acc": val["champion_acc"],
             "artifact": artifact})
         self.lineage.log(run_id, tags={"registered_version": info["version"]})
         return info
 
     def _deploy(self, sdir: Path, run_id: str, reg: dict) -> dict:
-        deployed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self.lineage.tag_version(self.endpoint.id, reg["number"], {"deployed_at": deployed_at})
-        self.lineage.set_alias(self.endpoint.id, "champion", reg["number"])
         started = time.perf_counter()
-        rollouts = reconcile(self.services)
+        # The same path as `POST /admin/deploy` with role=champion: aliases first, then every replica.
+        rollout = admin(self.services, "deploy", self.endpoint.id, version=reg["number"], role="champion")
         seconds = time.perf_counter() - started
         self.lineage.log(run_id, metrics={"reconcile_seconds": seconds}, tags={"champion": reg["version"]})
-        return {"champion": rollouts[self.endpoint.id]["champion"], "deployed_at": deployed_at,
+        return {"champion": rollout["champion"], "deployed_at": rollout["champion"]["deployed_at"],
                 "reconcile_seconds": seconds}
 
     def _evaluate(self, sdir: Path, run_id: str) -> dict:

@@ -23,6 +23,7 @@ class Services:
     lineage: Lineage
     trace_log: object
     rollout_store: object
+    controller: object
     teacher_url: str
     gateway_url: str
     base_manifest: dict
@@ -66,6 +67,7 @@ def start_services(cfg: LoopConfig, epoch: int) -> Services:
     import ray
     from ray import serve
 
+    from loop.serving.admin import RolloutController
     from loop.serving.rollouts import RolloutStore
     from loop.traces.log import TraceLog
     from serve_apps.teacher_app import deploy_teacher
@@ -83,35 +85,44 @@ def start_services(cfg: LoopConfig, epoch: int) -> Services:
     rollout_store = ray.remote(RolloutStore).options(
         name=f"loop-rollouts-{root_tag}", lifetime="detached", get_if_exists=True, num_cpus=0, max_restarts=-1,
         max_task_retries=-1).remote()
-    teacher_url = cfg.teacher.base_url if cfg.teacher.kind == "openai" else deploy_teacher(cfg, epoch)
-    services = Services(cfg, lineage, trace_log, rollout_store, teacher_url,
-                        f"http://{cfg.serving.host}:{cfg.serving.port}/v1", base_manifest,
-                        read_manifest(cfg.model_path(cfg.draft)), epoch)
     for _, endpoint in cfg.endpoints():
         lineage.ensure_base_version(endpoint.id, cfg.model_path(cfg.student), base_manifest)
+    # Serve calls from inside it (starting a merged version's engine) need no CPU of their own.
+    controller = ray.remote(RolloutController).options(
+        name=f"loop-rollout-controller-{root_tag}", lifetime="detached", get_if_exists=True, num_cpus=0,
+        max_restarts=-1, max_task_retries=-1).remote(_absolute(cfg), rollout_store)
+    ray.get(controller.configure.remote(_absolute(cfg)))
+    teacher_url = cfg.teacher.base_url if cfg.teacher.kind == "openai" else deploy_teacher(cfg, epoch)
+    services = Services(cfg, lineage, trace_log, rollout_store, controller, teacher_url,
+                        f"http://{cfg.serving.host}:{cfg.serving.port}/v1", base_manifest,
+                        read_manifest(cfg.model_path(cfg.draft)), epoch)
     reconcile(services)
     return services
 
 
-def live_rollouts(services: Services) -> dict:
-    """What MLflow says is live, per endpoint, in the gateway's `user_config` shape."""
-    out = {}
-    for _, endpoint in services.cfg.endpoints():
-        champion = services.lineage.version_info(endpoint.id, "champion")
-        challenger = services.lineage.version_info(endpoint.id, "challenger")
-        out[endpoint.id] = {"champion": champion, "challenger": challenger,
-                            "challenger_weight": services.cfg.rollout.challenger_weight if challenger else 0.0,
-                            "rollout_id": f"{champion['number']}-{challenger['number'] if challenger else ''}"}
-    return out
+def _absolute(cfg: LoopConfig) -> LoopConfig:
+    """`cfg` with its storage root resolved here: an actor's working directory is not the driver's."""
+    return cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"root": str(cfg.storage.path())})})
 
 
 def reconcile(services: Services) -> dict:
-    """Make the gateway serve what the registry says (in place: replicas are reconfigured)."""
+    """Make the gateway serve what the registry says: the controller publishes MLflow's aliases to
+    the rollout store (replicas pick them up in place); the gateway app is created if it is not up."""
+    import ray
+
     from serve_apps.gateway_app import deploy_gateway
 
-    rollouts = live_rollouts(services)
-    deploy_gateway(services.cfg, services.trace_log, rollouts, services.teacher_url, services.rollout_store)
+    rollouts = ray.get(services.controller.publish.remote())
+    deploy_gateway(services.cfg, services.trace_log, rollouts, services.teacher_url, services.rollout_store,
+                   services.controller)
     return rollouts
+
+
+def admin(services: Services, action: str, endpoint: str, **kwargs) -> dict:
+    """One rollout action (see RolloutController.act), as the admin routes do it; returns the rollout."""
+    import ray
+
+    return ray.get(services.controller.act.remote(action, endpoint, **kwargs))
 
 
 def set_teacher_epoch(services: Services, epoch: int) -> None:

@@ -3,42 +3,18 @@
 The real vLLM path is covered by test_cycle_job; this isolates the gateway's own behaviour.
 """
 import json
-from dataclasses import dataclass
 
 import openai
 import pytest
 import ray
+from fakes import FakeEngine
 
 from loop.config import hash_api_key
-from loop.serving.engine import Generation
 from loop.serving.gateway import assign_variant
 from loop.serving.rollouts import POLL_S, RolloutStore
 from loop.traces.log import TraceLog, read_traces
 
 pytestmark = pytest.mark.cluster
-
-
-@dataclass
-class FakeEngine:
-    """Echoes which adapter answered, so the test sees routing in the completion text."""
-
-    async def generate(self, messages=None, *, prompt=None, max_tokens, temperature=0.0, top_p=1.0, seed=None,
-                       adapter_path=None, request_id="", confidence=False):
-        text = messages[-1]["content"] if messages else prompt
-        if text == "boom":
-            raise RuntimeError("engine died")
-        if text == "long":
-            raise ValueError("prompt is 999 tokens; this endpoint's context is 256")
-        # Questions (text ending in "?") come back with low confidence, to exercise the cascade.
-        return Generation(text=f"adapter={adapter_path}", prompt_tokens=3, completion_tokens=2, ttft_ms=1.0,
-                          finish_reason="stop", mean_logprob=-5.0 if text.endswith("?") else -0.1)
-
-    async def generate_stream(self, messages=None, *, prompt=None, max_tokens, temperature=0.0, top_p=1.0,
-                              seed=None, adapter_path=None, request_id=""):
-        """Yields `max_tokens` one-token deltas 'tok0 ', 'tok1 ', ..."""
-        for i in range(max_tokens):
-            yield Generation(text=f"tok{i} ", prompt_tokens=3, completion_tokens=1, ttft_ms=1.0,
-                             finish_reason="length" if i == max_tokens - 1 else "")
 
 
 def _version(n, adapter=None):
@@ -55,10 +31,10 @@ def fake_gateway(ray_cluster, cycle_job, tmp_path_factory):
 
     cfg = load_config(cycle_job["config"])
     ray.init(address=ray_cluster["RAY_ADDRESS"], namespace="loop-tests", ignore_reinit_error=True)
-    # Replicas cannot import this test module: ship FakeEngine by value.
-    import sys
+    # Replicas cannot import the test modules: ship FakeEngine by value.
+    import fakes
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(fakes)
     traces = tmp_path_factory.mktemp("fake-traces")
     trace_log = ray.remote(TraceLog).options(num_cpus=0).remote(str(traces))
     store = ray.remote(RolloutStore).options(num_cpus=0).remote()

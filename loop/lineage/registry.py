@@ -109,7 +109,18 @@ class Lineage:
         return {"version": version_label(endpoint, mv.version), "number": int(mv.version),
                 "adapter_path": adapter_path, "adapter_digest": tags.get("adapter_digest", ""),
                 "checkpoint_digest": tags.get("checkpoint_digest", ""), "training_run_id": tags.get("training_run_id", ""),
-                "deployed_at": tags.get("deployed_at", ""), "kind": tags.get(BASE_TAG, "adapter")}
+                "deployed_at": tags.get("deployed_at", ""), "kind": tags.get(BASE_TAG, "adapter"),
+                "verdict": tags.get("validation_verdict", ""), "merged_path": tags.get("merged_path") or None,
+                "draft_path": tags.get("draft_path") or None}
+
+    def version_info_number(self, endpoint: str, number: int) -> dict | None:
+        """Like `version_info`, by version number (None if there is no such version)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self._info(endpoint, self.client.get_model_version(registered_name(endpoint), str(number)))
+        except MlflowException:
+            return None
 
     def _artifact_path(self, source: str) -> str:
         """Local path of a `runs:/<id>/<path>` source: the engine loads the registered copy itself."""
@@ -141,6 +152,9 @@ class Lineage:
 
     def set_alias(self, endpoint: str, alias: str, number: int) -> None:
         self.client.set_registered_model_alias(registered_name(endpoint), alias, str(number))
+
+    def delete_alias(self, endpoint: str, alias: str) -> None:
+        self.client.delete_registered_model_alias(registered_name(endpoint), alias)
 
     def tag_version(self, endpoint: str, number: int, tags: dict) -> None:
         for k, v in tags.items():

@@ -25,17 +25,29 @@ class Generation:
 
 
 class StudentEngine:
-    def __init__(self, model_dir: str, engine: EngineConfig, dtype: str = "float32", seed: int = 0):
+    def __init__(self, model_dir: str, engine: EngineConfig, dtype: str = "float32", seed: int = 0,
+                 lora: bool = True, draft_dir: str | None = None):
+        """`lora`: serve versions as hot-loaded adapters (the multi_lora backend). `draft_dir`: a draft
+        model with the student's tokenizer for speculative decoding (the merged backend), proposing
+        `engine.num_speculative_tokens` tokens per step."""
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        extra = {}
+        if lora:
+            extra.update(enable_lora=True, max_loras=engine.max_loras, max_cpu_loras=engine.max_cpu_loras,
+                         max_lora_rank=engine.max_lora_rank)
+        if draft_dir and engine.num_speculative_tokens:
+            extra["speculative_config"] = {"model": draft_dir, "method": "draft_model",
+                                           "num_speculative_tokens": engine.num_speculative_tokens}
         args = AsyncEngineArgs(
             model=model_dir, dtype=dtype, seed=seed,
-            enable_lora=True, max_loras=engine.max_loras, max_cpu_loras=engine.max_cpu_loras,
-            max_lora_rank=engine.max_lora_rank,
             gpu_memory_utilization=engine.gpu_memory_utilization, max_model_len=engine.max_model_len,
-            enforce_eager=engine.enforce_eager, disable_log_stats=True)
+            enforce_eager=engine.enforce_eager, disable_log_stats=True, **extra)
         self.engine = AsyncLLM.from_engine_args(args)
+        self.lora_enabled = lora
+        self.spec = extra.get("speculative_config")
+        self.model_dir = model_dir
         self.tokenizer = self.engine.get_tokenizer()
         self.max_model_len = engine.max_model_len
         self._lora_ids: dict[str, int] = {}
@@ -43,6 +55,8 @@ class StudentEngine:
     def _lora(self, adapter_path: str | None):
         if not adapter_path:
             return None
+        if not self.lora_enabled:
+            raise ValueError("this engine serves one merged version and takes no adapter")
         from vllm.lora.request import LoRARequest
 
         lora_id = self._lora_ids.setdefault(adapter_path, len(self._lora_ids) + 1)
@@ -99,6 +113,10 @@ class StudentEngine:
         async for gen in self._outputs(messages, prompt, max_tokens, temperature, top_p, seed, adapter_path,
                                        request_id, delta=True):
             yield gen
+
+    def info(self) -> dict:
+        """What this engine serves: its model, whether it takes adapters, its speculative decoding."""
+        return {"model": self.model_dir, "lora": self.lora_enabled, "speculative": self.spec}
 
     async def check_health(self) -> None:
         """Serve's health probe: a dead engine core fails it, so Serve replaces the replica."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -52,11 +53,14 @@ class Call:
 
 class Gateway:
     def __init__(self, engine, trace_log, tenants: dict[str, dict], admin_key_hash: str | None = None,
-                 cascade: dict[str, float] | None = None, teacher: dict | None = None, rollout_store=None):
-        """`tenants`: tenant id -> {"api_key_hashes": [...], "endpoints": [endpoint ids]}.
+                 cascade: dict[str, float] | None = None, teacher: dict | None = None, rollout_store=None,
+                 controller=None):
+        """`engine`: the multi-LoRA engine's handle (a version with an `engine_app` is served by that
+        app's engine instead). `tenants`: tenant id -> {"api_key_hashes": [...], "endpoints": [ids]}.
         `cascade`: endpoint id -> minimum mean token log-probability before escalating to `teacher`
-        ({"base_url", "model", "api_key", "timeout_s"}), reached with the `openai` client."""
-        self.engine, self.trace_log = engine, trace_log
+        ({"base_url", "model", "api_key", "timeout_s"}), reached with the `openai` client.
+        `controller`: the RolloutController actor that carries out the admin routes."""
+        self.engine, self.trace_log, self.controller, self._engines = engine, trace_log, controller, {}
         self.cascade, self.teacher, self._teacher_client = dict(cascade or {}), teacher, None
         self.key_to_tenant = {h: t for t, spec in tenants.items() for h in spec["api_key_hashes"]}
         self.tenant_models = {t: {f"model-{e}": e for e in spec["endpoints"]} for t, spec in tenants.items()}
@@ -64,6 +68,7 @@ class Gateway:
         self.rollouts: dict[str, dict] = {}
         self.rollout_store, self._rollout_version, self._checked = rollout_store, -1, 0.0
         self.metrics = _Metrics()
+        self.started_at = time.time()
 
     def reconfigure(self, config: dict) -> None:
         self.rollouts = dict(config.get("endpoints", {}))
@@ -144,9 +149,21 @@ class Gateway:
                     {"x-model-version": version["version"], "x-variant": variant})
         return call, req
 
+    def _engine(self, version: dict):
+        """The engine that serves `version`: its own merged engine app, or the multi-LoRA engine."""
+        app = version.get("engine_app")
+        if not app:
+            return self.engine
+        if app not in self._engines:
+            from ray import serve
+
+            self._engines[app] = serve.get_deployment_handle(app, app_name=app)
+        return self._engines[app]
+
     def _engine_args(self, call: Call, req) -> dict:
+        adapter = None if call.version.get("engine_app") else call.version.get("adapter_path")
         args = dict(max_tokens=req.token_limit, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                    adapter_path=call.version.get("adapter_path"), request_id=call.request_id)
+                    adapter_path=adapter, request_id=call.request_id)
         if isinstance(req, ChatCompletionRequest):
             args["messages"] = [m.model_dump() for m in req.messages]
         else:
@@ -160,7 +177,8 @@ class Gateway:
         # Acknowledge only what is durable: the record is in the write-ahead log before we answer.
         await self.trace_log.append.remote([call.record])
         self.metrics.observe(call.endpoint, call.variant, status, call.record.get("prompt_tokens", 0),
-                             call.record.get("completion_tokens", 0), call.record["latency_ms"])
+                             call.record.get("completion_tokens", 0), call.record["latency_ms"],
+                             bool(call.record.get("escalated")))
 
     async def _failed(self, call: Call, e: Exception) -> JSONResponse:
         cause = getattr(e, "cause", None) or e  # a Ray task error wraps the engine's exception
@@ -193,7 +211,8 @@ class Gateway:
             return StreamingResponse(self._stream(call, req), media_type="text/event-stream", headers=call.headers)
         threshold = self.cascade.get(call.endpoint) if self.teacher else None
         try:
-            gen = await self.engine.generate.remote(**self._engine_args(call, req), confidence=threshold is not None)
+            gen = await self._engine(call.version).generate.remote(**self._engine_args(call, req),
+                                                                  confidence=threshold is not None)
         except Exception as e:  # noqa: BLE001 - every failure is traced and answered, never dropped
             return await self._failed(call, e)
         text, extra = gen.text, {"confidence": gen.mean_logprob or 0.0}
@@ -237,7 +256,8 @@ class Gateway:
                                   prompt_tokens=n_prompt, completion_tokens=n_out, ttft_ms=ttft)
 
         try:
-            stream = self.engine.options(stream=True).generate_stream.remote(**self._engine_args(call, req))
+            stream = self._engine(call.version).options(stream=True).generate_stream.remote(
+                **self._engine_args(call, req))
             async for delta in stream:
                 text.append(delta.text)
                 n_prompt, n_out, ttft = delta.prompt_tokens, n_out + delta.completion_tokens, delta.ttft_ms
@@ -295,29 +315,83 @@ class Gateway:
                 for m, e in sorted(self.tenant_models[tenant].items()) if self.rollouts.get(e)]
         return JSONResponse({"object": "list", "data": data})
 
+    # --- admin ------------------------------------------------------------------------------
+    def _admin(self, request: Request) -> None:
+        auth = request.headers.get("authorization", "")
+        if not auth.lower().startswith("bearer ") or not auth[7:].strip():
+            raise BadRequest("missing admin key: send 'Authorization: Bearer <admin key>'", status=401,
+                             code="invalid_api_key", type_="authentication_error")
+        if not self.admin_key_hash or hash_api_key(auth[7:].strip()) != self.admin_key_hash:
+            raise BadRequest("admin key required for /admin routes", status=403, code="forbidden",
+                             type_="permission_error")
+
     @api.get("/admin/status")
     async def status(self, request: Request):
-        auth = request.headers.get("authorization", "")
-        if not self.admin_key_hash or hash_api_key(auth[7:].strip()) != self.admin_key_hash:
-            return error_response(403, "admin key required", type_="permission_error", code="forbidden")
-        return JSONResponse({"endpoints": await self._current_rollouts(), "rollout_version": self._rollout_version})
+        try:
+            self._admin(request)
+        except BadRequest as e:
+            return e.response()
+        return JSONResponse({"endpoints": await self._current_rollouts(), "rollout_version": self._rollout_version,
+                             "replica": {"pid": os.getpid(), "started_at": self.started_at}})
+
+    @api.post("/admin/{action}")
+    async def admin(self, action: str, request: Request):
+        """deploy {model, version, role?, challenger_weight?} | weights {model, challenger_weight} |
+        promote {model} | rollback {model}: MLflow's aliases change, then every replica serves them."""
+        try:
+            self._admin(request)
+            body = json.loads(await request.body() or b"{}")
+            if not isinstance(body, dict):
+                raise BadRequest("request body must be a JSON object")
+            if self.controller is None:
+                raise BadRequest("this gateway runs without a rollout controller", status=501,
+                                 code="not_implemented", type_="server_error")
+            unknown = set(body) - {"model", "version", "role", "challenger_weight"}
+            if unknown:
+                raise BadRequest(f"unknown field(s) {sorted(unknown)}: send model, version, role, challenger_weight",
+                                 param=sorted(unknown)[0])
+        except json.JSONDecodeError as e:
+            return BadRequest(f"request body is not valid JSON: {e}").response()
+        except BadRequest as e:
+            return e.response()
+        try:
+            rollout = await self.controller.act.remote(action, body.get("model", ""), version=body.get("version"),
+                                                       weight=body.get("challenger_weight"),
+                                                       role=body.get("role", "challenger"))
+        except Exception as e:  # noqa: BLE001 - an AdminError is the caller's to fix; anything else is ours
+            cause = getattr(e, "cause", None) or e
+            if type(cause).__name__ == "AdminError":
+                return error_response(cause.status, cause.message, param=cause.param,
+                                      type_="invalid_request_error" if cause.status < 500 else "server_error")
+            return error_response(500, f"{action} failed: {type(cause).__name__}: {cause}", type_="server_error")
+        self._checked = 0.0  # this replica serves the change from its next request on
+        await self._current_rollouts()
+        return JSONResponse({"object": "rollout", "action": action, "model": body.get("model"), **rollout})
 
 
 class _Metrics:
-    """Per endpoint and variant: requests (by status), tokens, latency; shown on the Ray dashboard."""
+    """Per endpoint and variant: requests (by status), errors, escalations, tokens, latency; exported
+    through Ray Serve's metrics (the Ray dashboard's Metrics view, Prometheus at the metrics port)."""
 
     def __init__(self):
         from ray.serve.metrics import Counter, Histogram
 
         keys = ("endpoint", "variant")
         self.requests = Counter("loop_requests", "Requests served", tag_keys=keys + ("status",))
+        self.errors = Counter("loop_errors", "Requests answered with an error", tag_keys=keys + ("status",))
+        self.escalations = Counter("loop_escalations", "Requests escalated to the teacher", tag_keys=keys)
         self.tokens = Counter("loop_tokens", "Tokens processed", tag_keys=keys + ("kind",))
         self.latency = Histogram("loop_latency_ms", "End-to-end latency",
                                  boundaries=[10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000], tag_keys=keys)
 
-    def observe(self, endpoint, variant, status, prompt_tokens, completion_tokens, latency_ms) -> None:
+    def observe(self, endpoint, variant, status, prompt_tokens, completion_tokens, latency_ms,
+                escalated: bool = False) -> None:
         tags = {"endpoint": endpoint, "variant": variant}
         self.requests.inc(tags={**tags, "status": str(status)})
+        if status >= 400:
+            self.errors.inc(tags={**tags, "status": str(status)})
+        if escalated:
+            self.escalations.inc(tags=tags)
         for kind, n in (("prompt", prompt_tokens), ("completion", completion_tokens)):
             if n:  # Counter.inc refuses 0
                 self.tokens.inc(n, tags={**tags, "kind": kind})

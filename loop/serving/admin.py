@@ -1,0 +1,189 @@
+"""Rollout control: what each endpoint serves, changed by the cycle or by an operator's admin call.
+
+MLflow is the source of truth. Per registered model `student-<endpoint>`, the aliases `champion`,
+`challenger` and `previous` (the champion before the last promotion) name versions, and the
+registered-model tag `loop.challenger_weight` is the challenger's share of users. Every action writes
+MLflow first, then publishes the derived rollouts to the RolloutStore that gateway replicas poll, so
+a change is live within POLL_S on every replica without restarting any, and a restart of anything
+rebuilds the same state from MLflow.
+
+For an endpoint with the `merged` backend, every live version (and the previous champion, so a
+rollback is instant) runs in its own engine deployment; the version's `engine_app` names it.
+A plain class: `loop.services` runs it as one named Ray actor, and the gateway's admin routes call it.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from loop.config import LoopConfig
+from loop.lineage.registry import Lineage, registered_name
+
+WEIGHT_TAG = "loop.challenger_weight"
+ACTIONS = ("deploy", "weights", "promote", "rollback")
+
+
+class AdminError(ValueError):
+    """An admin request that cannot be done as asked; `status` is its HTTP status, `param` the field."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.param = message, status, param
+
+    def __reduce__(self):  # keeps status and param when Ray carries it back to the gateway
+        return AdminError, (self.message, self.status, self.param)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class RolloutController:
+    def __init__(self, cfg: LoopConfig, store):
+        self.store = store
+        self.configure(cfg)
+
+    def configure(self, cfg: LoopConfig) -> None:
+        """A named actor outlives the driver that made it: a later driver hands over its config."""
+        self.cfg = cfg
+        self.lineage = Lineage(cfg.storage.tracking_uri, cfg.storage.path("mlartifacts"))
+        self.endpoints = {e.id: e for _, e in cfg.endpoints()}
+
+    # --- reading ----------------------------------------------------------------------------
+    def weight(self, endpoint: str) -> float:
+        tags = self.lineage.client.get_registered_model(registered_name(endpoint)).tags
+        return float(tags.get(WEIGHT_TAG, self.cfg.rollout.challenger_weight))
+
+    def live(self) -> dict:
+        """Per endpoint, in the gateway's shape: champion, challenger, weight and the rollout's id
+        (stable while champion and challenger stay, so users keep their arm when only the weight moves)."""
+        out = {}
+        for endpoint in self.endpoints:
+            champion = self.lineage.version_info(endpoint, "champion")
+            challenger = self.lineage.version_info(endpoint, "challenger")
+            out[endpoint] = {"champion": champion, "challenger": challenger,
+                             "challenger_weight": self.weight(endpoint) if challenger else 0.0,
+                             "rollout_id": f"{champion['number'] if champion else ''}-"
+                                           f"{challenger['number'] if challenger else ''}"}
+        return out
+
+    def publish(self) -> dict:
+        """Start whatever engines the live versions need, then make every gateway replica serve them."""
+        import ray
+
+        rollouts, keep = self.live(), {}
+        for endpoint, rollout in rollouts.items():
+            if self.endpoints[endpoint].backend != "merged":
+                continue
+            previous = self.lineage.version_info(endpoint, "previous")
+            keep[endpoint] = set()
+            for info in (rollout["champion"], rollout["challenger"], previous):
+                if info is not None:
+                    info["engine_app"] = self._merged_engine(endpoint, info)
+                    keep[endpoint].add(info["engine_app"])
+        ray.get(self.store.set.remote(rollouts))
+        self._retire_merged_engines(keep)
+        return rollouts
+
+    def _merged_engine(self, endpoint: str, info: dict) -> str:
+        from serve_apps.gateway_app import deploy_merged_engine
+
+        model_dir = info.get("merged_path") or str(self.cfg.model_path(self.cfg.student))
+        draft_dir = info.get("draft_path") or str(self.cfg.model_path(self.cfg.draft))
+        return deploy_merged_engine(self.cfg, endpoint, info["number"], model_dir, draft_dir)
+
+    def _retire_merged_engines(self, keep: dict[str, set[str]]) -> None:
+        """Engines of versions that are no longer champion, challenger or previous champion."""
+        from serve_apps.gateway_app import delete_apps, merged_apps
+
+        for endpoint, apps in keep.items():
+            delete_apps([a for a in merged_apps(endpoint) if a not in apps])
+
+    def status(self) -> dict:
+        return {"endpoints": self.live()}
+
+    # --- acting -----------------------------------------------------------------------------
+    def act(self, action: str, model: str, version: int | None = None, weight: float | None = None,
+            role: str = "challenger") -> dict:
+        """One admin action on endpoint `model` (`model-<id>` or `<id>`); returns the new rollouts.
+        deploy: make `version` the challenger (with `weight`) or, with role="champion", the champion.
+        weights: set the challenger's share. promote: the challenger becomes champion.
+        rollback: drop the challenger if there is one, else return to the previous champion."""
+        endpoint = self._endpoint(model)
+        if action not in ACTIONS:
+            raise AdminError(f"unknown action '{action}': one of {', '.join(ACTIONS)}", param="action")
+        if weight is not None and not (isinstance(weight, (int, float)) and 0 <= weight <= 1):
+            raise AdminError("challenger_weight: must be a number from 0 to 1", param="challenger_weight")
+        getattr(self, f"_{action}")(endpoint, version, weight, role)
+        return self.publish()[endpoint]
+
+    def _endpoint(self, model: str) -> str:
+        endpoint = model.removeprefix("model-") if isinstance(model, str) else ""
+        if endpoint not in self.endpoints:
+            raise AdminError(f"model '{model}' is not an endpoint of this loop", status=404, param="model")
+        return endpoint
+
+    def _version(self, endpoint: str, version) -> dict:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise AdminError("version: required, the registered version number (an integer >= 1)", param="version")
+        info = self.lineage.version_info_number(endpoint, version)
+        if info is None:
+            raise AdminError(f"version {version} of {registered_name(endpoint)} does not exist", status=404,
+                             param="version")
+        if info.get("verdict") == "fail":
+            raise AdminError(f"version {version} failed validation; it cannot be deployed", status=409,
+                             param="version")
+        return info
+
+    def _deploy(self, endpoint, version, weight, role) -> None:
+        info = self._version(endpoint, version)
+        if role not in ("challenger", "champion"):
+            raise AdminError("role: 'challenger' or 'champion'", param="role")
+        champion = self.lineage.version_info(endpoint, "champion")
+        self.lineage.tag_version(endpoint, info["number"], {"deployed_at": _now()})
+        if role == "champion":
+            self._crown(endpoint, info["number"], champion)
+            return
+        if champion and champion["number"] == info["number"]:
+            raise AdminError(f"version {version} is already the champion", status=409, param="version")
+        self.lineage.set_alias(endpoint, "challenger", info["number"])
+        if weight is not None:
+            self._set_weight(endpoint, weight)
+
+    def _weights(self, endpoint, version, weight, role) -> None:
+        if weight is None:
+            raise AdminError("challenger_weight: required, a number from 0 to 1", param="challenger_weight")
+        if self.lineage.version_info(endpoint, "challenger") is None:
+            raise AdminError(f"model-{endpoint} has no challenger; deploy one first", status=409)
+        self._set_weight(endpoint, weight)
+
+    def _promote(self, endpoint, version, weight, role) -> None:
+        challenger = self.lineage.version_info(endpoint, "challenger")
+        if challenger is None:
+            raise AdminError(f"model-{endpoint} has no challenger to promote", status=409)
+        self.lineage.tag_version(endpoint, challenger["number"], {"promoted_at": _now()})
+        self._crown(endpoint, challenger["number"], self.lineage.version_info(endpoint, "champion"))
+
+    def _rollback(self, endpoint, version, weight, role) -> None:
+        challenger = self.lineage.version_info(endpoint, "challenger")
+        if challenger is not None:
+            self.lineage.tag_version(endpoint, challenger["number"], {"rolled_back_at": _now()})
+            self.lineage.delete_alias(endpoint, "challenger")
+            return
+        previous = self.lineage.version_info(endpoint, "previous")
+        if previous is None:
+            raise AdminError(f"model-{endpoint} has no previous champion to roll back to", status=409)
+        champion = self.lineage.version_info(endpoint, "champion")
+        self.lineage.tag_version(endpoint, champion["number"], {"rolled_back_at": _now()})
+        self.lineage.set_alias(endpoint, "champion", previous["number"])
+        self.lineage.delete_alias(endpoint, "previous")
+
+    def _crown(self, endpoint: str, number: int, champion: dict | None) -> None:
+        if champion and champion["number"] != number:
+            self.lineage.set_alias(endpoint, "previous", champion["number"])
+        self.lineage.set_alias(endpoint, "champion", number)
+        challenger = self.lineage.version_info(endpoint, "challenger")
+        if challenger and challenger["number"] == number:
+            self.lineage.delete_alias(endpoint, "challenger")
+
+    def _set_weight(self, endpoint: str, weight: float) -> None:
+        self.lineage.client.set_registered_model_tag(registered_name(endpoint), WEIGHT_TAG, str(float(weight)))

@@ -1,0 +1,27 @@
+"""Fakes shared by the gateway tests: replicas get them by value (`register_pickle_by_value`)."""
+from dataclasses import dataclass
+
+from loop.serving.engine import Generation
+
+
+@dataclass
+class FakeEngine:
+    """Echoes which adapter answered, so the test sees routing in the completion text."""
+
+    async def generate(self, messages=None, *, prompt=None, max_tokens, temperature=0.0, top_p=1.0, seed=None,
+                       adapter_path=None, request_id="", confidence=False):
+        text = messages[-1]["content"] if messages else prompt
+        if text == "boom":
+            raise RuntimeError("engine died")
+        if text == "long":
+            raise ValueError("prompt is 999 tokens; this endpoint's context is 256")
+        # Questions (text ending in "?") come back with low confidence, to exercise the cascade.
+        return Generation(text=f"adapter={adapter_path}", prompt_tokens=3, completion_tokens=2, ttft_ms=1.0,
+                          finish_reason="stop", mean_logprob=-5.0 if text.endswith("?") else -0.1)
+
+    async def generate_stream(self, messages=None, *, prompt=None, max_tokens, temperature=0.0, top_p=1.0,
+                              seed=None, adapter_path=None, request_id=""):
+        """Yields `max_tokens` one-token deltas 'tok0 ', 'tok1 ', ..."""
+        for i in range(max_tokens):
+            yield Generation(text=f"tok{i} ", prompt_tokens=3, completion_tokens=1, ttft_ms=1.0,
+                             finish_reason="length" if i == max_tokens - 1 else "")
