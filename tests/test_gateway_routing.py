@@ -45,8 +45,9 @@ def fake_gateway(ray_cluster, cycle_job, tmp_path_factory):
                 "e2": {"champion": _version(1), "challenger": None, "challenger_weight": 0.0, "rollout_id": "r2"}}
     ray.get(store.set.remote(rollouts))
     app = serve.deployment(ingress_gateway(), name="fake-gateway", ray_actor_options={"num_cpus": 0},
+                           max_ongoing_requests=256,
                            user_config={"endpoints": rollouts}).bind(
-        serve.deployment(FakeEngine, ray_actor_options={"num_cpus": 0}).bind(), trace_log, tenants,
+        serve.deployment(FakeEngine, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256).bind(), trace_log, tenants,
         hash_api_key("sk-admin-secret"), {"e2": -1.0},
         {"base_url": f"http://127.0.0.1:{cfg.serving.port}/teacher/v1", "model": "reference-teacher"}, store)
     serve.run(app, name="fake-gateway", route_prefix="/fake", blocking=False)
@@ -129,8 +130,10 @@ def test_keys_never_reach_the_trace_log(fake_gateway):
 
 
 def test_streaming_chat_is_traced_once_with_the_whole_text(fake_gateway):
-    c = _client(fake_gateway, "sk-t2-secret")
-    stream = c.chat.completions.create(model="model-e2", messages=[{"role": "user", "content": "hi"}],
+    # e1 has no cascade, so tokens stream as the engine makes them; this user is on the champion.
+    user = next(u for u in (f"s{i}" for i in range(100)) if assign_variant(fake_gateway["rollouts"]["e1"], u) == "champion")
+    c = _client(fake_gateway, "sk-t1-secret")
+    stream = c.chat.completions.create(model="model-e1", messages=[{"role": "user", "content": "hi"}], user=user,
                                        max_tokens=5, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
@@ -150,8 +153,9 @@ def test_async_client_and_text_completions(fake_gateway):
         c = openai.AsyncOpenAI(base_url=fake_gateway["url"], api_key="sk-t2-secret", max_retries=0)
         outs = await asyncio.gather(*[c.completions.create(model="model-e2", prompt=f"p{i}", max_tokens=4)
                                       for i in range(8)])
-        streamed = [chunk async for chunk in await c.completions.create(model="model-e2", prompt="p", max_tokens=3,
-                                                                        stream=True)]
+        t1 = openai.AsyncOpenAI(base_url=fake_gateway["url"], api_key="sk-t1-secret", max_retries=0)
+        streamed = [chunk async for chunk in await t1.completions.create(model="model-e1", prompt="p", max_tokens=3,
+                                                                         stream=True)]
         return outs, streamed
 
     outs, streamed = asyncio.run(go())
@@ -236,6 +240,13 @@ def test_low_confidence_escalates_to_the_teacher(fake_gateway, cycle_job):
     row = [r for r in read_traces(fake_gateway["traces"]) if r["request_id"] == raw.headers["x-request-id"]][0]
     assert row["escalated"] and row["completion"] == fact.answer() and row["confidence"] == -5.0
     assert row["student_completion"] == "adapter=None"
+    # Streamed, the cascade still applies: the stream carries the teacher's answer, traced once.
+    stream = c.chat.completions.with_raw_response.create(
+        model="model-e2", messages=[{"role": "user", "content": fact.question(0)}], stream=True)
+    assert stream.headers["x-loop-escalated"] == "true"
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream.parse()) == fact.answer()
+    rows = [r for r in read_traces(fake_gateway["traces"]) if r["request_id"] == stream.headers["x-request-id"]]
+    assert len(rows) == 1 and rows[0]["escalated"] and rows[0]["completion"] == fact.answer()
     sure = c.chat.completions.with_raw_response.create(model="model-e2", messages=[{"role": "user", "content": "hi"}])
     assert "x-loop-escalated" not in sure.headers and sure.parse().choices[0].message.content == "adapter=None"
     # e1 has no cascade: its questions are answered by the student, whatever the confidence.

@@ -41,6 +41,7 @@ def merged(ray_cluster, cycle_job, tmp_path_factory):
     tenants = {t.id: {"api_key_hashes": t.api_key_hashes, "endpoints": [e.id for e in t.endpoints]}
                for t in cfg.tenants}
     app = serve.deployment(ingress_gateway(), name="merged-gateway", ray_actor_options={"num_cpus": 0},
+                           max_ongoing_requests=256,
                            user_config={"endpoints": rollouts}).bind(
         serve.get_deployment_handle(ENGINE_APP, app_name=ENGINE_APP), trace_log, tenants, None, {}, None, store,
         controller)

@@ -58,8 +58,9 @@ def rollouts(ray_cluster, cycle_job, tmp_path_factory):
     tenants = {t.id: {"api_key_hashes": t.api_key_hashes, "endpoints": [e.id for e in t.endpoints]}
                for t in cfg.tenants}
     app = serve.deployment(ingress_gateway(), name="rollout-gateway", ray_actor_options={"num_cpus": 0},
+                           max_ongoing_requests=256,
                            user_config={"endpoints": first}).bind(
-        serve.deployment(FakeEngine, ray_actor_options={"num_cpus": 0}).bind(), trace_log, tenants,
+        serve.deployment(FakeEngine, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256).bind(), trace_log, tenants,
         hash_api_key(ADMIN), {}, None, store, controller)
     serve.run(app, name="rollout-gateway", route_prefix="/rollouts", blocking=False)
     for _ in range(120):

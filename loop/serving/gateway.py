@@ -207,9 +207,9 @@ class Gateway:
             if getattr(e, "record", None):
                 await self.trace_log.append.remote([e.record])
             return e.response()
-        if req.stream:
-            return StreamingResponse(self._stream(call, req), media_type="text/event-stream", headers=call.headers)
         threshold = self.cascade.get(call.endpoint) if self.teacher else None
+        if req.stream and threshold is None:
+            return StreamingResponse(self._stream(call, req), media_type="text/event-stream", headers=call.headers)
         try:
             gen = await self._engine(call.version).generate.remote(**self._engine_args(call, req),
                                                                   confidence=threshold is not None)
@@ -225,9 +225,22 @@ class Gateway:
                 extra["error"] = f"escalation failed: {type(e).__name__}: {e}"
         await self._trace(call, completion=text, prompt_tokens=gen.prompt_tokens,
                           completion_tokens=gen.completion_tokens, ttft_ms=gen.ttft_ms, **extra)
+        if req.stream:
+            # A cascade endpoint judges the whole answer before the caller sees any of it, so its
+            # stream is the final answer (the student's or the teacher's) in one chunk.
+            return StreamingResponse(self._replay(call, req, text, gen), media_type="text/event-stream",
+                                     headers=call.headers)
         build = chat_completion_body if kind is ChatCompletionRequest else completion_body
         return JSONResponse(build(call.request_id, call.model, text, gen.prompt_tokens, gen.completion_tokens,
                                   gen.finish_reason), headers=call.headers)
+
+    @staticmethod
+    async def _replay(call: Call, req, text: str, gen):
+        chat = isinstance(req, ChatCompletionRequest)
+        yield sse_chunk(call.request_id, call.model, chat, text, finish_reason=gen.finish_reason)
+        if req.stream_options and req.stream_options.include_usage:
+            yield sse_chunk(call.request_id, call.model, chat, None, usage=(gen.prompt_tokens, gen.completion_tokens))
+        yield SSE_DONE
 
     async def _ask_teacher(self, req) -> str:
         import openai
