@@ -190,3 +190,19 @@ def test_malformed_admin_body(rollouts):
     resp = httpx.post(f"{rollouts['root']}/admin/deploy", content=b"{not json",
                       headers={"Authorization": f"Bearer {ADMIN}"})
     assert resp.status_code == 400 and "JSON" in resp.json()["error"]["message"]
+
+
+def test_metrics_per_endpoint_and_variant_reach_prometheus(rollouts):
+    """Serve's metrics are exported by the node's metrics agent (what the dashboard's Metrics view reads)."""
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    wanted = ('ray_loop_requests', 'endpoint="e1"', 'variant="challenger"')
+    deadline, lines = time.time() + 60, []
+    while time.time() < deadline:
+        lines = [ln for ln in httpx.get(url, timeout=10).text.splitlines() if ln.startswith("ray_loop_")]
+        if any(all(w in ln for w in wanted) for ln in lines):
+            break
+        time.sleep(2)
+    served = [ln for ln in lines if all(w in ln for w in wanted) and 'status="200"' in ln]
+    assert served and float(served[0].rsplit(" ", 1)[1]) >= 100, lines[:20]
+    assert any(ln.startswith("ray_loop_latency_ms_bucket") for ln in lines)
