@@ -31,12 +31,12 @@ def test_cycle_reports_have_numbers(job):
     reports = json.loads(job["report"].read_text())
     assert {r["endpoint"] for r in reports} == {"tiny-support", "globex-chat"}
     for r in reports:
-        assert r["teacher_acc"] == 1.0, "the reference teacher knows the current world"
-        assert r["student_acc_before"] == 0.0, "the base student knows none of the invented facts"
-        assert r["student_acc_after"] >= r["student_acc_before"]
+        assert r["teacher_acc"] == 1.0, ("the reference teacher knows the current world", r)
+        assert r["student_acc_before"] == 0.0, ("the base student knows none of the invented facts", r)
+        assert r["student_acc_after"] >= r["student_acc_before"], r
         assert r["validation_passed"] and r["new_version"] == f"student-{r['endpoint']}/2", r
-        assert r["served_before"] == f"student-{r['endpoint']}/1"
-        assert r["served_after"] == f"student-{r['endpoint']}/2", "evaluation traffic reached the new version"
+        assert r["served_before"] == f"student-{r['endpoint']}/1", r
+        assert r["served_after"] == f"student-{r['endpoint']}/2", ("evaluation traffic reached the new version", r)
         assert set(r["stage_seconds"]) >= {"traffic", "label", "train", "merge", "validate", "deploy"}
 
 
