@@ -75,8 +75,22 @@ class TeacherConfig(_Strict):
     """Environment variable holding the teacher's API key (never the key itself)."""
     timeout_s: float = Field(default=30.0, gt=0)
     max_retries: int = Field(default=3, ge=0)
+    """Retries (with exponential backoff, honouring Retry-After) on 408/409/429/5xx, timeouts and
+    connection errors: the `openai` client's own."""
     concurrency: int = Field(default=8, ge=1)
+    """Requests in flight at once, per labelling actor."""
+    max_requests_per_s: float | None = Field(default=None, gt=0)
+    """Rate limit per labelling actor (None: only `concurrency` bounds it)."""
     max_tokens: int = Field(default=48, ge=1)
+    top_logprobs: int = Field(default=0, ge=0, le=20)
+    """>0: ask for the teacher's top-k log-probabilities per token (token-level distillation); an
+    endpoint that refuses them is asked again without, and the label says so."""
+    usd_per_million_prompt_tokens: float = Field(default=0.0, ge=0)
+    usd_per_million_completion_tokens: float = Field(default=0.0, ge=0)
+    """Prices for cost accounting (0 for the reference teacher)."""
+    cache: bool = True
+    """Keep every answer under storage.root/teacher-cache.sqlite, keyed by teacher, prompt and
+    parameters: a re-run never pays twice."""
 
     @model_validator(mode="after")
     def _url_for_openai(self) -> "TeacherConfig":
@@ -88,7 +102,7 @@ class TeacherConfig(_Strict):
 class CascadeConfig(_Strict):
     min_mean_logprob: float = Field(le=0)
     """Escalate to the teacher when the student's mean token log-probability is below this
-    (e.g. -1.0). Non-streaming requests only: a stream's tokens are already on the wire."""
+    (e.g. -1.0). A streamed request on such an endpoint is judged whole, then sent as one chunk."""
 
 
 class EndpointConfig(_Strict):
@@ -161,6 +175,16 @@ class TrainingConfig(_Strict):
     max_seq_len: int = Field(default=128, ge=8)
     seed: int = 0
     torch_threads: int | None = Field(default=None, ge=1)
+    kd_weight: float = Field(default=1.0, ge=0)
+    """Weight of token-level distillation (KL to the teacher's top-k log-probabilities) beside the
+    cross-entropy on its text; used for the examples whose teacher gave log-probabilities in the
+    student's tokenization (teacher.top_logprobs > 0)."""
+    replay_ratio: float = Field(default=0.0, ge=0, le=10)
+    """Replay buffer: examples from earlier cycles' datasets of the endpoint, this many per new one."""
+    regularizer: Literal["none", "l2", "ewc"] = "none"
+    """Penalty toward the warm-start (previous champion's) weights: `l2`, or `ewc` weighting each
+    parameter by a diagonal Fisher estimate on the replay examples (needs replay_ratio > 0)."""
+    reg_weight: float = Field(default=0.0, ge=0)
 
 
 class MergeConfig(_Strict):
@@ -228,6 +252,9 @@ class LoopConfig(_Strict):
         if eng.max_cpu_loras is not None and eng.max_cpu_loras < eng.max_loras:
             raise ValueError(f"serving.engine.max_cpu_loras ({eng.max_cpu_loras}) must be at least "
                              f"serving.engine.max_loras ({eng.max_loras})")
+        if self.training.regularizer == "ewc" and self.training.replay_ratio <= 0:
+            raise ValueError("training.regularizer 'ewc' estimates its Fisher on replayed examples: "
+                             "set training.replay_ratio > 0 (or use regularizer 'l2')")
         if self.training.lora_rank > self.serving.engine.max_lora_rank:
             raise ValueError(
                 f"training.lora_rank ({self.training.lora_rank}) exceeds serving.engine.max_lora_rank "

@@ -175,24 +175,51 @@ class Cycle:
         prompts = sorted({r["prompt"] for r in rows})
         if not prompts:
             raise CycleFailed(f"no new traffic for model-{self.endpoint.id} since the last cycle: nothing to learn")
+        # The reference teacher's answers change with its world's epoch: part of the cache key.
+        namespace = f"epoch-{self.epoch}" if self.cfg.teacher.kind == "reference" else ""
         labeled = ray.data.from_items([{"messages": p} for p in prompts]).map_batches(
             TeacherLabeler, fn_constructor_args=(self.cfg.teacher.model_dump(), self.services.teacher_url,
-                                 teacher_key(self.cfg.teacher)),
+                                                 teacher_key(self.cfg.teacher),
+                                                 str(self.cfg.storage.path("teacher-cache.sqlite")), namespace),
             batch_size=32, concurrency=1, num_cpus=0).take_all()
         good = [r for r in labeled if not r["label_error"] and r["completion"].strip()]
         failed = [r for r in labeled if r not in good]
+        with open(sdir / "label_failures.jsonl", "w") as f:  # what failed, and why, for the record
+            for r in failed:
+                f.write(json.dumps({"messages": json.loads(r["messages"]), "error": r["label_error"]}) + "\n")
+        cost = {"teacher_cost_usd": sum(r["cost_usd"] for r in labeled),
+                "teacher_cached": sum(bool(r["cached"]) for r in labeled),
+                "teacher_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in labeled)}
         if not good:
             raise CycleFailed(f"the teacher labelled none of {len(labeled)} prompts "
                               f"(first error: {failed[0]['label_error'] or 'empty answer'}); check teacher.base_url")
         path = sdir / "train.jsonl"
         with open(path, "w") as f:
             for r in good:
-                f.write(json.dumps({"messages": json.loads(r["messages"]), "completion": r["completion"]}) + "\n")
+                row = {"messages": json.loads(r["messages"]), "completion": r["completion"]}
+                if r.get("top_logprobs"):
+                    row["top_logprobs"] = json.loads(r["top_logprobs"])
+                f.write(json.dumps(row) + "\n")
+        replayed = self._replay(sdir / "replay.jsonl", round(self.cfg.training.replay_ratio * len(good)))
         digest = dir_digest(sdir)
+        cost["replayed"] = replayed
         self.lineage.log(run_id, params={"dataset_digest": digest, "since": since},
-                         metrics={"selected": len(prompts), "labelled": len(good), "label_failed": len(failed)})
+                         metrics={"selected": len(prompts), "labelled": len(good), "label_failed": len(failed), **cost})
         return {"dataset": str(path), "dataset_digest": digest, "selected": len(prompts), "labelled": len(good),
-                "label_failed": len(failed), "cutoff": cutoff}
+                "label_failed": len(failed), "cutoff": cutoff, "replay": str(sdir / "replay.jsonl"), **cost}
+
+    def _replay(self, path: Path, n: int) -> int:
+        """Replay buffer: `n` examples drawn (seeded by the cycle) from this endpoint's earlier datasets."""
+        import random
+
+        earlier = []
+        for prev in range(1, self.number):
+            f = self.dir.parent / f"cycle-{prev:04d}" / "label" / "train.jsonl"
+            if f.exists():
+                earlier += [line for line in f.read_text().splitlines() if line.strip()]
+        picked = random.Random(self.number).sample(earlier, min(n, len(earlier))) if n > 0 else []
+        path.write_text("".join(line + "\n" for line in picked))
+        return len(picked)
 
     def _previous_cutoff(self) -> float:
         prev = self.dir.parent / f"cycle-{self.number - 1:04d}" / "label" / "result.json"
@@ -205,7 +232,8 @@ class Cycle:
         distiller = LoRADistiller(self.cfg.training, self.cfg.storage.path("ray_train"),
                                   f"{self.endpoint.id}-cycle-{self.number:04d}")
         metrics = distiller.run(self.cfg.model_path(self.cfg.student), Path(data["dataset"]), sdir / "adapter",
-                                init_adapter=champion["adapter_path"])
+                                init_adapter=champion["adapter_path"],
+                                replay=Path(data["replay"]) if data.get("replay") else None)
         digest = dir_digest(sdir / "adapter")
         self.lineage.log(run_id, params={**self.cfg.training.model_dump(), "warm_start": champion["version"]},
                          metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},

@@ -4,8 +4,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-# Files that define a model's behaviour; logs and manifests written beside them do not count.
-_SKIP = {"loop-model.json", "README.md", "training_args.bin"}
+# Files that define a model's behaviour (or a dataset's rows); logs and manifests beside them do not count.
+_SKIP = {"loop-model.json", "README.md", "training_args.bin", "label_failures.jsonl"}
 
 
 def dir_digest(path: str | Path) -> str:

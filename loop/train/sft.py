@@ -1,4 +1,6 @@
-"""Sequence-level LoRA distillation: cross-entropy on the teacher's answers, prompt tokens masked.
+"""LoRA distillation: cross-entropy on the teacher's answers (prompt tokens masked), plus token-level
+KL to the teacher's top-k log-probabilities where it gave them, plus an optional penalty toward the
+warm-start weights (L2 or EWC), on new examples mixed with replayed ones from earlier cycles.
 
 `train_loop` is the per-worker function Ray Train runs (DDP over gloo on CPU, NCCL on GPU); the
 numerics here know nothing about Ray beyond `ray.train.report`. `LoRADistiller` builds and runs the
@@ -25,22 +27,79 @@ def encode_example(tokenizer, messages: list[dict], answer: str, max_len: int) -
     return ids, labels
 
 
-def _batches(examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, step: int, rank: int,
-             world: int, seed: int):
+def kd_targets(tokenizer, ids: list[int], labels: list[int], top_logprobs: list | None):
+    """The teacher's top-k per answer token, placed at the positions whose logits predict it, as
+    (position, [student ids], [log-probs]) triples; None when the teacher's tokens are not the
+    student's (another tokenizer): that example then learns from the text alone."""
+    if not top_logprobs:
+        return None
+    start = next((i for i, lab in enumerate(labels) if lab != -100), None)
+    if start is None:
+        return None
+
+    def one_id(text: str) -> int:
+        got = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return got[0] if len(got) == 1 else -1
+
+    out = []
+    for i, alternatives in enumerate(top_logprobs):
+        pos = start + i
+        if pos >= len(ids) or not alternatives:
+            break
+        top_ids = [one_id(tok) for tok, _ in alternatives]
+        if top_ids[0] != ids[pos]:
+            return None  # misaligned: the teacher's best token is not the student's token here
+        out.append((pos - 1, top_ids, [float(lp) for _, lp in alternatives]))
+    return out or None
+
+
+def _batches(examples: list[dict], batch_size: int, pad_id: int, step: int, rank: int, world: int, seed: int,
+             k: int = 0):
+    """One batch of `examples` ({"ids", "labels", "kd"}) for this worker: input ids, labels, attention
+    mask, and (with k > 0) the teacher's top-k ids / log-probs / mask per position."""
     import torch
 
     g = torch.Generator().manual_seed(seed + step)
     idx = torch.randint(len(examples), (batch_size * world,), generator=g)[rank::world].tolist()
     batch = [examples[i] for i in idx]
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    attn = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (ids, lab) in enumerate(batch):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        labels[row, :len(lab)] = torch.tensor(lab)
-        attn[row, :len(ids)] = 1
-    return input_ids, labels, attn
+    return _collate(batch, pad_id, k)
+
+
+def _collate(batch: list[dict], pad_id: int, k: int = 0) -> dict:
+    import torch
+
+    width = max(len(e["ids"]) for e in batch)
+    out = {"input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),
+           "labels": torch.full((len(batch), width), -100, dtype=torch.long),
+           "attention_mask": torch.zeros((len(batch), width), dtype=torch.long)}
+    if k:
+        out.update(top_ids=torch.full((len(batch), width, k), -1, dtype=torch.long),
+                   top_lps=torch.zeros((len(batch), width, k)), kd_mask=torch.zeros((len(batch), width)))
+    for row, e in enumerate(batch):
+        out["input_ids"][row, :len(e["ids"])] = torch.tensor(e["ids"])
+        out["labels"][row, :len(e["labels"])] = torch.tensor(e["labels"])
+        out["attention_mask"][row, :len(e["ids"])] = 1
+        for pos, top_ids, lps in (e.get("kd") or []) if k else []:
+            out["top_ids"][row, pos, :len(top_ids[:k])] = torch.tensor(top_ids[:k])
+            out["top_lps"][row, pos, :len(lps[:k])] = torch.tensor(lps[:k])
+            out["kd_mask"][row, pos] = 1
+    return out
+
+
+def load_examples(tokenizer, path: str | Path | None, max_len: int) -> list[dict]:
+    """Encoded rows of a dataset file (JSONL of {"messages", "completion", "top_logprobs"?})."""
+    if not path or not Path(path).exists():
+        return []
+    out = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        ids, labels = encode_example(tokenizer, row["messages"], row["completion"], max_len)
+        # A prompt longer than max_len leaves no answer token to learn from (and a NaN loss).
+        if any(lab != -100 for lab in labels):
+            out.append({"ids": ids, "labels": labels, "kd": kd_targets(tokenizer, ids, labels, row.get("top_logprobs"))})
+    return out
 
 
 def train_loop(config: dict) -> None:
@@ -51,6 +110,8 @@ def train_loop(config: dict) -> None:
     from peft import LoraConfig, PeftModel, get_peft_model
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loop.train.losses import drift_penalty, fisher_diagonal, snapshot, topk_kl
 
     tc = TrainingConfig.model_validate(config["training"])
     if tc.torch_threads:
@@ -72,23 +133,40 @@ def train_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
 
-    rows = [json.loads(line) for line in Path(config["dataset"]).read_text().splitlines() if line.strip()]
-    examples = [encode_example(tok, r["messages"], r["completion"], tc.max_seq_len) for r in rows]
-    # A prompt longer than max_seq_len leaves no answer token to learn from (and a NaN loss).
-    examples = [e for e in examples if any(label != -100 for label in e[1])]
+    examples = load_examples(tok, config["dataset"], tc.max_seq_len)
     if not examples:
         raise ValueError(f"every example is longer than training.max_seq_len ({tc.max_seq_len}); raise it")
+    replay = load_examples(tok, config.get("replay"), tc.max_seq_len)
+    pool = examples + replay
+    k = max((len(t) for e in pool for _, t, _ in (e["kd"] or [])), default=0) if tc.kd_weight > 0 else 0
+    pad = tok.pad_token_id or 0
+    # EWC needs old data to weigh parameters by (none on a first cycle): then nothing to protect yet.
+    guarded = tc.regularizer != "none" and tc.reg_weight > 0 and (tc.regularizer == "l2" or bool(replay))
+    reference = snapshot(model) if guarded else None
+    fisher = None
+    if reference is not None and tc.regularizer == "ewc":
+        fisher = fisher_diagonal(model, [_model_inputs(_collate(replay[i:i + tc.batch_size], pad), device)
+                                         for i in range(0, min(len(replay), 8 * tc.batch_size), tc.batch_size)])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, tc.max_steps // 10)) * 0.5 * (1 + math.cos(math.pi * s / tc.max_steps)))
     model.train()
-    losses = []
+    losses, kls = [], []
     bar = tqdm(range(tc.max_steps), desc="distill", disable=rank != 0, mininterval=2.0)
     for step in bar:
-        input_ids, labels, attn = (t.to(device) for t in _batches(
-            examples, tc.batch_size, tok.pad_token_id or 0, step, rank, world, tc.seed))
-        loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
+        batch = {n: t.to(device) for n, t in _batches(pool, tc.batch_size, pad, step, rank, world, tc.seed, k).items()}
+        out = model(**_model_inputs(batch, device))
+        loss = out.loss
+        if k and batch["kd_mask"].any():
+            kl = topk_kl(out.logits, batch["top_ids"], batch["top_lps"], batch["kd_mask"])
+            loss = loss + tc.kd_weight * kl
+            kls.append(kl.item())
+        if reference is not None:
+            loss = loss + tc.reg_weight * drift_penalty(model, reference, fisher)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at step {step}: lower "
+                                     f"training.learning_rate (now {tc.learning_rate}) or check the dataset")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -98,7 +176,10 @@ def train_loop(config: dict) -> None:
         bar.set_postfix(loss=f"{loss.item():.3f}")
 
     metrics = {"loss_first": losses[0], "loss_last": sum(losses[-5:]) / len(losses[-5:]), "steps": len(losses),
-               "examples": len(examples)}
+               "examples": len(examples), "replay_examples": len(replay),
+               "kd_examples": sum(e["kd"] is not None for e in pool)}
+    if kls:
+        metrics.update(kd_kl_first=kls[0], kd_kl_last=sum(kls[-5:]) / len(kls[-5:]))
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
@@ -108,13 +189,18 @@ def train_loop(config: dict) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def _model_inputs(batch: dict, device) -> dict:
+    return {n: batch[n].to(device) for n in ("input_ids", "attention_mask", "labels")}
+
+
 class LoRADistiller:
     """Runs `train_loop` in a Ray Train `TorchTrainer`; `run()` returns (adapter dir, metrics)."""
 
     def __init__(self, training: TrainingConfig, storage_path: Path, run_name: str):
         self.training, self.storage_path, self.run_name = training, storage_path, run_name
 
-    def run(self, base_dir: Path, dataset: Path, out_dir: Path, init_adapter: str | None = None) -> dict:
+    def run(self, base_dir: Path, dataset: Path, out_dir: Path, init_adapter: str | None = None,
+            replay: Path | None = None) -> dict:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -122,7 +208,7 @@ class LoRADistiller:
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"training": tc.model_dump(), "base_dir": str(base_dir), "dataset": str(dataset),
-                               "init_adapter": init_adapter},
+                               "init_adapter": init_adapter, "replay": str(replay) if replay else None},
             torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                          resources_per_worker={"CPU": tc.cpus_per_worker}),
