@@ -203,6 +203,8 @@ def test_metrics_per_endpoint_and_variant_reach_prometheus(rollouts):
         if any(all(w in ln for w in wanted) for ln in lines):
             break
         time.sleep(2)
-    served = [ln for ln in lines if all(w in ln for w in wanted) and 'status="200"' in ln]
-    assert served and float(served[0].rsplit(" ", 1)[1]) >= 100, lines[:20]
+    served = [float(ln.rsplit(" ", 1)[1]) for ln in lines
+              if all(w in ln for w in wanted) and 'status="200"' in ln and ln.startswith("ray_loop_requests_total")]
+    # About 900 challenger answers above (a line per replica; the other gateway tests add a few).
+    assert sum(served) >= 500, lines[:20]
     assert any(ln.startswith("ray_loop_latency_ms_bucket") for ln in lines)
