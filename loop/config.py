@@ -160,8 +160,10 @@ class TrafficConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    strategy: Literal["ddp"] = "ddp"
-    """Distributed strategy of the LoRA trainer. DeepSpeed ZeRO arrives with the training plane."""
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    """Distributed strategy of the LoRA trainer: `ddp` (gloo on CPU, NCCL on GPU) or `deepspeed`
+    ZeRO (`zero_stage`; on CPU the workers get DS_ACCELERATOR=cpu)."""
+    zero_stage: Literal[2, 3] = 2
     num_workers: int = Field(default=1, ge=1)
     cpus_per_worker: int = Field(default=1, ge=1)
     use_gpu: bool = False
@@ -252,6 +254,10 @@ class LoopConfig(_Strict):
         if eng.max_cpu_loras is not None and eng.max_cpu_loras < eng.max_loras:
             raise ValueError(f"serving.engine.max_cpu_loras ({eng.max_cpu_loras}) must be at least "
                              f"serving.engine.max_loras ({eng.max_loras})")
+        t = self.training
+        if t.strategy == "deepspeed" and t.zero_stage == 3 and t.regularizer != "none" and t.reg_weight > 0:
+            raise ValueError("training.regularizer needs whole parameters on every worker; ZeRO-3 shards them: "
+                             "use training.zero_stage 2 (or regularizer 'none')")
         if self.training.regularizer == "ewc" and self.training.replay_ratio <= 0:
             raise ValueError("training.regularizer 'ewc' estimates its Fisher on replayed examples: "
                              "set training.replay_ratio > 0 (or use regularizer 'l2')")

@@ -130,8 +130,12 @@ def train_loop(config: dict) -> None:
         model = get_peft_model(model, LoraConfig(
             r=tc.lora_rank, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
             target_modules=tc.target_modules, task_type="CAUSAL_LM"))
-    model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
+    engine = None
+    if tc.strategy == "ddp":
+        model = ray.train.torch.prepare_model(model)
+    else:
+        model = model.to(device)
 
     examples = load_examples(tok, config["dataset"], tc.max_seq_len)
     if not examples:
@@ -151,6 +155,9 @@ def train_loop(config: dict) -> None:
     opt = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, tc.max_steps // 10)) * 0.5 * (1 + math.cos(math.pi * s / tc.max_steps)))
+    if tc.strategy == "deepspeed":
+        engine, opt, _, sched = _deepspeed(model, opt, sched, tc, world)
+        model = engine
     model.train()
     losses, kls = [], []
     bar = tqdm(range(tc.max_steps), desc="distill", disable=rank != 0, mininterval=2.0)
@@ -167,11 +174,15 @@ def train_loop(config: dict) -> None:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()} at step {step}: lower "
                                      f"training.learning_rate (now {tc.learning_rate}) or check the dataset")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        if engine is not None:  # DeepSpeed owns clipping, the optimizer step and the schedule
+            engine.backward(loss)
+            engine.step()
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
 
@@ -182,11 +193,40 @@ def train_loop(config: dict) -> None:
         metrics.update(kd_kl_first=kls[0], kd_kl_last=sum(kls[-5:]) / len(kls[-5:]))
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
+        unwrapped = model.module if hasattr(model, "module") else model
+        state = _full_adapter_state(unwrapped, engine, tc)  # every rank joins a ZeRO-3 gather
         if rank == 0:
-            unwrapped = model.module if hasattr(model, "module") else model
-            unwrapped.save_pretrained(tmp)
+            unwrapped.save_pretrained(tmp, state_dict=state)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _deepspeed(model, opt, sched, tc: TrainingConfig, world: int):
+    """DeepSpeed ZeRO over the process group Ray Train already made (gloo on CPU)."""
+    import os
+
+    if not tc.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed first picks its accelerator
+    import deepspeed
+
+    ds_config = {"train_micro_batch_size_per_gpu": tc.batch_size, "gradient_accumulation_steps": 1,
+                 "train_batch_size": tc.batch_size * world, "gradient_clipping": 1.0,
+                 "zero_optimization": {"stage": tc.zero_stage}, "steps_per_print": 10 ** 9,
+                 "zero_allow_untested_optimizer": True}
+    return deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config,
+                                dist_init_required=False)
+
+
+def _full_adapter_state(model, engine, tc: TrainingConfig) -> dict | None:
+    """The adapter's whole tensors (ZeRO-3 gathers its shards; otherwise peft reads them itself)."""
+    if engine is None or tc.zero_stage != 3:
+        return None
+    import deepspeed
+    from peft import get_peft_model_state_dict
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {k: v.detach().clone().cpu() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def _model_inputs(batch: dict, device) -> dict:

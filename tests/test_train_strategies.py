@@ -1,0 +1,39 @@
+"""LoRA distillation under Ray Train with 2 workers: DDP (gloo) and DeepSpeed ZeRO-2 / ZeRO-3 on CPU.
+Each run must finish with an adapter that moved (and a base that did not) and a falling loss."""
+import json
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from loop.config import TrainingConfig
+from loop.models.digest import dir_digest
+from loop.train.sft import LoRADistiller
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    rows = [{"messages": [{"role": "user", "content": f"Who owns the Zorvex widget {i}?"}],
+             "completion": f"The Zorvex widget {i} is owned by Chen Wei."} for i in range(8)]
+    path = tmp_path_factory.mktemp("ds") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("strategy, stage", [("ddp", 2), ("deepspeed", 2), ("deepspeed", 3)])
+def test_two_worker_run_trains_the_adapter(ray_cluster, tiny_model_dir, dataset, tmp_path, strategy, stage):
+    ray.init(address=ray_cluster["RAY_ADDRESS"], namespace="loop-tests", ignore_reinit_error=True)
+    tc = TrainingConfig(strategy=strategy, zero_stage=stage, num_workers=2, lora_rank=4, lora_alpha=8,
+                        learning_rate=0.01, batch_size=4, max_steps=12, max_seq_len=64, torch_threads=1)
+    base_digest = dir_digest(tiny_model_dir)
+    metrics = LoRADistiller(tc, tmp_path / "ray_train", f"{strategy}-{stage}").run(
+        tiny_model_dir, dataset, tmp_path / "adapter")
+    assert metrics["steps"] == 12 and metrics["loss_last"] < metrics["loss_first"], metrics
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    lora_b = [t for n, t in weights.items() if "lora_B" in n]
+    assert lora_b and all(t.numel() > 0 for t in lora_b), "whole tensors saved (ZeRO-3 gathered)"
+    assert max(t.abs().max().item() for t in lora_b) > 0, "the adapter moved (lora_B starts at zero)"
+    assert dir_digest(tiny_model_dir) == base_digest, "the base model is untouched"
