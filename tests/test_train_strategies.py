@@ -32,6 +32,7 @@ def test_two_worker_run_trains_the_adapter(ray_cluster, tiny_model_dir, dataset,
     metrics = LoRADistiller(tc, tmp_path / "ray_train", f"{strategy}-{stage}").run(
         tiny_model_dir, dataset, tmp_path / "adapter")
     assert metrics["steps"] == 12 and metrics["loss_last"] < metrics["loss_first"], metrics
+    assert metrics["workers"] == 2 and metrics["zero_stage"] == (stage if strategy == "deepspeed" else 0)
     weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     lora_b = [t for n, t in weights.items() if "lora_B" in n]
     assert lora_b and all(t.numel() > 0 for t in lora_b), "whole tensors saved (ZeRO-3 gathered)"

@@ -188,7 +188,8 @@ def train_loop(config: dict) -> None:
 
     metrics = {"loss_first": losses[0], "loss_last": sum(losses[-5:]) / len(losses[-5:]), "steps": len(losses),
                "examples": len(examples), "replay_examples": len(replay),
-               "kd_examples": sum(e["kd"] is not None for e in pool)}
+               "kd_examples": sum(e["kd"] is not None for e in pool),
+               "zero_stage": engine.zero_optimization_stage() if engine is not None else 0, "workers": world}
     if kls:
         metrics.update(kd_kl_first=kls[0], kd_kl_last=sum(kls[-5:]) / len(kls[-5:]))
     with tempfile.TemporaryDirectory() as tmp:
