@@ -189,6 +189,21 @@ class TrainingConfig(_Strict):
     reg_weight: float = Field(default=0.0, ge=0)
 
 
+class DraftTrainingConfig(_Strict):
+    enabled: bool = True
+    """Co-train the draft after every student checkpoint (off: versions keep the previous draft)."""
+    max_steps: int = Field(default=30, ge=1)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    max_seq_len: int = Field(default=128, ge=8)
+    max_new_tokens: int = Field(default=32, ge=1)
+    """Length of the student's own answers the draft is distilled on (and acceptance is measured on)."""
+    num_speculative_tokens: int = Field(default=3, ge=1, le=16)
+    """k for the acceptance measurement (expected accepted tokens per step of k proposals)."""
+    seed: int = 0
+    torch_threads: int | None = Field(default=None, ge=1)
+
+
 class MergeConfig(_Strict):
     max_abs_logit_diff: float = Field(default=1e-3, gt=0)
     """Merged vs unmerged (peft) logits on the probe prompts must agree within this."""
@@ -240,6 +255,7 @@ class LoopConfig(_Strict):
     world: WorldConfig = WorldConfig()
     traffic: TrafficConfig = TrafficConfig()
     training: TrainingConfig = TrainingConfig()
+    draft_training: DraftTrainingConfig = DraftTrainingConfig()
     merge: MergeConfig = MergeConfig()
     validation: ValidationConfig = ValidationConfig()
     serving: ServingConfig = ServingConfig()

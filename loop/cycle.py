@@ -115,7 +115,8 @@ class Cycle:
                 val = {"passed": False, "reasons": [f"merge proofs failed: {'; '.join(merge['reasons'])}"]}
             self.report.validation_passed = val["passed"]
             if val["passed"]:
-                reg = self.stage("register", lambda d, r: self._register(d, r, data, train, merge, val))
+                draft = self.stage("draft", lambda d, r: self._draft(d, r, data, train, merge))
+                reg = self.stage("register", lambda d, r: self._register(d, r, data, train, merge, val, draft))
                 self.report.new_version = reg["version"]
                 self.stage("deploy", lambda d, r: self._deploy(d, r, reg))
             else:
@@ -284,7 +285,39 @@ class Cycle:
                          tags={"verdict": "pass" if report.passed else "fail"})
         return report.to_dict()
 
-    def _register(self, sdir: Path, run_id: str, data: dict, train: dict, merge: dict, val: dict) -> dict:
+    def _draft(self, sdir: Path, run_id: str, data: dict, train: dict, merge: dict) -> dict:
+        """Co-train the draft on the new student (merged weights); keep whichever draft the new
+        student accepts more of: the parent version's, or the co-trained one."""
+        import ray
+
+        from loop.train.draft import DraftDistiller, measure_acceptance
+
+        dc = self.cfg.draft_training
+        parent = train["parent"].get("draft_path") or str(self.cfg.model_path(self.cfg.draft))
+        result = {"draft_path": parent, "draft_digest": dir_digest(parent), "cotrained": False}
+        if not dc.enabled:
+            return result
+        questions = [f.heldout_question() for f in self.world.facts]
+        measure = ray.remote(num_cpus=1)(measure_acceptance)
+        threads = self.cfg.training.torch_threads or 2
+        stale = ray.get(measure.remote(merge["merged_dir"], parent, questions, dc.num_speculative_tokens,
+                                       max_new_tokens=dc.max_new_tokens, threads=threads))
+        metrics = DraftDistiller(dc, self.cfg.storage.path("ray_train"), f"{self.endpoint.id}-cycle-{self.number:04d}-draft"
+                                 ).run(Path(merge["merged_dir"]), Path(parent), Path(data["dataset"]), sdir / "draft",
+                                       replay=Path(data["replay"]) if data.get("replay") else None)
+        cotrained = ray.get(measure.remote(merge["merged_dir"], str(sdir / "draft"), questions,
+                                           dc.num_speculative_tokens, max_new_tokens=dc.max_new_tokens,
+                                           threads=threads))
+        result.update(acceptance_stale=stale, acceptance_cotrained=cotrained, k=dc.num_speculative_tokens,
+                      **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if cotrained >= stale:
+            result.update(draft_path=str(sdir / "draft"), draft_digest=dir_digest(sdir / "draft"), cotrained=True)
+        self.lineage.log(run_id, metrics={k: v for k, v in result.items() if isinstance(v, (int, float))
+                                          and not isinstance(v, bool)}, tags={"draft_digest": result["draft_digest"]})
+        return result
+
+    def _register(self, sdir: Path, run_id: str, data: dict, train: dict, merge: dict, val: dict,
+                  draft: dict) -> dict:
         existing = self.lineage.find_version(self.endpoint.id, "adapter_digest", train["adapter_digest"])
         if existing:
             return existing
@@ -294,8 +327,7 @@ class Cycle:
             "cycle_run_id": self.report.run_id, "dataset_digest": data["dataset_digest"],
             "base_digest": self.services.base_manifest["digest"], "adapter_digest": train["adapter_digest"],
             "checkpoint_digest": train["adapter_digest"], "merged_digest": merge["merged_digest"],
-            "draft_digest": self.services.draft_manifest["digest"],
-            "merged_path": merge["merged_dir"], "draft_path": str(self.cfg.model_path(self.cfg.draft)),
+            "draft_digest": draft["draft_digest"], "merged_path": merge["merged_dir"], "draft_path": draft["draft_path"],
             "validation_verdict": "pass", "candidate_acc": val["candidate_acc"], "champion_acc": val["champion_acc"],
             "artifact": artifact})
         self.lineage.log(run_id, tags={"registered_version": info["version"]})

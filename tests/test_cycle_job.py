@@ -113,6 +113,14 @@ def test_bad_requests_get_openai_errors(job):
         client.chat.completions.create(model="model-tiny-support", messages=[{"role": "user", "content": "x"}],
                                        max_tokens=-1)
     assert e.value.body["param"] == "max_tokens"
+    # Over the real engine's context (256 tokens): a 400 naming the limit, and the engine keeps serving.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="model-tiny-support",
+                                       messages=[{"role": "user", "content": "widget " * 400}])
+    assert e.value.body["code"] == "context_length_exceeded" and "256" in e.value.body["message"]
+    ok = client.chat.completions.create(model="model-tiny-support", messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=4)
+    assert ok.choices[0].finish_reason in ("stop", "length")
 
 
 def test_real_engine_streams_the_same_greedy_text(job):
@@ -137,3 +145,17 @@ def test_real_engine_reports_confidence(job):
     assert not any(r["escalated"] for r in rows)
     tiny = [r for r in read_traces(cfg.storage.path("traces")) if r["endpoint"] == "tiny-support"]
     assert all(r["confidence"] == 0.0 for r in tiny), "no cascade configured: no log-probs requested"
+
+
+def test_draft_is_cotrained_with_the_checkpoint(job):
+    cfg = load_config(job["config"])
+    for endpoint in ("tiny-support", "globex-chat"):
+        draft = json.loads(cfg.storage.path("cycles", endpoint, "cycle-0001", "draft", "result.json").read_text())
+        k = cfg.draft_training.num_speculative_tokens
+        assert 0 <= draft["acceptance_stale"] <= k and 0 <= draft["acceptance_cotrained"] <= k, draft
+        assert draft["draft_kl_last"] < draft["draft_kl_first"], draft
+        # The version carries the draft its student accepts more of, with that draft's digest.
+        mv = MlflowClient(cfg.storage.tracking_uri, registry_uri=cfg.storage.tracking_uri).get_model_version_by_alias(
+            f"student-{endpoint}", "champion")
+        assert mv.tags["draft_path"] == draft["draft_path"] and mv.tags["draft_digest"] == draft["draft_digest"]
+        assert draft["cotrained"] == (draft["acceptance_cotrained"] >= draft["acceptance_stale"])

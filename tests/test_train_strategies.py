@@ -38,3 +38,22 @@ def test_two_worker_run_trains_the_adapter(ray_cluster, tiny_model_dir, dataset,
     assert lora_b and all(t.numel() > 0 for t in lora_b), "whole tensors saved (ZeRO-3 gathered)"
     assert max(t.abs().max().item() for t in lora_b) > 0, "the adapter moved (lora_B starts at zero)"
     assert dir_digest(tiny_model_dir) == base_digest, "the base model is untouched"
+
+
+def test_draft_cotraining_raises_acceptance(ray_cluster, tiny_model_dir, dataset, tmp_path):
+    from loop.config import DraftTrainingConfig
+    from loop.models.fetch import build_draft
+    from loop.train.draft import DraftDistiller, measure_acceptance
+
+    ray.init(address=ray_cluster["RAY_ADDRESS"], namespace="loop-tests", ignore_reinit_error=True)
+    draft = tmp_path / "draft"
+    build_draft(tiny_model_dir, draft, 1, max_ratio=1.0)  # the tiny student has only 2 layers
+    questions = [f"Who owns the Zorvex widget {i}?" for i in range(8)]
+    before = measure_acceptance(tiny_model_dir, draft, questions, k=3, max_new_tokens=16)
+    dc = DraftTrainingConfig(max_steps=40, learning_rate=0.005, batch_size=8, max_seq_len=64, max_new_tokens=16,
+                             torch_threads=1)
+    metrics = DraftDistiller(dc, tmp_path / "ray_train", "draft").run(tiny_model_dir, draft, dataset,
+                                                                      tmp_path / "cotrained")
+    after = measure_acceptance(tiny_model_dir, tmp_path / "cotrained", questions, k=3, max_new_tokens=16)
+    assert metrics["draft_kl_last"] < metrics["draft_kl_first"], metrics
+    assert 0 <= before < after <= 3, (before, after)

@@ -142,7 +142,7 @@ def build_draft(student_dir: Path, out_dir: Path, num_layers: int, max_ratio: fl
         raise ValueError(f"draft has {n_draft / n_student:.2f} of the student's parameters (at most {max_ratio}); "
                          "lower draft.num_layers")
     return _finish(tmp, out_dir, source=f"draft of {student_dir.name}", name=f"{student_dir.name}-draft",
-                   parameter_ratio=round(n_draft / n_student, 4), student_digest=read_manifest(student_dir)["digest"])
+                   parameter_ratio=round(n_draft / n_student, 4), student_digest=dir_digest(student_dir))
 
 
 def ensure_models(cfg: LoopConfig, force: bool = False) -> dict[str, dict]:

@@ -255,13 +255,18 @@ class LoRADistiller:
                                          resources_per_worker={"CPU": tc.cpus_per_worker}),
             run_config=RunConfig(name=self.run_name, storage_path=str(self.storage_path)),
         )
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"training run {self.run_name} finished without a checkpoint: {result.error}")
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with result.checkpoint.as_directory() as ckpt:
-            shutil.copytree(ckpt, tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
-        return dict(result.metrics)
+        return fit_to_dir(trainer, self.run_name, out_dir)
+
+
+def fit_to_dir(trainer, run_name: str, out_dir: Path) -> dict:
+    """Run a Ray Train trainer; its final checkpoint becomes `out_dir` whole or not at all."""
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} finished without a checkpoint: {result.error}")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with result.checkpoint.as_directory() as ckpt:
+        shutil.copytree(ckpt, tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return dict(result.metrics)
