@@ -1,4 +1,5 @@
 """Fakes shared by the gateway tests: replicas get them by value (`register_pickle_by_value`)."""
+import time
 from dataclasses import dataclass
 
 from loop.serving.engine import Generation
@@ -25,3 +26,25 @@ class FakeEngine:
         for i in range(max_tokens):
             yield Generation(text=f"tok{i} ", prompt_tokens=3, completion_tokens=1, ttft_ms=1.0,
                              finish_reason="length" if i == max_tokens - 1 else "")
+
+
+def serve_gateway(name: str, route: str, rollouts: dict, *bind_args) -> None:
+    """A gateway app (the real Gateway class) under `route`, bound to `bind_args`; waits until RUNNING."""
+    from ray import serve
+
+    from serve_apps.gateway_app import ingress_gateway
+
+    app = serve.deployment(ingress_gateway(), name=name, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256,
+                           user_config={"endpoints": rollouts}).bind(*bind_args)
+    serve.run(app, name=name, route_prefix=route, blocking=False)
+    for _ in range(120):
+        if serve.status().applications[name].status == "RUNNING":
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"test gateway {name} did not start")
+
+
+def fake_engine():
+    from ray import serve
+
+    return serve.deployment(FakeEngine, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256).bind()

@@ -7,7 +7,7 @@ import json
 import openai
 import pytest
 import ray
-from fakes import FakeEngine
+from fakes import fake_engine, serve_gateway
 
 from loop.config import hash_api_key
 from loop.serving.gateway import assign_variant
@@ -27,11 +27,10 @@ def fake_gateway(ray_cluster, cycle_job, tmp_path_factory):
     from ray import serve
 
     from loop.config import load_config
-    from serve_apps.gateway_app import ingress_gateway
 
     cfg = load_config(cycle_job["config"])
     ray.init(address=ray_cluster["RAY_ADDRESS"], namespace="loop-tests", ignore_reinit_error=True)
-    # Replicas cannot import the test modules: ship FakeEngine by value.
+    # Replicas cannot import the test modules: ship the fakes by value.
     import fakes
 
     ray.cloudpickle.register_pickle_by_value(fakes)
@@ -44,19 +43,9 @@ def fake_gateway(ray_cluster, cycle_job, tmp_path_factory):
                        "challenger_weight": 0.5, "rollout_id": "r1"},
                 "e2": {"champion": _version(1), "challenger": None, "challenger_weight": 0.0, "rollout_id": "r2"}}
     ray.get(store.set.remote(rollouts))
-    app = serve.deployment(ingress_gateway(), name="fake-gateway", ray_actor_options={"num_cpus": 0},
-                           max_ongoing_requests=256,
-                           user_config={"endpoints": rollouts}).bind(
-        serve.deployment(FakeEngine, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256).bind(), trace_log, tenants,
-        hash_api_key("sk-admin-secret"), {"e2": -1.0},
-        {"base_url": f"http://127.0.0.1:{cfg.serving.port}/teacher/v1", "model": "reference-teacher"}, store)
-    serve.run(app, name="fake-gateway", route_prefix="/fake", blocking=False)
-    import time
-
-    for _ in range(120):
-        if serve.status().applications["fake-gateway"].status == "RUNNING":
-            break
-        time.sleep(0.5)
+    teacher = {"base_url": f"http://127.0.0.1:{cfg.serving.port}/teacher/v1", "model": "reference-teacher"}
+    serve_gateway("fake-gateway", "/fake", rollouts, fake_engine(), trace_log, tenants,
+                  hash_api_key("sk-admin-secret"), {"e2": -1.0}, teacher, store)
     yield {"url": f"http://127.0.0.1:{cfg.serving.port}/fake/v1", "traces": traces, "rollouts": rollouts,
            "store": store}
     serve.delete("fake-gateway")

@@ -7,6 +7,7 @@ import openai
 import pytest
 import ray
 import yaml
+from fakes import serve_gateway
 
 from loop.config import LoopConfig
 from loop.serving.admin import RolloutController
@@ -22,7 +23,7 @@ ENDPOINT = "tiny-support"
 def merged(ray_cluster, cycle_job, tmp_path_factory):
     from ray import serve
 
-    from serve_apps.gateway_app import ENGINE_APP, delete_apps, ingress_gateway, merged_apps
+    from serve_apps.gateway_app import ENGINE_APP, delete_apps, merged_apps
 
     raw = yaml.safe_load(cycle_job["config"].read_text())
     for tenant in raw["tenants"]:
@@ -40,16 +41,8 @@ def merged(ray_cluster, cycle_job, tmp_path_factory):
     trace_log = ray.remote(TraceLog).options(num_cpus=0).remote(str(traces))
     tenants = {t.id: {"api_key_hashes": t.api_key_hashes, "endpoints": [e.id for e in t.endpoints]}
                for t in cfg.tenants}
-    app = serve.deployment(ingress_gateway(), name="merged-gateway", ray_actor_options={"num_cpus": 0},
-                           max_ongoing_requests=256,
-                           user_config={"endpoints": rollouts}).bind(
-        serve.get_deployment_handle(ENGINE_APP, app_name=ENGINE_APP), trace_log, tenants, None, {}, None, store,
-        controller)
-    serve.run(app, name="merged-gateway", route_prefix="/merged", blocking=False)
-    for _ in range(120):
-        if serve.status().applications["merged-gateway"].status == "RUNNING":
-            break
-        time.sleep(0.5)
+    engine = serve.get_deployment_handle(ENGINE_APP, app_name=ENGINE_APP)
+    serve_gateway("merged-gateway", "/merged", rollouts, engine, trace_log, tenants, None, {}, None, store, controller)
     yield {"cfg": cfg, "rollouts": rollouts, "start_s": start_s, "traces": traces,
            "url": f"http://127.0.0.1:{cfg.serving.port}/merged/v1"}
     serve.delete("merged-gateway")

@@ -9,7 +9,7 @@ import openai
 import pytest
 import ray
 import yaml
-from fakes import FakeEngine
+from fakes import fake_engine, serve_gateway
 
 from loop.config import LoopConfig, hash_api_key
 from loop.lineage.registry import Lineage, registered_name
@@ -27,7 +27,6 @@ def rollouts(ray_cluster, cycle_job, tmp_path_factory):
     """Endpoints e1 (tenant t1) and e2 (t2), versions 2 and 3 of e1 registered (3 failed the gate)."""
     from ray import serve
 
-    from serve_apps.gateway_app import ingress_gateway
 
     raw = yaml.safe_load(cycle_job["config"].read_text())
     state = tmp_path_factory.mktemp("rollouts")
@@ -57,16 +56,8 @@ def rollouts(ray_cluster, cycle_job, tmp_path_factory):
     trace_log = ray.remote(TraceLog).options(num_cpus=0).remote(str(traces))
     tenants = {t.id: {"api_key_hashes": t.api_key_hashes, "endpoints": [e.id for e in t.endpoints]}
                for t in cfg.tenants}
-    app = serve.deployment(ingress_gateway(), name="rollout-gateway", ray_actor_options={"num_cpus": 0},
-                           max_ongoing_requests=256,
-                           user_config={"endpoints": first}).bind(
-        serve.deployment(FakeEngine, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256).bind(), trace_log, tenants,
-        hash_api_key(ADMIN), {}, None, store, controller)
-    serve.run(app, name="rollout-gateway", route_prefix="/rollouts", blocking=False)
-    for _ in range(120):
-        if serve.status().applications["rollout-gateway"].status == "RUNNING":
-            break
-        time.sleep(0.5)
+    serve_gateway("rollout-gateway", "/rollouts", first, fake_engine(), trace_log, tenants, hash_api_key(ADMIN),
+                  {}, None, store, controller)
     root = f"http://127.0.0.1:{cfg.serving.port}/rollouts"
     yield {"root": root, "url": f"{root}/v1", "lineage": lineage, "traces": traces, "trace_log": trace_log}
     serve.delete("rollout-gateway")

@@ -34,15 +34,10 @@ def draft_train_loop(config: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loop.train.losses import full_kl
-    from loop.train.sft import _batches, encode_example
+    from loop.train.sft import _batches, encode_example, worker_setup
 
     dc = DraftTrainingConfig.model_validate(config["draft_training"])
-    if dc.torch_threads:
-        torch.set_num_threads(dc.torch_threads)
-    torch.manual_seed(dc.seed)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = worker_setup(dc.torch_threads, dc.seed)
     tok = AutoTokenizer.from_pretrained(config["student_dir"])
     student = AutoModelForCausalLM.from_pretrained(config["student_dir"], dtype=torch.float32).to(device).eval()
     draft = AutoModelForCausalLM.from_pretrained(config["draft_dir"], dtype=torch.float32)

@@ -102,6 +102,20 @@ def load_examples(tokenizer, path: str | Path | None, max_len: int) -> list[dict
     return out
 
 
+def worker_setup(threads: int | None, seed: int) -> tuple[int, int, object]:
+    """Threads and seed of this Ray Train worker; returns its rank, the world size and its device."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    if threads:
+        # Ray sets OMP_NUM_THREADS to the worker's CPU count (often 1); training wants the cores.
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker. `config` is plain data (paths and TrainingConfig fields)."""
     import ray.train
@@ -114,12 +128,7 @@ def train_loop(config: dict) -> None:
     from loop.train.losses import drift_penalty, fisher_diagonal, snapshot, topk_kl
 
     tc = TrainingConfig.model_validate(config["training"])
-    if tc.torch_threads:
-        # Ray sets OMP_NUM_THREADS to the worker's CPU count (often 1); training wants the cores.
-        torch.set_num_threads(tc.torch_threads)
-    torch.manual_seed(tc.seed)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world, device = worker_setup(tc.torch_threads, tc.seed)
 
     tok = AutoTokenizer.from_pretrained(config["base_dir"])
     model = AutoModelForCausalLM.from_pretrained(config["base_dir"], dtype=torch.float32)
@@ -130,7 +139,6 @@ def train_loop(config: dict) -> None:
         model = get_peft_model(model, LoraConfig(
             r=tc.lora_rank, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
             target_modules=tc.target_modules, task_type="CAUSAL_LM"))
-    device = ray.train.torch.get_device()
     engine = None
     if tc.strategy == "ddp":
         model = ray.train.torch.prepare_model(model)
