@@ -189,6 +189,19 @@ class TrainingConfig(_Strict):
     reg_weight: float = Field(default=0.0, ge=0)
 
 
+class DataConfig(_Strict):
+    """Which served prompts a cycle sends to the teacher (see loop/data/select.py)."""
+    max_prompts: int = Field(default=1000, ge=1)
+    sample_size: int = Field(default=1000, ge=0)
+    """Prompts sampled (stratified by user) beyond the escalated / unsure / disliked ones."""
+    min_confidence: float | None = Field(default=None, le=0)
+    """Prompts answered with a mean token log-probability below this are chosen first."""
+    negative_score: float = 0.5
+    """Feedback scores below this (or labels like "bad", "wrong") mark a prompt for relabelling."""
+    heldout_fraction: float = Field(default=0.1, ge=0, lt=1)
+    """Share of selected prompts (by a stable hash) labelled but never trained on: `heldout.jsonl`."""
+
+
 class DraftTrainingConfig(_Strict):
     enabled: bool = True
     """Co-train the draft after every student checkpoint (off: versions keep the previous draft)."""
@@ -254,6 +267,7 @@ class LoopConfig(_Strict):
     tenants: list[TenantConfig] = Field(min_length=1)
     world: WorldConfig = WorldConfig()
     traffic: TrafficConfig = TrafficConfig()
+    data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()
     draft_training: DraftTrainingConfig = DraftTrainingConfig()
     merge: MergeConfig = MergeConfig()

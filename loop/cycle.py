@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loop.config import EndpointConfig, LoopConfig
+from loop.data.select import select_prompts
 from loop.models.digest import dir_digest
 from loop.services import Services, admin, set_teacher_epoch
 from loop.sim.traffic import EVAL_USER, ask_gateway, eval_traffic, user_traffic
 from loop.sim.world import World, is_correct
+from loop.traces.log import read_feedback
 
 
 class CycleFailed(RuntimeError):
@@ -169,16 +171,20 @@ class Cycle:
         since = self._previous_cutoff()
         ds = ray.data.read_parquet(str(parts)).filter(
             expr=f"endpoint == '{self.endpoint.id}' and status == 200 and ts > {since}")
-        read = ds.select_columns(["prompt", "user", "ts"]).take_all()
+        read = ds.select_columns(["prompt", "user", "ts", "request_id", "escalated", "confidence"]).take_all()
         # The next cycle starts after the newest record read here: nothing falls between cycles.
         cutoff = max((r["ts"] for r in read), default=since)
         rows = [r for r in read if not r["user"].startswith(EVAL_USER)]
-        prompts = sorted({r["prompt"] for r in rows})
+        d = self.cfg.data
+        sel = select_prompts(rows, read_feedback(self.cfg.storage.path("traces")), max_prompts=d.max_prompts,
+                             sample_size=d.sample_size, min_confidence=d.min_confidence,
+                             negative_score=d.negative_score, heldout_fraction=d.heldout_fraction, seed=self.number)
+        prompts, heldout = [r["prompt"] for r in sel.train], {r["prompt"] for r in sel.heldout}
         if not prompts:
             raise CycleFailed(f"no new traffic for model-{self.endpoint.id} since the last cycle: nothing to learn")
         # The reference teacher's answers change with its world's epoch: part of the cache key.
         namespace = f"epoch-{self.epoch}" if self.cfg.teacher.kind == "reference" else ""
-        labeled = ray.data.from_items([{"messages": p} for p in prompts]).map_batches(
+        labeled = ray.data.from_items([{"messages": p} for p in prompts + sorted(heldout)]).map_batches(
             TeacherLabeler, fn_constructor_args=(self.cfg.teacher.model_dump(), self.services.teacher_url,
                                                  teacher_key(self.cfg.teacher),
                                                  str(self.cfg.storage.path("teacher-cache.sqlite")), namespace),
@@ -191,19 +197,19 @@ class Cycle:
         cost = {"teacher_cost_usd": sum(r["cost_usd"] for r in labeled),
                 "teacher_cached": sum(bool(r["cached"]) for r in labeled),
                 "teacher_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in labeled)}
-        if not good:
-            raise CycleFailed(f"the teacher labelled none of {len(labeled)} prompts "
+        if not [r for r in good if r["messages"] not in heldout]:
+            raise CycleFailed(f"the teacher labelled none of the {len(prompts)} training prompts "
                               f"(first error: {failed[0]['label_error'] or 'empty answer'}); check teacher.base_url")
         path = sdir / "train.jsonl"
-        with open(path, "w") as f:
+        with open(path, "w") as f, open(sdir / "heldout.jsonl", "w") as h:
             for r in good:
                 row = {"messages": json.loads(r["messages"]), "completion": r["completion"]}
                 if r.get("top_logprobs"):
                     row["top_logprobs"] = json.loads(r["top_logprobs"])
-                f.write(json.dumps(row) + "\n")
+                (h if r["messages"] in heldout else f).write(json.dumps(row) + "\n")
         replayed = self._replay(sdir / "replay.jsonl", round(self.cfg.training.replay_ratio * len(good)))
         digest = dir_digest(sdir)
-        cost["replayed"] = replayed
+        cost.update(replayed=replayed, **{f"selected_{k}": v for k, v in sel.counts.items()})
         self.lineage.log(run_id, params={"dataset_digest": digest, "since": since},
                          metrics={"selected": len(prompts), "labelled": len(good), "label_failed": len(failed), **cost})
         return {"dataset": str(path), "dataset_digest": digest, "selected": len(prompts), "labelled": len(good),

@@ -1,0 +1,51 @@
+"""Prompt selection from the trace log: reasons, priorities, deduplication, user strata, held-out split."""
+import json
+
+from loop.data.select import select_prompts
+
+
+def _rec(text, user="u1", **kw):
+    return {"prompt": json.dumps([{"role": "user", "content": text}]), "user": user,
+            "request_id": f"req-{text}-{user}", **kw}
+
+
+def _texts(rows):
+    return [json.loads(r["prompt"])[0]["content"] for r in rows]
+
+
+def test_reasons_priorities_and_dedup():
+    records = [_rec("esc", escalated=True, confidence=-3.0), _rec("esc", user="u2"),  # the same prompt twice
+               _rec("unsure", confidence=-2.5), _rec("sure", confidence=-0.1), _rec("disliked", confidence=-0.2),
+               _rec("unmeasured", confidence=0.0)]
+    feedback = [{"request_id": "req-disliked-u1", "score": 0.0, "label": None},
+                {"request_id": "req-sure-u1", "score": 1.0, "label": None}]
+    sel = select_prompts(records, feedback, max_prompts=10, sample_size=0, min_confidence=-1.0)
+    assert _texts(sel.train) == ["esc", "unsure", "disliked"]
+    assert sel.train[0]["reasons"] == ["escalated", "low_confidence"]
+    assert sel.counts == {"candidates": 5, "escalated": 1, "low_confidence": 2, "negative_feedback": 1,
+                          "sampled": 0, "train": 3, "heldout": 0}
+    # A cap keeps the most important first.
+    assert _texts(select_prompts(records, feedback, max_prompts=1, sample_size=5, min_confidence=-1.0).train) == ["esc"]
+    # Labels count as feedback too.
+    by_label = select_prompts([_rec("x")], [{"request_id": "req-x-u1", "label": "Wrong"}], max_prompts=5, sample_size=0)
+    assert by_label.train[0]["reasons"] == ["negative_feedback"]
+
+
+def test_the_sample_is_stratified_by_user():
+    records = [_rec(f"heavy-{i}", user="heavy") for i in range(50)]
+    records += [_rec(f"light-{u}-{i}", user=f"u{u}") for u in range(4) for i in range(2)]
+    sel = select_prompts(records, [], max_prompts=100, sample_size=10, seed=1)
+    texts = _texts(sel.train)
+    assert len(texts) == 10 and sel.counts["sampled"] == 10
+    assert sum(t.startswith("heavy") for t in texts) <= 2, texts  # one user cannot crowd out the others
+    assert {t.split("-")[1] for t in texts if t.startswith("light")} == {"0", "1", "2", "3"}
+    assert _texts(select_prompts(records, [], max_prompts=100, sample_size=10, seed=1).train) == texts, "seeded"
+
+
+def test_heldout_split_is_stable_and_never_trained():
+    records = [_rec(f"q{i}", escalated=True) for i in range(400)]
+    a = select_prompts(records, [], max_prompts=1000, sample_size=0, heldout_fraction=0.25)
+    b = select_prompts(list(reversed(records)), [], max_prompts=1000, sample_size=0, heldout_fraction=0.25)
+    assert 0.19 < len(a.heldout) / 400 < 0.31
+    assert {r["prompt"] for r in a.heldout} == {r["prompt"] for r in b.heldout}
+    assert not {r["prompt"] for r in a.heldout} & {r["prompt"] for r in a.train}
