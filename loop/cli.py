@@ -76,7 +76,7 @@ def _serve(args) -> int:
         stop_services(cfg)
 
 
-BENCHMARKS = ("serving",)
+BENCHMARKS = ("serving", "draft")
 
 
 def _bench(args) -> int:
