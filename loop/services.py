@@ -112,17 +112,34 @@ def reconcile(services: Services) -> dict:
 
     from serve_apps.gateway_app import deploy_gateway
 
+    from serve_apps.gateway_app import APP_NAME, _running
+
     rollouts = ray.get(services.controller.publish.remote())
-    deploy_gateway(services.cfg, services.trace_log, rollouts, services.teacher_url, services.rollout_store,
-                   services.controller)
+    if _running(APP_NAME):
+        _settle()
+    else:
+        deploy_gateway(services.cfg, services.trace_log, rollouts, services.teacher_url, services.rollout_store,
+                       services.controller)
     return rollouts
 
 
 def admin(services: Services, action: str, endpoint: str, **kwargs) -> dict:
-    """One rollout action (see RolloutController.act), as the admin routes do it; returns the rollout."""
+    """One rollout action (see RolloutController.act), as the admin routes do it; returns the rollout
+    once every gateway replica serves it."""
     import ray
 
-    return ray.get(services.controller.act.remote(action, endpoint, **kwargs))
+    rollout = ray.get(services.controller.act.remote(action, endpoint, **kwargs))
+    _settle()
+    return rollout
+
+
+def _settle() -> None:
+    """Wait until every gateway replica has polled the rollout store since it changed."""
+    import time
+
+    from loop.serving.rollouts import POLL_S
+
+    time.sleep(2 * POLL_S)
 
 
 def set_teacher_epoch(services: Services, epoch: int) -> None:
