@@ -197,7 +197,8 @@ class Cycle:
         cost = {"teacher_cost_usd": sum(r["cost_usd"] for r in labeled),
                 "teacher_cached": sum(bool(r["cached"]) for r in labeled),
                 "teacher_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in labeled)}
-        if not [r for r in good if r["messages"] not in heldout]:
+        trained = [r for r in good if r["messages"] not in heldout]
+        if not trained:
             raise CycleFailed(f"the teacher labelled none of the {len(prompts)} training prompts "
                               f"(first error: {failed[0]['label_error'] or 'empty answer'}); check teacher.base_url")
         path = sdir / "train.jsonl"
@@ -207,7 +208,7 @@ class Cycle:
                 if r.get("top_logprobs"):
                     row["top_logprobs"] = json.loads(r["top_logprobs"])
                 (h if r["messages"] in heldout else f).write(json.dumps(row) + "\n")
-        replayed = self._replay(sdir / "replay.jsonl", round(self.cfg.training.replay_ratio * len(good)))
+        replayed = self._replay(sdir / "replay.jsonl", round(self.cfg.training.replay_ratio * len(trained)))
         digest = dir_digest(sdir)
         cost.update(replayed=replayed, **{f"selected_{k}": v for k, v in sel.counts.items()})
         self.lineage.log(run_id, params={"dataset_digest": digest, "since": since},
