@@ -66,10 +66,16 @@ class DraftConfig(ModelConfig):
 
 
 class TeacherConfig(_Strict):
-    kind: Literal["reference", "openai"] = "reference"
+    kind: Literal["reference", "openai", "local"] = "reference"
     """`reference`: the simulated frontier, started by the loop as a Ray Serve app.
-    `openai`: any OpenAI-compatible endpoint at `base_url`."""
+    `openai`: any OpenAI-compatible endpoint at `base_url`.
+    `local`: a Hugging Face model at `path` with the student's tokenizer, in a Ray actor; it labels
+    with its greedy answers and distils its full logits (training.kd_weight)."""
     base_url: str | None = None
+    path: str | None = None
+    """The local teacher's model directory (absolute, or relative to storage.root)."""
+    num_gpus: float = Field(default=0.0, ge=0)
+    """GPUs for the local teacher's actor (0 on CPU)."""
     model: str = "reference-teacher"
     api_key_env: str | None = None
     """Environment variable holding the teacher's API key (never the key itself)."""
@@ -96,6 +102,8 @@ class TeacherConfig(_Strict):
     def _url_for_openai(self) -> "TeacherConfig":
         if self.kind == "openai" and not self.base_url:
             raise ValueError("teacher.base_url is required when teacher.kind is 'openai'")
+        if self.kind == "local" and not self.path:
+            raise ValueError("teacher.path (a Hugging Face model directory) is required when teacher.kind is 'local'")
         return self
 
 
@@ -178,9 +186,9 @@ class TrainingConfig(_Strict):
     seed: int = 0
     torch_threads: int | None = Field(default=None, ge=1)
     kd_weight: float = Field(default=1.0, ge=0)
-    """Weight of token-level distillation (KL to the teacher's top-k log-probabilities) beside the
-    cross-entropy on its text; used for the examples whose teacher gave log-probabilities in the
-    student's tokenization (teacher.top_logprobs > 0)."""
+    """Weight of token-level distillation beside the cross-entropy on the teacher's text: KL to the
+    teacher's top-k log-probabilities, for the examples whose teacher gave them in the student's
+    tokenization (teacher.top_logprobs > 0), or to a local teacher's full distribution."""
     replay_ratio: float = Field(default=0.0, ge=0, le=10)
     """Replay buffer: examples from earlier cycles' datasets of the endpoint, this many per new one."""
     regularizer: Literal["none", "l2", "ewc"] = "none"
@@ -284,6 +292,11 @@ class LoopConfig(_Strict):
         if eng.max_cpu_loras is not None and eng.max_cpu_loras < eng.max_loras:
             raise ValueError(f"serving.engine.max_cpu_loras ({eng.max_cpu_loras}) must be at least "
                              f"serving.engine.max_loras ({eng.max_loras})")
+        if self.teacher.kind == "local":
+            cascading = [e.id for _, e in self.endpoints() if e.cascade is not None]
+            if cascading:
+                raise ValueError(f"endpoints {cascading} escalate to the teacher over HTTP; a local teacher has no "
+                                 "endpoint: drop their cascade or use teacher.kind 'openai'")
         t = self.training
         if t.strategy == "deepspeed" and t.zero_stage == 3 and t.regularizer != "none" and t.reg_weight > 0:
             raise ValueError("training.regularizer needs whole parameters on every worker; ZeRO-3 shards them: "
@@ -297,7 +310,7 @@ class LoopConfig(_Strict):
                 f"({self.serving.engine.max_lora_rank}): raise max_lora_rank or lower lora_rank")
         return self
 
-    def model_path(self, model: ModelConfig) -> Path:
+    def model_path(self, model: "ModelConfig | TeacherConfig") -> Path:
         p = Path(model.path)
         return p if p.is_absolute() else self.storage.path(model.path)
 

@@ -147,19 +147,40 @@ class Cycle:
                 "samples": [{"q": a.question, "a": a.text, "expected": a.fact.value} for a in answers[:3]]}
 
     def _traffic(self, sdir: Path, run_id: str) -> dict:
-        from loop.teacher.client import ask, check_reachable, make_client
+        from loop.teacher.client import check_reachable
 
-        check_reachable(self.cfg.teacher, self.services.teacher_url)
+        if self.cfg.teacher.kind != "local":
+            check_reachable(self.cfg.teacher, self.services.teacher_url)
         started = time.time()
         answers = self._ask(user_traffic(self.world.facts, self.cfg.traffic.users, seed=self.number))
         result = {"requests": len(answers), "since": started, "user_acc": sum(a.correct for a in answers) / len(answers)}
         result.update(self._eval())
-        client = make_client(self.cfg.teacher, self.services.teacher_url)
-        teacher = [ask(client, self.cfg.teacher.model, [{"role": "user", "content": f.heldout_question()}],
-                       self.cfg.teacher.max_tokens) for f in self.world.facts]
+        teacher = self._teacher_answers([[{"role": "user", "content": f.heldout_question()}] for f in self.world.facts])
         result["teacher_acc"] = sum(is_correct(f, a) for f, a in zip(self.world.facts, teacher)) / len(teacher)
         self.lineage.log(run_id, metrics={k: result[k] for k in ("requests", "user_acc", "eval_acc", "teacher_acc")})
         return result
+
+    def _teacher_answers(self, conversations: list[list[dict]]) -> list[str]:
+        """The teacher's greedy answers: over HTTP, or from the local teacher in a Ray actor."""
+        t = self.cfg.teacher
+        if t.kind == "local":
+            import ray
+
+            from loop.teacher.local import LocalTeacher
+
+            actor = ray.remote(LocalTeacher).options(num_cpus=1, num_gpus=t.num_gpus).remote(
+                str(self._teacher_dir()), t.max_tokens, self.cfg.training.torch_threads)
+            try:
+                return ray.get(actor.answer.remote(conversations))
+            finally:
+                ray.kill(actor)
+        from loop.teacher.client import ask, make_client
+
+        client = make_client(t, self.services.teacher_url)
+        return [ask(client, t.model, c, t.max_tokens) for c in conversations]
+
+    def _teacher_dir(self) -> Path | None:
+        return self.cfg.model_path(self.cfg.teacher) if self.cfg.teacher.kind == "local" else None
 
     def _select_and_label(self, sdir: Path, run_id: str) -> dict:
         import ray
@@ -182,13 +203,21 @@ class Cycle:
         prompts, heldout = [r["prompt"] for r in sel.train], {r["prompt"] for r in sel.heldout}
         if not prompts:
             raise CycleFailed(f"no new traffic for model-{self.endpoint.id} since the last cycle: nothing to learn")
-        # The reference teacher's answers change with its world's epoch: part of the cache key.
-        namespace = f"epoch-{self.epoch}" if self.cfg.teacher.kind == "reference" else ""
-        labeled = ray.data.from_items([{"messages": p} for p in prompts + sorted(heldout)]).map_batches(
-            TeacherLabeler, fn_constructor_args=(self.cfg.teacher.model_dump(), self.services.teacher_url,
-                                                 teacher_key(self.cfg.teacher),
-                                                 str(self.cfg.storage.path("teacher-cache.sqlite")), namespace),
-            batch_size=32, concurrency=1, num_cpus=0).take_all()
+        items = ray.data.from_items([{"messages": p} for p in prompts + sorted(heldout)])
+        t = self.cfg.teacher
+        if t.kind == "local":
+            from loop.teacher.local import LocalTeacherLabeler
+
+            labeled = items.map_batches(LocalTeacherLabeler, fn_constructor_args=(
+                str(self._teacher_dir()), t.max_tokens, self.cfg.training.torch_threads),
+                batch_size=32, concurrency=1, num_cpus=1, num_gpus=t.num_gpus).take_all()
+        else:
+            # The reference teacher's answers change with its world's epoch: part of the cache key.
+            namespace = f"epoch-{self.epoch}" if t.kind == "reference" else ""
+            labeled = items.map_batches(
+                TeacherLabeler, fn_constructor_args=(t.model_dump(), self.services.teacher_url, teacher_key(t),
+                                                     str(self.cfg.storage.path("teacher-cache.sqlite")), namespace),
+                batch_size=32, concurrency=1, num_cpus=0).take_all()
         good = [r for r in labeled if not r["label_error"] and r["completion"].strip()]
         failed = [r for r in labeled if r not in good]
         with open(sdir / "label_failures.jsonl", "w") as f:  # what failed, and why, for the record
@@ -241,7 +270,8 @@ class Cycle:
                                   f"{self.endpoint.id}-cycle-{self.number:04d}")
         metrics = distiller.run(self.cfg.model_path(self.cfg.student), Path(data["dataset"]), sdir / "adapter",
                                 init_adapter=champion["adapter_path"],
-                                replay=Path(data["replay"]) if data.get("replay") else None)
+                                replay=Path(data["replay"]) if data.get("replay") else None,
+                                teacher_dir=self._teacher_dir(), teacher_gpus=self.cfg.teacher.num_gpus)
         digest = dir_digest(sdir / "adapter")
         self.lineage.log(run_id, params={**self.cfg.training.model_dump(), "warm_start": champion["version"]},
                          metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},

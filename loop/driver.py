@@ -28,6 +28,7 @@ def run(cfg: LoopConfig, cycles: int) -> list[dict]:
     from loop.models.fetch import read_manifest
     from loop.services import start_services, stop_services
     from loop.teacher.client import check_reachable
+    from loop.teacher.local import check_same_tokenizer
 
     keys = {}
     for i, tenant in enumerate(cfg.tenants):
@@ -40,6 +41,12 @@ def run(cfg: LoopConfig, cycles: int) -> list[dict]:
         read_manifest(cfg.model_path(model))
     if cfg.teacher.kind == "openai":
         check_reachable(cfg.teacher, cfg.teacher.base_url)
+    if cfg.teacher.kind == "local":
+        teacher_dir = cfg.model_path(cfg.teacher)
+        if not (teacher_dir / "config.json").exists():
+            raise ConfigError(f"teacher.path: {teacher_dir} holds no Hugging Face model (config.json); "
+                              "download or save the teacher there")
+        check_same_tokenizer(cfg.model_path(cfg.student), teacher_dir)
     t0 = time.perf_counter()
     first = min(_next_cycle(cfg, e.id) for _, e in cfg.endpoints())
     print(f"[loop] {cfg.name}: starting Ray, MLflow ({cfg.storage.tracking_uri}), teacher and gateway", flush=True)
@@ -82,11 +89,12 @@ def main(config_path: str, cycles: int, report_json: str | None = None) -> int:
     from loop.cycle import CycleFailed
     from loop.models.fetch import ModelMissing
     from loop.teacher.client import TeacherUnreachable
+    from loop.teacher.local import TokenizerMismatch
 
     try:
         cfg = load_config(config_path)
         reports = run(cfg, cycles)
-    except (ConfigError, ModelMissing, TeacherUnreachable, CycleFailed) as e:
+    except (ConfigError, ModelMissing, TeacherUnreachable, TokenizerMismatch, CycleFailed) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     if report_json:

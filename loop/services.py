@@ -92,7 +92,9 @@ def start_services(cfg: LoopConfig, epoch: int) -> Services:
         name=f"loop-rollout-controller-{root_tag}", lifetime="detached", get_if_exists=True, num_cpus=0,
         max_restarts=-1, max_task_retries=-1).remote(_absolute(cfg), rollout_store)
     ray.get(controller.configure.remote(_absolute(cfg)))
-    teacher_url = cfg.teacher.base_url if cfg.teacher.kind == "openai" else deploy_teacher(cfg, epoch)
+    # A local teacher has no endpoint: it lives in the cycle's Ray actors (labelling, training).
+    kind = cfg.teacher.kind
+    teacher_url = cfg.teacher.base_url if kind == "openai" else "" if kind == "local" else deploy_teacher(cfg, epoch)
     services = Services(cfg, lineage, trace_log, rollout_store, controller, teacher_url,
                         f"http://{cfg.serving.host}:{cfg.serving.port}/v1", base_manifest,
                         read_manifest(cfg.model_path(cfg.draft)), epoch)

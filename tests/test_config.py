@@ -48,6 +48,10 @@ def _write(tmp_path, mutate):
     (lambda r: r["training"].update(regularizer="ewc"), "set training.replay_ratio > 0"),
     (lambda r: r["training"].update(strategy="deepspeed", zero_stage=3, regularizer="l2", reg_weight=0.1),
      "use training.zero_stage 2"),
+    (lambda r: r.update(teacher={"kind": "local"}), "teacher.path (a Hugging Face model directory) is required"),
+    (lambda r: (r.update(teacher={"kind": "local", "path": "models/teacher"}),
+                r["tenants"][0]["endpoints"][0].update(cascade={"min_mean_logprob": -1.0})),
+     "a local teacher has no endpoint"),
     (lambda r: r["tenants"][1]["endpoints"][0].update(cascade={"min_mean_logprob": 2}),
      "tenants[1].endpoints[0].cascade.min_mean_logprob"),
 ])

@@ -179,12 +179,16 @@ class TeacherLabeler:
         self.pool = ThreadPoolExecutor(self.cfg.concurrency)
 
     def __call__(self, batch: dict) -> dict:
-        labels = list(self.pool.map(self.teacher.label, [json.loads(m) for m in batch["messages"]]))
-        batch["completion"] = [lb.completion for lb in labels]
-        batch["label_error"] = [lb.error for lb in labels]
-        batch["top_logprobs"] = [json.dumps(lb.top_logprobs) if lb.top_logprobs else "" for lb in labels]
-        batch["prompt_tokens"] = [lb.prompt_tokens for lb in labels]
-        batch["completion_tokens"] = [lb.completion_tokens for lb in labels]
-        batch["cost_usd"] = [lb.cost_usd for lb in labels]
-        batch["cached"] = [lb.cached for lb in labels]
-        return batch
+        return label_columns(batch, list(self.pool.map(self.teacher.label, [json.loads(m) for m in batch["messages"]])))
+
+
+def label_columns(batch: dict, labels: list[Label]) -> dict:
+    """The labelling columns every teacher adds to a batch of `messages`."""
+    batch["completion"] = [lb.completion for lb in labels]
+    batch["label_error"] = [lb.error for lb in labels]
+    batch["top_logprobs"] = [json.dumps(lb.top_logprobs) if lb.top_logprobs else "" for lb in labels]
+    batch["prompt_tokens"] = [lb.prompt_tokens for lb in labels]
+    batch["completion_tokens"] = [lb.completion_tokens for lb in labels]
+    batch["cost_usd"] = [lb.cost_usd for lb in labels]
+    batch["cached"] = [lb.cached for lb in labels]
+    return batch

@@ -17,15 +17,6 @@ from loop.config import DraftTrainingConfig
 from loop.train.sft import fit_to_dir
 
 
-def _answer_mask(labels):
-    """Logit positions whose next token is an answer token (labels are not shifted yet)."""
-    import torch
-
-    mask = torch.zeros_like(labels, dtype=torch.float)
-    mask[:, :-1] = (labels[:, 1:] != -100).float()
-    return mask
-
-
 def draft_train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -33,8 +24,9 @@ def draft_train_loop(config: dict) -> None:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from loop.models.chat import greedy_answers
     from loop.train.losses import full_kl
-    from loop.train.sft import _batches, encode_example, worker_setup
+    from loop.train.sft import _batches, answer_positions, encode_example, worker_setup
 
     dc = DraftTrainingConfig.model_validate(config["draft_training"])
     rank, world, device = worker_setup(dc.torch_threads, dc.seed)
@@ -47,7 +39,7 @@ def draft_train_loop(config: dict) -> None:
         raise ValueError("draft co-training has no examples: the dataset is empty")
     # On-policy: the draft learns the student's distribution on the student's own answers, which is
     # what speculative decoding verifies its proposals against.
-    answers = student_answers(student, tok, [r["messages"] for r in rows], dc.max_new_tokens, device)
+    answers = greedy_answers(student, tok, [r["messages"] for r in rows], dc.max_new_tokens, device)
     pool = []
     for r, answer in zip(rows, answers):
         ids, labels = encode_example(tok, r["messages"], answer, dc.max_seq_len)
@@ -59,7 +51,7 @@ def draft_train_loop(config: dict) -> None:
     for step in bar:
         b = {n: t.to(device) for n, t in _batches(pool, dc.batch_size, tok.pad_token_id or 0, step, rank, world,
                                                   dc.seed).items()}
-        mask = _answer_mask(b["labels"])
+        mask = answer_positions(b["labels"]).float()
         with torch.no_grad():
             target = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         loss = full_kl(draft(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, target, mask)
@@ -86,27 +78,6 @@ def _rows(path) -> list[dict]:
     if not path or not Path(path).exists():
         return []
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def student_answers(student, tok, conversations: list[list[dict]], max_new_tokens: int, device,
-                    batch_size: int = 16) -> list[str]:
-    """The student's greedy answers (left-padded batches)."""
-    import torch
-
-    side, tok.padding_side = tok.padding_side, "left"
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out = []
-    try:
-        for i in range(0, len(conversations), batch_size):
-            prompts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                       for c in conversations[i:i + batch_size]]
-            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad():
-                gen = student.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            out += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tok.padding_side = side
-    return out
 
 
 def measure_acceptance(student_dir: str | Path, draft_dir: str | Path, questions: list[str], k: int,

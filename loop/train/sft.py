@@ -1,9 +1,10 @@
 """LoRA distillation: cross-entropy on the teacher's answers (prompt tokens masked), plus token-level
-KL to the teacher's top-k log-probabilities where it gave them, plus an optional penalty toward the
+KL to the teacher's top-k log-probabilities where it gave them (or to a local teacher's full
+distribution at every answer position, asked of its Ray actor each step), plus an optional penalty toward the
 warm-start weights (L2 or EWC), on new examples mixed with replayed ones from earlier cycles.
 
 `train_loop` is the per-worker function Ray Train runs (DDP over gloo on CPU, NCCL on GPU); the
-numerics here know nothing about Ray beyond `ray.train.report`. `LoRADistiller` builds and runs the
+numerics here know nothing about Ray beyond `ray.train.report` and the teacher actor. `LoRADistiller` builds and runs the
 `TorchTrainer` and returns the adapter directory of the final checkpoint.
 """
 from __future__ import annotations
@@ -51,6 +52,15 @@ def kd_targets(tokenizer, ids: list[int], labels: list[int], top_logprobs: list 
             return None  # misaligned: the teacher's best token is not the student's token here
         out.append((pos - 1, top_ids, [float(lp) for _, lp in alternatives]))
     return out or None
+
+
+def answer_positions(labels):
+    """[B, T] bool: the logit positions whose next token is an answer token (labels not yet shifted)."""
+    import torch
+
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
 
 
 def _batches(examples: list[dict], batch_size: int, pad_id: int, step: int, rank: int, world: int, seed: int,
@@ -125,7 +135,7 @@ def train_loop(config: dict) -> None:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loop.train.losses import drift_penalty, fisher_diagonal, snapshot, topk_kl
+    from loop.train.losses import drift_penalty, fisher_diagonal, full_kl, snapshot, topk_kl
 
     tc = TrainingConfig.model_validate(config["training"])
     rank, world, device = worker_setup(tc.torch_threads, tc.seed)
@@ -151,6 +161,8 @@ def train_loop(config: dict) -> None:
     replay = load_examples(tok, config.get("replay"), tc.max_seq_len)
     pool = examples + replay
     k = max((len(t) for e in pool for _, t, _ in (e["kd"] or [])), default=0) if tc.kd_weight > 0 else 0
+    # A local teacher gives its whole distribution at every answer position (it shares the tokenizer).
+    teacher = ray.get_actor(config["teacher_actor"]) if config.get("teacher_actor") and tc.kd_weight > 0 else None
     pad = tok.pad_token_id or 0
     # EWC needs old data to weigh parameters by (none on a first cycle): then nothing to protect yet.
     guarded = tc.regularizer != "none" and tc.reg_weight > 0 and (tc.regularizer == "l2" or bool(replay))
@@ -175,6 +187,12 @@ def train_loop(config: dict) -> None:
         loss = out.loss
         if k and batch["kd_mask"].any():
             kl = topk_kl(out.logits, batch["top_ids"], batch["top_lps"], batch["kd_mask"])
+            loss = loss + tc.kd_weight * kl
+            kls.append(kl.item())
+        if teacher is not None:
+            where = answer_positions(batch["labels"])
+            target = ray.get(teacher.logprobs.remote(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), where.cpu()))
+            kl = full_kl(out.logits[where], target.to(device), torch.ones(target.shape[0], device=device))
             loss = loss + tc.kd_weight * kl
             kls.append(kl.item())
         if reference is not None:
@@ -249,21 +267,35 @@ class LoRADistiller:
         self.training, self.storage_path, self.run_name = training, storage_path, run_name
 
     def run(self, base_dir: Path, dataset: Path, out_dir: Path, init_adapter: str | None = None,
-            replay: Path | None = None) -> dict:
+            replay: Path | None = None, teacher_dir: Path | None = None, teacher_gpus: float = 0.0) -> dict:
+        """`teacher_dir`: a local teacher (same tokenizer) whose full logits the KD term matches."""
+        import ray
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
+        from loop.teacher.local import check_same_tokenizer, local_teacher_actor
+
         tc = self.training
+        actor, name = None, None
+        if teacher_dir is not None:
+            check_same_tokenizer(base_dir, teacher_dir)
+            name = f"loop-teacher-{self.run_name}"
+            actor = local_teacher_actor(teacher_dir, name, teacher_gpus, tc.torch_threads)
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"training": tc.model_dump(), "base_dir": str(base_dir), "dataset": str(dataset),
-                               "init_adapter": init_adapter, "replay": str(replay) if replay else None},
+                               "init_adapter": init_adapter, "replay": str(replay) if replay else None,
+                               "teacher_actor": name},
             torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                          resources_per_worker={"CPU": tc.cpus_per_worker}),
             run_config=RunConfig(name=self.run_name, storage_path=str(self.storage_path)),
         )
-        return fit_to_dir(trainer, self.run_name, out_dir)
+        try:
+            return fit_to_dir(trainer, self.run_name, out_dir)
+        finally:
+            if actor is not None:
+                ray.kill(actor)
 
 
 def fit_to_dir(trainer, run_name: str, out_dir: Path) -> dict:

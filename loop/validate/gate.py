@@ -35,7 +35,7 @@ def generate_answers(model_dir: Path, questions: list[str], max_new_tokens: int,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from loop.models.chat import chat_batch, left_padded_tokenizer
+    from loop.models.chat import greedy_answers, left_padded_tokenizer
 
     tok = left_padded_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -44,14 +44,8 @@ def generate_answers(model_dir: Path, questions: list[str], max_new_tokens: int,
 
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
-    out = []
-    for i in range(0, len(questions), batch_size):
-        batch = chat_batch(tok, questions[i:i + batch_size])
-        with torch.no_grad():
-            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        out += tok.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return out
+    return greedy_answers(model, tok, [[{"role": "user", "content": q}] for q in questions], max_new_tokens,
+                          batch_size=batch_size)
 
 
 def accuracy(facts: list[Fact], answers: list[str]) -> float:
