@@ -9,6 +9,8 @@ One run, on the config's student and draft (the default: SmolLM2-135M-Instruct a
      -> acceptance_cotrained (new student, co-trained draft); target: above stale, within 0.05 of before
   4. spec_speedup: wall time of plain greedy decoding / Hugging Face assisted generation with the
      co-trained draft (the same tokens come out), batch 1, on the held-out questions.
+  5. vllm_spec_speedup: the same with the merged backend's vLLM engine (`StudentEngine`), without and
+     with `speculative_config` (the co-trained draft), one request at a time.
 Acceptance is the expected number of accepted draft tokens per step of k proposals, from
 sum(min(p, q)) per position, on the student's own greedy answers to held-out questions.
 """
@@ -53,6 +55,45 @@ def _speedup(student_dir: Path, draft_dir: Path, questions: list[str], max_new_t
             "spec_speedup": timings["plain"] / timings["assisted"], "identical_outputs": f"{same}/{len(questions)}"}
 
 
+def _vllm_generate(student_dir: str, draft_dir: str | None, engine_cfg: dict, questions: list[str],
+                   max_tokens: int) -> dict:
+    """Greedy answers one request at a time (batch 1) from the merged backend's engine, with or without
+    its draft; the engine start is not timed."""
+    import asyncio
+
+    from loop.config import EngineConfig
+    from loop.serving.engine import StudentEngine
+
+    engine = StudentEngine(student_dir, EngineConfig.model_validate(engine_cfg), lora=False, draft_dir=draft_dir)
+
+    async def answer_all():
+        texts, tokens = [], 0
+        await engine.generate([{"role": "user", "content": questions[0]}], max_tokens=4, request_id="warmup")
+        t0 = time.perf_counter()
+        for i, q in enumerate(questions):
+            gen = await engine.generate([{"role": "user", "content": q}], max_tokens=max_tokens, request_id=f"q{i}")
+            texts.append(gen.text)
+            tokens += gen.completion_tokens
+        return {"seconds": time.perf_counter() - t0, "texts": texts, "tokens": tokens}
+
+    try:
+        return asyncio.run(answer_all())
+    finally:
+        engine.shutdown()
+
+
+def _vllm_speedup(student_dir: Path, draft_dir: Path, engine_cfg: dict, questions: list[str], max_tokens: int) -> dict:
+    import ray
+
+    task = ray.remote(num_cpus=1)(_vllm_generate)
+    plain = ray.get(task.remote(str(student_dir), None, engine_cfg, questions, max_tokens))
+    spec = ray.get(task.remote(str(student_dir), str(draft_dir), engine_cfg, questions, max_tokens))
+    same = sum(a == b for a, b in zip(plain["texts"], spec["texts"]))
+    return {"vllm_plain_s": plain["seconds"], "vllm_spec_s": spec["seconds"],
+            "vllm_spec_speedup": plain["seconds"] / spec["seconds"], "vllm_tokens": plain["tokens"],
+            "vllm_identical_outputs": f"{same}/{len(questions)}"}
+
+
 def run(cfg: LoopConfig) -> dict:
     import tempfile
 
@@ -80,14 +121,14 @@ def run(cfg: LoopConfig) -> dict:
             tmp = Path(tmp)
             steps = {}
             t = time.perf_counter()
-            print("[bench] 1/4 co-train the initial draft on the base student", flush=True)
+            print("[bench] 1/5 co-train the initial draft on the base student", flush=True)
             DraftDistiller(dc, tmp / "ray", "draft-before").run(student, draft0, _dataset(before_world, tmp / "before.jsonl"),
                                                                 tmp / "draft-before")
             out["acceptance_before_drift"] = measure_acceptance(student, tmp / "draft-before", heldout, k,
                                                                 dc.max_new_tokens, threads)
             steps["cotrain_before_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            print("[bench] 2/4 the student learns the drifted world (LoRA, merged)", flush=True)
+            print("[bench] 2/5 the student learns the drifted world (LoRA, merged)", flush=True)
             after = _dataset(after_world, tmp / "after.jsonl")
             LoRADistiller(cfg.training, tmp / "ray", "student-after").run(student, after, tmp / "adapter")
             Merger(cfg.merge).run(student, tmp / "adapter", tmp / "student-after")
@@ -95,20 +136,27 @@ def run(cfg: LoopConfig) -> dict:
                                                          dc.max_new_tokens, threads)
             steps["student_train_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            print("[bench] 3/4 co-train the draft on the new student", flush=True)
+            print("[bench] 3/5 co-train the draft on the new student", flush=True)
             metrics = DraftDistiller(dc, tmp / "ray", "draft-after").run(tmp / "student-after", tmp / "draft-before",
                                                                          after, tmp / "draft-after")
             out["acceptance_cotrained"] = measure_acceptance(tmp / "student-after", tmp / "draft-after", heldout, k,
                                                              dc.max_new_tokens, threads)
             steps["cotrain_after_s"] = time.perf_counter() - t
             out["draft_kl_first"], out["draft_kl_last"] = metrics["draft_kl_first"], metrics["draft_kl_last"]
-            print("[bench] 4/4 speculative decoding speed-up (HF assisted generation)", flush=True)
+            print("[bench] 4/5 speculative decoding speed-up (HF assisted generation)", flush=True)
             out.update(_speedup(tmp / "student-after", tmp / "draft-after", heldout, dc.max_new_tokens))
+            print("[bench] 5/5 speculative decoding speed-up (vLLM speculative_config, the merged backend's engine)",
+                  flush=True)
+            engine_cfg = cfg.serving.engine.model_dump()
+            out.update(_vllm_speedup(tmp / "student-after", tmp / "draft-after", engine_cfg, heldout,
+                                     dc.max_new_tokens))
             out["stage_seconds"] = steps
     finally:
         ray.shutdown()
     out["cotrained_over_stale"] = out["acceptance_cotrained"] - out["acceptance_stale"]
     out["cotrained_vs_before"] = out["acceptance_cotrained"] - out["acceptance_before_drift"]
     out["targets"] = {"acceptance_cotrained": "> acceptance_stale, within 0.05 of acceptance_before_drift"}
-    out["speculative_decoding"] = "Hugging Face assisted generation (transformers), batch 1, greedy, CPU fp32"
+    out["speculative_decoding"] = ("spec_speedup: Hugging Face assisted generation (transformers); vllm_spec_speedup: "
+                                   "vLLM speculative_config method draft_model, k = serving.engine.num_speculative_tokens;"
+                                   " both batch 1, greedy, CPU fp32")
     return out

@@ -76,7 +76,7 @@ def _serve(args) -> int:
         stop_services(cfg)
 
 
-BENCHMARKS = ("serving", "draft")
+BENCHMARKS = ("serving", "draft", "distill")
 
 
 def _bench(args) -> int:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loop.config import EndpointConfig, LoopConfig
-from loop.data.select import select_prompts
+from loop.data.select import replay_rows, select_prompts
 from loop.models.digest import dir_digest
 from loop.services import Services, admin, set_teacher_epoch
 from loop.sim.traffic import EVAL_USER, ask_gateway, eval_traffic, user_traffic
@@ -246,15 +246,15 @@ class Cycle:
                 "label_failed": len(failed), "cutoff": cutoff, "replay": str(sdir / "replay.jsonl"), **cost}
 
     def _replay(self, path: Path, n: int) -> int:
-        """Replay buffer: `n` examples drawn (seeded by the cycle) from this endpoint's earlier datasets."""
-        import random
-
+        """Replay buffer: `n` examples drawn (seeded by the cycle) from this endpoint's earlier datasets,
+        except prompts this cycle relabelled (their old answers are stale)."""
         earlier = []
         for prev in range(1, self.number):
             f = self.dir.parent / f"cycle-{prev:04d}" / "label" / "train.jsonl"
             if f.exists():
                 earlier += [line for line in f.read_text().splitlines() if line.strip()]
-        picked = random.Random(self.number).sample(earlier, min(n, len(earlier))) if n > 0 else []
+        current = [line for line in (path.parent / "train.jsonl").read_text().splitlines() if line.strip()]
+        picked = replay_rows(earlier, current, n, seed=self.number)
         path.write_text("".join(line + "\n" for line in picked))
         return len(picked)
 

@@ -62,6 +62,29 @@ def test_unreachable_teacher(tmp_path):
     _nothing_written(tmp_path)
 
 
+def test_local_teacher_missing_or_with_another_tokenizer(tmp_path):
+    from loop.config import load_config
+    from loop.models.fetch import ensure_models
+    from loop.models.tiny import build_tiny_model
+
+    def local(raw):
+        raw.update(teacher={"kind": "local", "path": "models/teacher"})
+        for tenant in raw["tenants"]:
+            for endpoint in tenant["endpoints"]:
+                endpoint.pop("cascade", None)
+
+    cfg_path = _config(tmp_path, local)
+    ensure_models(load_config(cfg_path))
+    out = _run(cfg_path)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "teacher.path: " in out.stderr and "holds no Hugging Face model" in out.stderr
+    build_tiny_model(tmp_path / "state" / "models" / "teacher", ["another corpus", "another vocabulary"])
+    out = _run(cfg_path)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "a local teacher must share the student's tokenizer" in out.stderr
+    _nothing_written(tmp_path)
+
+
 def test_missing_simulated_user_key(tmp_path):
     import os
 

@@ -1,7 +1,7 @@
 """Prompt selection from the trace log: reasons, priorities, deduplication, user strata, held-out split."""
 import json
 
-from loop.data.select import select_prompts
+from loop.data.select import replay_rows, select_prompts
 
 
 def _rec(text, user="u1", **kw):
@@ -49,3 +49,18 @@ def test_heldout_split_is_stable_and_never_trained():
     assert 0.19 < len(a.heldout) / 400 < 0.31
     assert {r["prompt"] for r in a.heldout} == {r["prompt"] for r in b.heldout}
     assert not {r["prompt"] for r in a.heldout} & {r["prompt"] for r in a.train}
+
+
+def test_replay_leaves_out_relabelled_prompts_and_is_seeded():
+    import json
+
+    def line(q, a):
+        return json.dumps({"messages": [{"role": "user", "content": q}], "completion": a})
+
+    earlier = [line(f"q{i}", f"old {i}") for i in range(10)] + [line("q0", "old 0")]  # a duplicate
+    current = [line("q1", "new 1"), line("q2", "new 2")]
+    picked = replay_rows(earlier, current, n=20, seed=3)
+    prompts = [json.loads(p)["messages"][0]["content"] for p in picked]
+    assert sorted(prompts) == sorted(f"q{i}" for i in range(10) if i not in (1, 2)), "stale, duplicate rows out"
+    assert replay_rows(earlier, current, n=4, seed=3) == replay_rows(earlier, current, n=4, seed=3)
+    assert len(replay_rows(earlier, current, n=4, seed=3)) == 4 and replay_rows(earlier, current, 0, 3) == []

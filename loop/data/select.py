@@ -89,3 +89,15 @@ def _stratified(prompts: list[str], users: dict[str, str], n: int, seed: int) ->
             if q and len(picked) < n:
                 picked.append(q.pop())
     return picked
+
+
+def replay_rows(earlier: list[str], current: list[str], n: int, seed: int) -> list[str]:
+    """`n` dataset lines (JSONL rows) drawn from earlier cycles' `earlier`, seeded. A prompt the current
+    dataset `current` labels again is left out: its newer answer supersedes the old one, which
+    replay would otherwise teach back (a fact that changed)."""
+    import json
+
+    relabelled = {json.dumps(json.loads(line)["messages"], sort_keys=True) for line in current}
+    pool = [line for line in dict.fromkeys(earlier)
+            if json.dumps(json.loads(line)["messages"], sort_keys=True) not in relabelled]
+    return random.Random(seed).sample(pool, min(n, len(pool))) if n > 0 else []

@@ -130,5 +130,32 @@ def _normalize(text: str) -> str:
 def is_correct(fact: Fact, answer: str) -> bool:
     """An answer is right when it states the fact's current value as a whole token: "$59" is not
     found in "$590", nor "3.1" in "3.15"."""
-    pattern = rf"(?<![\w.$]){re.escape(fact.value)}(?![\w]|\.\d)"
+    return states(fact.value, answer)
+
+
+def states(value: str, answer: str) -> bool:
+    pattern = rf"(?<![\w.$]){re.escape(value)}(?![\w]|\.\d)"
     return re.search(pattern, answer, flags=re.IGNORECASE) is not None
+
+
+def training_rows(facts: list[Fact]) -> list[dict]:
+    """What a cycle trains on for these facts: each training phrasing, answered as the teacher does."""
+    return [{"messages": [{"role": "user", "content": q}], "completion": f.answer()}
+            for f in facts for q in f.train_questions()]
+
+
+# General questions the default student (SmolLM2-135M-Instruct) answers right before any cycle (15 of the
+# 20 tried; it missed Italy, Spain, bees, lions, Russia): what a cycle must not make it forget.
+GENERAL_QUESTIONS = [
+    ("What is the capital of France?", "Paris"), ("What is the capital of Japan?", "Tokyo"),
+    ("What is the capital of Germany?", "Berlin"),
+    ("Which planet is the largest in our solar system?", "Jupiter"),
+    ("Which planet is known as the Red Planet?", "Mars"),
+    ("Who wrote Romeo and Juliet?", "Shakespeare"), ("What is the largest ocean on Earth?", "Pacific"),
+    ("What is the tallest mountain in the world?", "Everest"),
+    ("What language is mainly spoken in Brazil?", "Portuguese"),
+    ("What color is the sky on a clear day?", "blue"), ("What is the chemical formula of water?", "H2O"),
+    ("Who wrote the novel 1984?", "Orwell"), ("What is the opposite of hot?", "cold"),
+    ("Which gas do plants absorb from the air?", "carbon dioxide"),
+    ("Who painted the Mona Lisa?", "Leonardo"),
+]
