@@ -206,6 +206,8 @@ class DataConfig(_Strict):
     """Prompts answered with a mean token log-probability below this are chosen first."""
     negative_score: float = 0.5
     """Feedback scores below this (or labels like "bad", "wrong") mark a prompt for relabelling."""
+    max_failed_fraction: float = Field(default=0.5, ge=0, le=1)
+    """A cycle stops (nothing trained) when more than this fraction of the teacher's labels failed."""
     heldout_fraction: float = Field(default=0.1, ge=0, lt=1)
     """Share of selected prompts (by a stable hash) labelled but never trained on: `heldout.jsonl`."""
 

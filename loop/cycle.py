@@ -49,6 +49,12 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _write_failures(path: Path, failed: list[dict]) -> None:
+    """What the teacher failed to label, and why, for the record."""
+    path.write_text("".join(json.dumps({"messages": json.loads(r["messages"]), "error": r["label_error"]}) + "\n"
+                            for r in failed))
+
+
 class Cycle:
     def __init__(self, cfg: LoopConfig, services: Services, endpoint: EndpointConfig, number: int,
                  api_key: str, progress=print):
@@ -185,7 +191,7 @@ class Cycle:
     def _select_and_label(self, sdir: Path, run_id: str) -> dict:
         import ray
 
-        from loop.teacher.client import TeacherLabeler, teacher_key
+        from loop.teacher.client import LabelsFailed, TeacherLabeler, split_labels, teacher_key
 
         ray.get(self.services.trace_log.compact.remote())
         parts = self.cfg.storage.path("traces", "parquet")
@@ -218,18 +224,19 @@ class Cycle:
                 TeacherLabeler, fn_constructor_args=(t.model_dump(), self.services.teacher_url, teacher_key(t),
                                                      str(self.cfg.storage.path("teacher-cache.sqlite")), namespace),
                 batch_size=32, concurrency=1, num_cpus=0).take_all()
-        good = [r for r in labeled if not r["label_error"] and r["completion"].strip()]
-        failed = [r for r in labeled if r not in good]
-        with open(sdir / "label_failures.jsonl", "w") as f:  # what failed, and why, for the record
-            for r in failed:
-                f.write(json.dumps({"messages": json.loads(r["messages"]), "error": r["label_error"]}) + "\n")
+        try:
+            good, failed = split_labels(labeled, self.cfg.data.max_failed_fraction)
+        except LabelsFailed as e:
+            _write_failures(sdir / "label_failures.jsonl", e.failed)
+            raise CycleFailed(f"{e} (which, and why: {sdir / 'label_failures.jsonl'})") from None
+        _write_failures(sdir / "label_failures.jsonl", failed)
         cost = {"teacher_cost_usd": sum(r["cost_usd"] for r in labeled),
                 "teacher_cached": sum(bool(r["cached"]) for r in labeled),
                 "teacher_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in labeled)}
         trained = [r for r in good if r["messages"] not in heldout]
         if not trained:
             raise CycleFailed(f"the teacher labelled none of the {len(prompts)} training prompts "
-                              f"(first error: {failed[0]['label_error'] or 'empty answer'}); check teacher.base_url")
+                              f"(first error: {failed[0]['label_error'] if failed else 'none'}); check teacher.base_url")
         path = sdir / "train.jsonl"
         with open(path, "w") as f, open(sdir / "heldout.jsonl", "w") as h:
             for r in good:

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from loop.config import TeacherConfig
-from loop.teacher.client import OpenAITeacher, TeacherLabeler
+from loop.teacher.client import LabelsFailed, OpenAITeacher, TeacherLabeler, split_labels
 
 
 class Endpoint:
@@ -35,7 +35,7 @@ class Endpoint:
                     return self._send(step, {"error": {"message": f"status {step}", "type": "x"}})
                 if step == "no-logprobs" and body.get("logprobs"):
                     return self._send(400, {"error": {"message": "logprobs are not supported", "type": "x"}})
-                content = "" if step == "empty" else f"answer to {prompt}"
+                content = {"empty": "", "garbled": "answer \ufffd\x00 to"}.get(step, f"answer to {prompt}")
                 logprobs = None
                 if body.get("logprobs"):
                     logprobs = {"content": [{"token": w, "logprob": -0.1, "bytes": None, "top_logprobs": [
@@ -43,7 +43,8 @@ class Endpoint:
                         {"token": "x", "logprob": -2.5, "bytes": None}][:body["top_logprobs"]]}
                         for w in content.split()]}
                 self._send(200, {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
-                                 "choices": [{"index": 0, "finish_reason": "stop", "logprobs": logprobs,
+                                 "choices": [{"index": 0, "finish_reason": "length" if step == "cut" else "stop",
+                                              "logprobs": logprobs,
                                               "message": {"role": "assistant", "content": content}}],
                                  "usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}})
 
@@ -100,6 +101,9 @@ def test_failures_are_reported_not_raised_and_never_cached(endpoint, tmp_path):
     assert "InternalServerError" in teacher.label(_msg("dead")).error
     assert teacher.label(_msg("blank")).error == "empty or missing answer"
     assert "Timeout" in teacher.label(_msg("slow")).error
+    endpoint.script.update({"long": ["cut"], "junk": ["garbled"]})
+    assert teacher.label(_msg("long")).error == "answer cut off at teacher.max_tokens (48); raise it"
+    assert teacher.label(_msg("junk")).error == "garbled answer (invalid or control characters)"
     # Nothing bad was cached: the next call goes to the (now healthy) endpoint.
     assert teacher.label(_msg("blank")).completion == "answer to blank"
 
@@ -132,3 +136,14 @@ def test_rate_limit_spaces_requests(endpoint, tmp_path):
     for i in range(6):
         teacher.label(_msg(f"r{i}"))
     assert time.perf_counter() - started >= 5 / 20.0
+
+
+def test_a_mostly_failing_teacher_stops_the_cycle_and_names_the_knob():
+    rows = [{"messages": "[]", "completion": "ok", "label_error": ""}] * 2 + \
+           [{"messages": "[]", "completion": "", "label_error": "InternalServerError: boom"}] * 2
+    good, failed = split_labels(rows, 0.5)
+    assert len(good) == 2 and len(failed) == 2
+    with pytest.raises(LabelsFailed, match=r"failed 2 of 4 labels \(first: InternalServerError: boom\).*"
+                                           r"data.max_failed_fraction \(0.25\)") as e:
+        split_labels(rows, 0.25)
+    assert len(e.value.failed) == 2

@@ -160,12 +160,43 @@ class OpenAITeacher:
         usage = resp.usage
         n_in, n_out = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
         cost = (n_in * self.cfg.usd_per_million_prompt_tokens + n_out * self.cfg.usd_per_million_completion_tokens) / 1e6
-        if not isinstance(text, str) or not text.strip():
-            return Label(error="empty or missing answer", prompt_tokens=n_in, completion_tokens=n_out, cost_usd=cost)
+        problem = label_problem(text, choice.finish_reason if choice is not None else None, self.cfg.max_tokens)
+        if problem:
+            return Label(error=problem, prompt_tokens=n_in, completion_tokens=n_out, cost_usd=cost)
         top = None
         if self._logprobs and choice.logprobs is not None and choice.logprobs.content:
             top = [[[t.token, t.logprob] for t in tok.top_logprobs] for tok in choice.logprobs.content]
         return Label(completion=text, top_logprobs=top, prompt_tokens=n_in, completion_tokens=n_out, cost_usd=cost)
+
+
+def label_problem(text, finish_reason: str | None, max_tokens: int) -> str:
+    """Why an answer must not be trained on ("" when it may): missing, empty, cut off, or garbled."""
+    if not isinstance(text, str) or not text.strip():
+        return "empty or missing answer"
+    if finish_reason == "length":
+        return f"answer cut off at teacher.max_tokens ({max_tokens}); raise it"
+    if "\ufffd" in text or any(ord(c) < 32 and c not in "\n\r\t" for c in text):
+        return "garbled answer (invalid or control characters)"
+    return ""
+
+
+def split_labels(rows: list[dict], max_failed_fraction: float) -> tuple[list[dict], list[dict]]:
+    """Labelled rows that may be trained on, and those that failed (a `label_error`); raises
+    `LabelsFailed` when more than `max_failed_fraction` failed: a teacher that broken is not one to
+    learn from."""
+    good = [r for r in rows if not r["label_error"]]
+    failed = [r for r in rows if r["label_error"]]
+    if rows and len(failed) > max_failed_fraction * len(rows):
+        raise LabelsFailed(f"the teacher failed {len(failed)} of {len(rows)} labels (first: "
+                           f"{failed[0]['label_error']}); more than data.max_failed_fraction ({max_failed_fraction}): "
+                           "check the teacher, or raise it", failed)
+    return good, failed
+
+
+class LabelsFailed(RuntimeError):
+    def __init__(self, message: str, failed: list[dict]):
+        super().__init__(message)
+        self.failed = failed
 
 
 class TeacherLabeler:

@@ -76,7 +76,8 @@ class LocalTeacherLabeler:
     def __call__(self, batch: dict) -> dict:
         import json
 
-        from loop.teacher.client import Label, label_columns
+        from loop.teacher.client import Label, label_columns, label_problem
 
         texts = self.teacher.answer([json.loads(m) for m in batch["messages"]])
-        return label_columns(batch, [Label(completion=t) if t.strip() else Label(error="empty answer") for t in texts])
+        return label_columns(batch, [Label(completion=t, error=label_problem(t, None, self.teacher.max_tokens))
+                                     for t in texts])
