@@ -45,7 +45,7 @@ def _write(tmp_path, mutate):
     (lambda r: r["tenants"].append(dict(r["tenants"][0], id="copy")), "must be unique across tenants"),
     (lambda r: r["serving"]["engine"].update(max_loras=8, max_cpu_loras=2), "max_cpu_loras (2) must be at least"),
     (lambda r: r["training"].update(strategy="fsdp"), "training.strategy"),
-    (lambda r: r["training"].update(regularizer="ewc"), "set training.replay_ratio > 0"),
+    (lambda r: r["training"].update(regularizer="ewc", replay_ratio=0), "set training.replay_ratio > 0"),
     (lambda r: r["training"].update(strategy="deepspeed", zero_stage=3, regularizer="l2", reg_weight=0.1),
      "use training.zero_stage 2"),
     (lambda r: r.update(teacher={"kind": "local"}), "teacher.path (a Hugging Face model directory) is required"),
