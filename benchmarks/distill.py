@@ -3,7 +3,8 @@ forgetting what the student knew?
 
 One run, on the config's student (default SmolLM2-135M-Instruct) and its `training` section:
   1. cycle 1 learns the world at epoch 1 (every fact's training phrasings, answered by the reference
-     teacher): the champion adapter.
+     teacher; the config's L2 toward the base, nothing to replay yet): the champion adapter
+     (`cycle1_acc` on epoch 1's held-out phrasings; `base` and `before` give general answers kept).
   2. the world drifts to epoch 2: some facts change, some are new. Before: the champion's accuracy on
      the held-out phrasings of every epoch-2 fact (`student_acc_before`), on the facts that did not
      change (`earlier`), and on general questions the base student answers right (`general`).
@@ -42,7 +43,7 @@ def _evaluate(student: Path, adapter: Path | None, facts, earlier: set[str], max
     general_ok = [states(v, a) for (_, v), a in zip(GENERAL_QUESTIONS, answers[len(facts):])]
     earlier_ok = [ok for f, ok in zip(facts, fact_ok) if f.entity in earlier]
     retained = earlier_ok + general_ok
-    return {"acc": sum(fact_ok) / len(fact_ok), "earlier_acc": sum(earlier_ok) / len(earlier_ok),
+    return {"acc": sum(fact_ok) / len(fact_ok), "earlier_acc": sum(earlier_ok) / max(1, len(earlier_ok)),
             "general_acc": sum(general_ok) / len(general_ok), "retained_acc": sum(retained) / len(retained),
             "samples": [{"q": q, "a": a} for q, a in zip(questions[:2] + questions[len(facts):len(facts) + 1],
                                                            answers[:2] + answers[len(facts):len(facts) + 1])]}
@@ -83,8 +84,11 @@ def run(cfg: LoopConfig) -> dict:
             t = time.perf_counter()
             print("[bench] 1/4 cycle 1: the student learns the world at epoch 1", flush=True)
             d1 = _write(training_rows(w1.facts), tmp / "cycle1.jsonl")
-            LoRADistiller(bare, tmp / "ray", "distill-cycle1").run(student, d1, tmp / "champion")
+            # As a loop's first cycle runs: the config's guards (no earlier data to replay yet; L2 toward
+            # the base model itself).
+            LoRADistiller(tc, tmp / "ray", "distill-cycle1").run(student, d1, tmp / "champion")
             seconds["cycle1_train"] = time.perf_counter() - t
+            out["cycle1_acc"] = _evaluate(student, tmp / "champion", w1.facts, set(), n_tokens)["acc"]
             print("[bench] 2/4 before: the champion on the drifted world", flush=True)
             out["base"] = _evaluate(student, None, w2.facts, earlier, n_tokens)
             before = _evaluate(student, tmp / "champion", w2.facts, earlier, n_tokens)
