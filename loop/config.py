@@ -232,8 +232,12 @@ class DraftTrainingConfig(_Strict):
 
 
 class MergeConfig(_Strict):
-    max_abs_logit_diff: float = Field(default=1e-3, gt=0)
-    """Merged vs unmerged (peft) logits on the probe prompts must agree within this."""
+    max_abs_logit_diff: float = Field(default=1e-4, gt=0)
+    """Merged vs unmerged (peft) logits on the probe prompts, both in float64, must agree within this
+    (an unquantized base)."""
+    max_kl_quantized: float = Field(default=1e-2, gt=0)
+    """For a quantized base (block FP8, MXFP4), whose merged weights are requantized: the mean
+    KL(reference || merged) per probe position must stay below this."""
     num_probes: int = Field(default=4, ge=1)
 
 

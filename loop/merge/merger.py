@@ -1,13 +1,23 @@
-"""Merge a LoRA adapter into its base and prove the merge: logits equal, delta present, all finite.
+"""Merge a LoRA adapter into its base, architecture-aware and streaming, and prove the merge.
 
-This first merger handles what peft's `merge_and_unload` handles for Llama-family models (separate
-q/k/v projections, tied embeddings untouched); architecture-specific layouts and quantized bases
-come with the merge issue. Any failed proof raises `MergeFailed`; nothing is written on failure.
+Resolution first (`layouts.plan`): every adapter module gets a known layout, or the merge is refused
+naming the module; the adapter is checked for missing files, NaN/Inf, rank and shapes; the base for
+missing shards. Nothing is written until all of that passes. Then the base streams through the edits
+shard by shard (`checkpoint.write_merged`) into `<out>.tmp`, and the proofs run on what was written:
+  1. logits of the merged model vs the unmerged reference (peft on the base; for a quantized base,
+     peft on the dequantized base) on probe prompts, in float64: max |diff| (and KL) within tolerance;
+  2. the delta is present: the merged model is closer to the reference than to the base;
+  3. no NaN/Inf; tensor names, shapes, dtypes, config and tokenizer as the base's (an untied head is
+     the one addition).
+Only a merge that passes every proof is renamed to `out`; the MergeReport (JSON beside it) says
+what was done and, on failure, every reason. Serving parity (the engine's greedy output on the
+merged directory) is the validation gate's.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +27,7 @@ from loop.models.digest import dir_digest
 
 PROBES = ["What is the price of the product?", "Who owns the service?", "Tell me something useful.",
           "What is the capital of France?", "Where is it made?", "Which version is current?"]
+QUANTIZED = {"fp8", "mxfp4"}
 
 
 class MergeFailed(RuntimeError):
@@ -28,14 +39,22 @@ class MergeReport:
     base_dir: str
     adapter_dir: str
     merged_dir: str
-    max_abs_logit_diff: float
-    """Merged model vs the unmerged peft reference, on the probe prompts."""
-    merged_to_reference: float
-    merged_to_base: float
+    max_abs_logit_diff: float = float("nan")
+    """Merged model vs the unmerged reference, on the probe prompts (float64 forward)."""
+    kl_to_reference: float = float("nan")
+    """Mean KL(reference || merged) per probe position."""
+    merged_to_reference: float = float("nan")
+    merged_to_base: float = float("nan")
     """Mean |logit| distance to the reference and to the plain base: the delta must be present."""
-    finite: bool
+    finite: bool = False
+    quantized: str | None = None
+    layouts: dict = field(default_factory=dict)
+    """How many adapter deltas each layout placed (see loop/merge/layouts.py)."""
+    tensors_changed: int = 0
+    peak_tensor_mb: float = 0.0
     merged_digest: str = ""
     seconds: float = 0.0
+    merge_seconds: float = 0.0
     passed: bool = False
     reasons: list[str] = field(default_factory=list)
 
@@ -48,50 +67,144 @@ class Merger:
         self.cfg = cfg
 
     def run(self, base_dir: Path, adapter_dir: Path, out_dir: Path) -> MergeReport:
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        from loop.models.chat import chat_batch, left_padded_tokenizer
+        from loop.merge.checkpoint import base_view, open_checkpoint, write_merged
+        from loop.merge.layouts import AdapterError, fused_reference_adapter, plan, read_adapter
 
         started = time.perf_counter()
-        tok = left_padded_tokenizer(base_dir)
-        batch = chat_batch(tok, PROBES[: self.cfg.num_probes])
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                                          str(adapter_dir))
-        model.eval()
-        with torch.no_grad():
-            reference = model(**batch).logits
-            with model.disable_adapter():
-                base = model(**batch).logits
-            merged_model = model.merge_and_unload(safe_merge=True)
-            merged = merged_model(**batch).logits
-        mask = batch["attention_mask"].bool()
-        ref, bas, mer = reference[mask], base[mask], merged[mask]
-        report = MergeReport(
-            base_dir=str(base_dir), adapter_dir=str(adapter_dir), merged_dir=str(out_dir),
-            max_abs_logit_diff=float((mer - ref).abs().max()),
-            merged_to_reference=float((mer - ref).abs().mean()), merged_to_base=float((mer - bas).abs().mean()),
-            finite=bool(torch.isfinite(mer).all()))
-        if not report.finite:
-            report.reasons.append("merged logits contain NaN or Inf")
-        if report.max_abs_logit_diff > self.cfg.max_abs_logit_diff:
-            report.reasons.append(f"max |merged - reference| logit {report.max_abs_logit_diff:.2e} exceeds "
-                                  f"merge.max_abs_logit_diff {self.cfg.max_abs_logit_diff:.0e}")
-        if not report.merged_to_reference < report.merged_to_base:
-            report.reasons.append("merged model is not closer to base+adapter than to the base: delta missing")
+        base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
+        report = MergeReport(str(base_dir), str(adapter_dir), str(out_dir))
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            ckpt = open_checkpoint(base_dir)
+            report.quantized = (ckpt.quant or {}).get("quant_method")
+            adapter, view = read_adapter(adapter_dir), base_view(ckpt)
+            edits = plan(adapter, view)
+            stats = write_merged(ckpt, edits, tmp)
+            report.layouts, report.tensors_changed = stats.layouts, stats.tensors_changed
+            report.peak_tensor_mb = stats.peak_tensor_mb
+            report.merge_seconds = time.perf_counter() - started
+            with tempfile.TemporaryDirectory() as scratch:
+                # peft cannot put split-module deltas on a fused base: the reference uses the same
+                # adapter restated on the fused modules (stacked A, block-diagonal B).
+                reference = fused_reference_adapter(adapter, view, Path(scratch) / "adapter") or adapter_dir
+                self._prove(report, base_dir, reference, tmp)
+        except AdapterError as e:
+            report.reasons.append(str(e))
         report.passed = not report.reasons
         if report.passed:
-            tmp = out_dir.with_name(out_dir.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            merged_model.save_pretrained(tmp)
-            tok.padding_side = "right"
-            tok.save_pretrained(tmp)
             report.merged_digest = dir_digest(tmp)
             shutil.rmtree(out_dir, ignore_errors=True)
             tmp.rename(out_dir)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         report.seconds = time.perf_counter() - started
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
         (out_dir.parent / "merge_report.json").write_text(json.dumps(report.to_dict(), indent=2))
         if not report.passed:
             raise MergeFailed("; ".join(report.reasons))
         return report
+
+    def _prove(self, report: MergeReport, base_dir: Path, adapter_dir: Path, merged_dir: Path) -> None:
+        import torch
+
+        ids, mask = probe_inputs(base_dir, self.cfg.num_probes)
+        reference, base = reference_logits(base_dir, adapter_dir, ids, mask)
+        merged = _load(merged_dir)
+        with torch.no_grad():
+            mer = merged(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+        ref, bas = reference[mask.bool()], base[mask.bool()]
+        report.finite = bool(torch.isfinite(mer).all())
+        report.max_abs_logit_diff = float((mer - ref).abs().max())
+        lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(mer, -1)
+        report.kl_to_reference = float((lp.exp() * (lp - lq)).sum(-1).mean())
+        report.merged_to_reference = float((mer - ref).abs().mean())
+        report.merged_to_base = float((mer - bas).abs().mean())
+        if not report.finite:
+            report.reasons.append("merged logits contain NaN or Inf")
+        if report.quantized in QUANTIZED:
+            if report.kl_to_reference > self.cfg.max_kl_quantized:
+                report.reasons.append(f"KL(reference || merged) {report.kl_to_reference:.2e} exceeds "
+                                      f"merge.max_kl_quantized {self.cfg.max_kl_quantized:.0e} ({report.quantized} base)")
+        elif report.max_abs_logit_diff > self.cfg.max_abs_logit_diff:
+            report.reasons.append(f"max |merged - reference| logit {report.max_abs_logit_diff:.2e} exceeds "
+                                  f"merge.max_abs_logit_diff {self.cfg.max_abs_logit_diff:.0e}")
+        if not report.merged_to_reference < report.merged_to_base:
+            report.reasons.append("merged model is not closer to base+adapter than to the base: delta missing")
+        report.reasons += consistency(base_dir, merged_dir)
+
+
+def _load(model_dir: Path):
+    """A model in float64 (a quantized checkpoint is dequantized by transformers on load)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(torch.float64).eval()
+
+
+def reference_logits(base_dir: Path, adapter_dir: Path, ids, mask):
+    """Logits of base + adapter through peft (unmerged) and of the base alone, float64."""
+    import torch
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(_load(base_dir), str(adapter_dir)).to(torch.float64).eval()
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids, attention_mask=mask).logits
+    return reference, base
+
+
+def probe_inputs(model_dir: Path, n: int):
+    """Chat-formatted probe prompts with the model's tokenizer; fixed random token ids where the
+    directory has no tokenizer (a bare checkpoint)."""
+    import torch
+
+    from loop.models.chat import chat_batch, left_padded_tokenizer
+
+    try:
+        tok = left_padded_tokenizer(model_dir)
+        if tok.chat_template:
+            enc = chat_batch(tok, PROBES[:n])
+            return enc["input_ids"], enc["attention_mask"]
+    except (OSError, ValueError):
+        pass
+    vocab = json.loads((model_dir / "config.json").read_text()).get("vocab_size") or 1000
+    ids = torch.randint(1, vocab, (n, 16), generator=torch.Generator().manual_seed(0))
+    return ids, torch.ones_like(ids)
+
+
+def consistency(base_dir: Path, merged_dir: Path) -> list[str]:
+    """Reasons the merged directory is not the base's shape: tensor names, shapes and dtypes, config
+    (bar an untied head), tokenizer files."""
+    from safetensors import safe_open
+
+    def tensors(d: Path) -> dict:
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as h:
+                for k in h.keys():
+                    sl = h.get_slice(k)
+                    out[k] = (tuple(sl.get_shape()), sl.get_dtype())
+        return out
+
+    reasons = []
+    base, merged = tensors(base_dir), tensors(merged_dir)
+    added = set(merged) - set(base)
+    if set(base) - set(merged) or added - {"lm_head.weight"}:
+        reasons.append(f"tensor names differ from the base: missing {sorted(set(base) - set(merged))[:3]}, "
+                       f"extra {sorted(added - {'lm_head.weight'})[:3]}")
+    changed = [k for k in base if k in merged and base[k] != merged[k]]
+    if changed:
+        reasons.append(f"shapes or dtypes differ from the base: {changed[:3]}")
+    b_cfg, m_cfg = (json.loads((d / "config.json").read_text()) for d in (base_dir, merged_dir))
+    if added:
+        b_cfg["tie_word_embeddings"] = m_cfg.get("tie_word_embeddings")
+        if isinstance(b_cfg.get("text_config"), dict) and isinstance(m_cfg.get("text_config"), dict):
+            b_cfg["text_config"]["tie_word_embeddings"] = m_cfg["text_config"].get("tie_word_embeddings")
+    if b_cfg != m_cfg:
+        reasons.append("config.json differs from the base's")
+    for f in base_dir.glob("*token*"):
+        if not (merged_dir / f.name).exists() or (merged_dir / f.name).read_bytes() != f.read_bytes():
+            reasons.append(f"tokenizer file {f.name} differs from the base's")
+    return reasons
