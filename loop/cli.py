@@ -114,6 +114,24 @@ def _bench(args) -> int:
     return 0
 
 
+def _merge(args) -> int:
+    """Merge an adapter into a base, prove it, and print the MergeReport; exit 1 when refused or disproved."""
+    import json
+    from pathlib import Path
+
+    from loop.config import MergeConfig
+    from loop.merge.merger import MergeFailed, Merger
+
+    cfg = MergeConfig(**({"max_abs_logit_diff": args.max_abs_logit_diff} if args.max_abs_logit_diff else {}))
+    try:
+        report = Merger(cfg).run(Path(args.base), Path(args.adapter), Path(args.out))
+    except MergeFailed as e:
+        print(f"error: merge refused: {e} (report: {Path(args.out).parent / 'merge_report.json'})", file=sys.stderr)
+        return 1
+    print(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="loopctl", description="continual-loop control")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -138,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve", help="serve the registry's champions until Ctrl-C")
     s.add_argument("config")
     s.set_defaults(fn=_serve)
+    mg = sub.add_parser("merge", help="merge a LoRA adapter into its base and prove the merge")
+    mg.add_argument("--base", required=True, help="base model directory (safetensors, possibly sharded or quantized)")
+    mg.add_argument("--adapter", required=True, help="peft LoRA adapter directory")
+    mg.add_argument("--out", required=True, help="merged model directory (the report goes beside it)")
+    mg.add_argument("--max-abs-logit-diff", type=float, default=None)
+    mg.set_defaults(fn=_merge)
     b = sub.add_parser("bench", help="run a benchmark, write benchmarks/results/NAME.json")
     b.add_argument("name", choices=BENCHMARKS)
     b.add_argument("--config", default="configs/demo.yaml")

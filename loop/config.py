@@ -244,6 +244,11 @@ class MergeConfig(_Strict):
 class ValidationConfig(_Strict):
     min_accuracy_gain: float = 0.0
     """Candidate held-out accuracy minus champion's must be at least this (0: must not fall)."""
+    max_regression_drop: float = Field(default=0.04, ge=0, le=1)
+    """Accuracy on earlier facts (unchanged since the last epoch) and general questions may fall by at
+    most this from the champion's (0.04: about one question of the demo's 28)."""
+    min_teacher_agreement: float = Field(default=0.5, ge=0, le=1)
+    """Mean token F1 of the candidate's answers against the teacher's on held-out labelled prompts."""
     max_new_tokens: int = Field(default=32, ge=1)
 
 

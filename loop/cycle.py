@@ -118,7 +118,7 @@ class Cycle:
             train = self.stage("train", lambda d, r: self._train(d, r, data))
             merge = self.stage("merge", lambda d, r: self._merge(d, r, train))
             if merge["passed"]:
-                val = self.stage("validate", lambda d, r: self._validate(d, r, merge))
+                val = self.stage("validate", lambda d, r: self._validate(d, r, data, merge))
             else:
                 val = {"passed": False, "reasons": [f"merge proofs failed: {'; '.join(merge['reasons'])}"]}
             self.report.validation_passed = val["passed"]
@@ -312,7 +312,7 @@ class Cycle:
                                           "merged_to_base": report.merged_to_base})
         return report.to_dict()
 
-    def _validate(self, sdir: Path, run_id: str, merge: dict) -> dict:
+    def _validate(self, sdir: Path, run_id: str, data: dict, merge: dict) -> dict:
         import ray
 
         from loop.validate.gate import Validator
@@ -320,12 +320,15 @@ class Cycle:
         champion = self.lineage.version_info(self.endpoint.id, "champion")
         actor = ray.remote(num_cpus=1)(Validator).remote(self.cfg.validation)
         try:
+            earlier = {f.entity for f in self.world.facts if f.entity not in self.world.changed}
+            heldout = [json.loads(line) for line in (Path(data["dataset"]).parent / "heldout.jsonl").read_text()
+                       .splitlines() if line.strip()]
             report = ray.get(actor.run.remote(Path(merge["merged_dir"]), self.cfg.model_path(self.cfg.student),
-                                              champion["adapter_path"], self.world.facts))
+                                              champion["adapter_path"], self.world.facts, earlier, heldout))
         finally:
             ray.kill(actor)
         self.lineage.log_dict(run_id, report.to_dict(), "validation_report.json")
-        self.lineage.log(run_id, metrics={"candidate_acc": report.candidate_acc, "champion_acc": report.champion_acc},
+        self.lineage.log(run_id, metrics={k: v for k, v in report.to_dict().items() if isinstance(v, float) and v == v},
                          tags={"verdict": "pass" if report.passed else "fail"})
         return report.to_dict()
 

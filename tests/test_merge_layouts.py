@@ -223,3 +223,16 @@ def test_a_sharded_base_streams_shard_by_shard(tmp_path):
     assert report.peak_tensor_mb < 0.6 * total_mb, (report.peak_tensor_mb, total_mb)
     index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+def test_loopctl_merge(tmp_path):
+    import subprocess
+    import sys
+
+    base = _save(_model(LlamaConfig(**DIMS)), tmp_path / "base")
+    adapter = _adapter(_model(LlamaConfig(**DIMS)), tmp_path / "adapter", ["q_proj"])
+    cmd = [sys.executable, "-m", "loop.cli", "merge", "--base", str(base), "--out", str(tmp_path / "m" / "merged")]
+    ok = subprocess.run(cmd + ["--adapter", str(adapter)], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["passed"] is True
+    bad = subprocess.run(cmd + ["--adapter", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: merge refused: ") and "adapter_config.json" in bad.stderr
