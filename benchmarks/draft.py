@@ -30,31 +30,6 @@ def _dataset(world, path: Path) -> Path:
     return path
 
 
-def _speedup(student_dir: Path, draft_dir: Path, questions: list[str], max_new_tokens: int) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from loop.models.chat import chat_batch, left_padded_tokenizer
-
-    tok = left_padded_tokenizer(student_dir)
-    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
-    draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
-    timings, same = {"plain": 0.0, "assisted": 0.0}, 0
-    for q in questions:
-        enc = chat_batch(tok, [q])
-        outs = {}
-        for mode in ("plain", "assisted"):
-            extra = {"assistant_model": draft} if mode == "assisted" else {}
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                outs[mode] = student.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                              pad_token_id=tok.pad_token_id, **extra)
-            timings[mode] += time.perf_counter() - t0
-        same += int(torch.equal(outs["plain"], outs["assisted"]))
-    return {"plain_s": timings["plain"], "assisted_s": timings["assisted"],
-            "spec_speedup": timings["plain"] / timings["assisted"], "identical_outputs": f"{same}/{len(questions)}"}
-
-
 def _vllm_generate(student_dir: str, draft_dir: str | None, engine_cfg: dict, questions: list[str],
                    max_tokens: int) -> dict:
     """Greedy answers one request at a time (batch 1) from the merged backend's engine, with or without
@@ -103,7 +78,7 @@ def run(cfg: LoopConfig) -> dict:
     from loop.merge.merger import Merger
     from loop.models.fetch import read_manifest
     from loop.sim.world import World
-    from loop.train.draft import DraftDistiller, measure_acceptance
+    from loop.train.draft import DraftDistiller, assisted_generation, measure_acceptance
     from loop.train.sft import LoRADistiller
 
     student, draft0 = cfg.model_path(cfg.student), cfg.model_path(cfg.draft)
@@ -144,7 +119,7 @@ def run(cfg: LoopConfig) -> dict:
             steps["cotrain_after_s"] = time.perf_counter() - t
             out["draft_kl_first"], out["draft_kl_last"] = metrics["draft_kl_first"], metrics["draft_kl_last"]
             print("[bench] 4/5 speculative decoding speed-up (HF assisted generation)", flush=True)
-            out.update(_speedup(tmp / "student-after", tmp / "draft-after", heldout, dc.max_new_tokens))
+            out.update(assisted_generation(tmp / "student-after", tmp / "draft-after", heldout, dc.max_new_tokens))
             print("[bench] 5/5 speculative decoding speed-up (vLLM speculative_config, the merged backend's engine)",
                   flush=True)
             engine_cfg = cfg.serving.engine.model_dump()

@@ -249,6 +249,13 @@ class ValidationConfig(_Strict):
     most this from the champion's (0.04: about one question of the demo's 28)."""
     min_teacher_agreement: float = Field(default=0.5, ge=0, le=1)
     """Mean token F1 of the candidate's answers against the teacher's on held-out labelled prompts."""
+    min_draft_acceptance: float = Field(default=0.2, ge=0)
+    """The version's draft must be accepted at least this much: expected accepted tokens per step of
+    draft_training.num_speculative_tokens proposals, on held-out questions (below it, speculative
+    decoding costs more than it saves)."""
+    spec_check_questions: int = Field(default=4, ge=0)
+    """Held-out questions decoded greedily with and without the draft (Hugging Face assisted
+    generation): the outputs must be identical. 0 skips the check."""
     max_new_tokens: int = Field(default=32, ge=1)
 
 

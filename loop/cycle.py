@@ -1,6 +1,6 @@
 """One generation of the loop for one endpoint, stage by stage, each stage's output on disk.
 
-traffic -> select -> label -> train -> merge -> validate -> register -> deploy -> evaluate.
+traffic -> select -> label -> train -> merge -> draft -> validate -> register -> deploy -> evaluate.
 A stage whose `result.json` exists is not run again, so a crashed cycle resumes at the first stage
 without an output, and registration looks the adapter digest up first: never two versions of one
 checkpoint. Printing is the driver's business; this returns a CycleReport.
@@ -118,12 +118,13 @@ class Cycle:
             train = self.stage("train", lambda d, r: self._train(d, r, data))
             merge = self.stage("merge", lambda d, r: self._merge(d, r, train))
             if merge["passed"]:
-                val = self.stage("validate", lambda d, r: self._validate(d, r, data, merge))
+                # The draft is co-trained first, so the gate can check it as part of the version.
+                draft = self.stage("draft", lambda d, r: self._draft(d, r, data, train, merge))
+                val = self.stage("validate", lambda d, r: self._validate(d, r, data, merge, draft))
             else:
                 val = {"passed": False, "reasons": [f"merge proofs failed: {'; '.join(merge['reasons'])}"]}
             self.report.validation_passed = val["passed"]
             if val["passed"]:
-                draft = self.stage("draft", lambda d, r: self._draft(d, r, data, train, merge))
                 reg = self.stage("register", lambda d, r: self._register(d, r, data, train, merge, val, draft))
                 self.report.new_version = reg["version"]
                 self.stage("deploy", lambda d, r: self._deploy(d, r, reg))
@@ -312,7 +313,7 @@ class Cycle:
                                           "merged_to_base": report.merged_to_base})
         return report.to_dict()
 
-    def _validate(self, sdir: Path, run_id: str, data: dict, merge: dict) -> dict:
+    def _validate(self, sdir: Path, run_id: str, data: dict, merge: dict, draft: dict) -> dict:
         import ray
 
         from loop.validate.gate import Validator
@@ -324,7 +325,8 @@ class Cycle:
             heldout = [json.loads(line) for line in (Path(data["dataset"]).parent / "heldout.jsonl").read_text()
                        .splitlines() if line.strip()]
             report = ray.get(actor.run.remote(Path(merge["merged_dir"]), self.cfg.model_path(self.cfg.student),
-                                              champion["adapter_path"], self.world.facts, earlier, heldout))
+                                              champion["adapter_path"], self.world.facts, earlier, heldout,
+                                              draft["draft_path"], draft.get("acceptance")))
         finally:
             ray.kill(actor)
         self.lineage.log_dict(run_id, report.to_dict(), "validation_report.json")
@@ -357,6 +359,7 @@ class Cycle:
                                            threads=threads))
         result.update(acceptance_stale=stale, acceptance_cotrained=cotrained, k=dc.num_speculative_tokens,
                       **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        result["acceptance"] = max(stale, cotrained)
         if cotrained >= stale:
             result.update(draft_path=str(sdir / "draft"), draft_digest=dir_digest(sdir / "draft"), cotrained=True)
         self.lineage.log(run_id, metrics={k: v for k, v in result.items() if isinstance(v, (int, float))

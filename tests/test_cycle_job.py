@@ -40,6 +40,18 @@ def test_cycle_reports_have_numbers(job):
         assert set(r["stage_seconds"]) >= {"traffic", "label", "train", "merge", "validate", "deploy"}
 
 
+def test_the_gate_checked_regression_teacher_agreement_and_the_draft(job):
+    cfg = load_config(job["config"])
+    for endpoint in ("tiny-support", "globex-chat"):
+        val = json.loads(cfg.storage.path("cycles", endpoint, "cycle-0001", "validate", "result.json").read_text())
+        assert val["passed"] and not val["reasons"], val
+        assert val["num_regression"] > 0 and val["regression_champion"] - val["regression_candidate"] <= 0.04, val
+        assert val["num_agreement"] > 0 and val["teacher_agreement"] >= 0.5, val
+        assert val["draft_acceptance"] >= cfg.validation.min_draft_acceptance, val
+        n = cfg.validation.spec_check_questions
+        assert val["spec_identical"] == f"{n}/{n}", "speculative decoding kept the greedy output"
+
+
 def test_training_learned(job):
     cfg = load_config(job["config"])
     result = json.loads(cfg.storage.path("cycles", "tiny-support", "cycle-0001", "train", "result.json").read_text())

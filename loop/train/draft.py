@@ -107,6 +107,38 @@ def measure_acceptance(student_dir: str | Path, draft_dir: str | Path, questions
     return expected_accepted(sequence_alphas(student, draft, out, attn, answer), k)
 
 
+def assisted_generation(student_dir: str | Path, draft_dir: str | Path, questions: list[str],
+                        max_new_tokens: int) -> dict:
+    """Greedy decoding of each question alone (batch 1), plain and with the draft as Hugging Face's
+    assistant model: the wall time of each, their ratio, and how many outputs are identical (all of
+    them, when speculative decoding is correct)."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loop.models.chat import chat_batch, left_padded_tokenizer
+
+    tok = left_padded_tokenizer(student_dir)
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
+    timings, same = {"plain": 0.0, "assisted": 0.0}, 0
+    for q in questions:
+        enc = chat_batch(tok, [q])
+        outs = {}
+        for mode in ("plain", "assisted"):
+            extra = {"assistant_model": draft} if mode == "assisted" else {}
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                outs[mode] = student.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                              pad_token_id=tok.pad_token_id, **extra)
+            timings[mode] += time.perf_counter() - t0
+        same += int(torch.equal(outs["plain"], outs["assisted"]))
+    return {"plain_s": timings["plain"], "assisted_s": timings["assisted"],
+            "spec_speedup": timings["plain"] / timings["assisted"], "identical_outputs": f"{same}/{len(questions)}",
+            "identical": same, "compared": len(questions)}
+
+
 class DraftDistiller:
     def __init__(self, cfg: DraftTrainingConfig, storage_path: Path, run_name: str):
         self.cfg, self.storage_path, self.run_name = cfg, storage_path, run_name

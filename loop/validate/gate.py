@@ -33,6 +33,8 @@ class ValidationReport:
     regression_candidate: float = float("nan")
     regression_champion: float = float("nan")
     num_regression: int = 0
+    draft_acceptance: float | None = None
+    spec_identical: str = ""
     teacher_agreement: float = float("nan")
     champion_teacher_agreement: float = float("nan")
     num_agreement: int = 0
@@ -81,10 +83,28 @@ class Validator:
     def __init__(self, cfg: ValidationConfig):
         self.cfg = cfg
 
+    def _check_draft(self, report: ValidationReport, candidate_dir: Path, draft_dir: str,
+                     acceptance: float | None, questions: list[str]) -> None:
+        from loop.train.draft import assisted_generation
+
+        report.draft_acceptance = acceptance
+        if acceptance is not None and acceptance < self.cfg.min_draft_acceptance:
+            report.reasons.append(f"the draft's acceptance {acceptance:.3f} tokens per step is below "
+                                  f"validation.min_draft_acceptance {self.cfg.min_draft_acceptance}")
+        n = self.cfg.spec_check_questions
+        if n:
+            got = assisted_generation(candidate_dir, draft_dir, questions[:n], self.cfg.max_new_tokens)
+            report.spec_identical = got["identical_outputs"]
+            if got["identical"] != got["compared"]:
+                report.reasons.append(f"speculative decoding with the draft changed the greedy output on "
+                                      f"{got['compared'] - got['identical']} of {got['compared']} questions")
+
     def run(self, candidate_dir: Path, champion_base: Path, champion_adapter: str | None, facts: list[Fact],
-            earlier: set[str] | None = None, heldout: list[dict] | None = None) -> ValidationReport:
+            earlier: set[str] | None = None, heldout: list[dict] | None = None, draft_dir: str | None = None,
+            draft_acceptance: float | None = None) -> ValidationReport:
         """`facts`: the current world; `earlier`: entities whose facts did not change since the last
-        epoch; `heldout`: labelled rows ({"messages", "completion"}) set aside from training."""
+        epoch; `heldout`: labelled rows ({"messages", "completion"}) set aside from training;
+        `draft_dir` / `draft_acceptance`: the version's matched draft and its measured acceptance."""
         started = time.perf_counter()
         heldout = heldout or []
         questions = ([f.heldout_question() for f in facts] + [q for q, _ in GENERAL_QUESTIONS]
@@ -118,6 +138,8 @@ class Validator:
                 report.reasons.append(f"agreement with the teacher on {len(heldout)} held-out prompts is "
                                       f"{report.teacher_agreement:.3f}, below validation.min_teacher_agreement "
                                       f"{self.cfg.min_teacher_agreement}")
+        if draft_dir:
+            self._check_draft(report, candidate_dir, draft_dir, draft_acceptance, [f.heldout_question() for f in facts])
         report.passed = not report.reasons
         report.seconds = time.perf_counter() - started
         report.samples = [{"question": q, "expected": f.value, "candidate": c, "champion": h}
