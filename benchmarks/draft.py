@@ -30,39 +30,15 @@ def _dataset(world, path: Path) -> Path:
     return path
 
 
-def _vllm_generate(student_dir: str, draft_dir: str | None, engine_cfg: dict, questions: list[str],
-                   max_tokens: int) -> dict:
-    """Greedy answers one request at a time (batch 1) from the merged backend's engine, with or without
-    its draft; the engine start is not timed."""
-    import asyncio
-
-    from loop.config import EngineConfig
-    from loop.serving.engine import StudentEngine
-
-    engine = StudentEngine(student_dir, EngineConfig.model_validate(engine_cfg), lora=False, draft_dir=draft_dir)
-
-    async def answer_all():
-        texts, tokens = [], 0
-        await engine.generate([{"role": "user", "content": questions[0]}], max_tokens=4, request_id="warmup")
-        t0 = time.perf_counter()
-        for i, q in enumerate(questions):
-            gen = await engine.generate([{"role": "user", "content": q}], max_tokens=max_tokens, request_id=f"q{i}")
-            texts.append(gen.text)
-            tokens += gen.completion_tokens
-        return {"seconds": time.perf_counter() - t0, "texts": texts, "tokens": tokens}
-
-    try:
-        return asyncio.run(answer_all())
-    finally:
-        engine.shutdown()
-
-
 def _vllm_speedup(student_dir: Path, draft_dir: Path, engine_cfg: dict, questions: list[str], max_tokens: int) -> dict:
     import ray
 
-    task = ray.remote(num_cpus=1)(_vllm_generate)
-    plain = ray.get(task.remote(str(student_dir), None, engine_cfg, questions, max_tokens))
-    spec = ray.get(task.remote(str(student_dir), str(draft_dir), engine_cfg, questions, max_tokens))
+    from loop.serving.engine import answer_with_engine
+
+    task = ray.remote(num_cpus=1)(answer_with_engine)
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+    plain = ray.get(task.remote(str(student_dir), engine_cfg, conversations, max_tokens))
+    spec = ray.get(task.remote(str(student_dir), engine_cfg, conversations, max_tokens, draft_dir=str(draft_dir)))
     same = sum(a == b for a, b in zip(plain["texts"], spec["texts"]))
     return {"vllm_plain_s": plain["seconds"], "vllm_spec_s": spec["seconds"],
             "vllm_spec_speedup": plain["seconds"] / spec["seconds"], "vllm_tokens": plain["tokens"],

@@ -256,6 +256,10 @@ class ValidationConfig(_Strict):
     spec_check_questions: int = Field(default=4, ge=0)
     """Held-out questions decoded greedily with and without the draft (Hugging Face assisted
     generation): the outputs must be identical. 0 skips the check."""
+    parity_questions: int = Field(default=4, ge=0)
+    """Held-out questions sent to vLLM (the candidate's adapter on the multi-LoRA engine, and an engine
+    on the merged weights with the draft): each answer must equal the gate's Hugging Face reference.
+    0 skips serving parity (each check starts an engine: ~30-60 s on CPU)."""
     max_new_tokens: int = Field(default=32, ge=1)
 
 

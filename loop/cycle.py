@@ -120,7 +120,7 @@ class Cycle:
             if merge["passed"]:
                 # The draft is co-trained first, so the gate can check it as part of the version.
                 draft = self.stage("draft", lambda d, r: self._draft(d, r, data, train, merge))
-                val = self.stage("validate", lambda d, r: self._validate(d, r, data, merge, draft))
+                val = self.stage("validate", lambda d, r: self._validate(d, r, data, train, merge, draft))
             else:
                 val = {"passed": False, "reasons": [f"merge proofs failed: {'; '.join(merge['reasons'])}"]}
             self.report.validation_passed = val["passed"]
@@ -313,7 +313,7 @@ class Cycle:
                                           "merged_to_base": report.merged_to_base})
         return report.to_dict()
 
-    def _validate(self, sdir: Path, run_id: str, data: dict, merge: dict, draft: dict) -> dict:
+    def _validate(self, sdir: Path, run_id: str, data: dict, train: dict, merge: dict, draft: dict) -> dict:
         import ray
 
         from loop.validate.gate import Validator
@@ -329,6 +329,16 @@ class Cycle:
                                               draft["draft_path"], draft.get("acceptance")))
         finally:
             ray.kill(actor)
+        n = self.cfg.validation.parity_questions
+        if n and report.passed:  # engines only for a candidate worth serving
+            from loop.validate.parity import serving_parity
+
+            report.parity, reasons = serving_parity(
+                self.cfg, merge["merged_dir"], train["adapter_dir"],
+                draft["draft_path"], [[{"role": "user", "content": f.heldout_question()}] for f in self.world.facts[:n]],
+                report.reference_answers, self.cfg.validation.max_new_tokens)
+            report.reasons += reasons
+            report.passed = not report.reasons
         self.lineage.log_dict(run_id, report.to_dict(), "validation_report.json")
         self.lineage.log(run_id, metrics={k: v for k, v in report.to_dict().items() if isinstance(v, float) and v == v},
                          tags={"verdict": "pass" if report.passed else "fail"})

@@ -50,6 +50,8 @@ def test_the_gate_checked_regression_teacher_agreement_and_the_draft(job):
         assert val["draft_acceptance"] >= cfg.validation.min_draft_acceptance, val
         n = cfg.validation.spec_check_questions
         assert val["spec_identical"] == f"{n}/{n}", "speculative decoding kept the greedy output"
+        n = cfg.validation.parity_questions
+        assert val["parity"] == {"questions": n, "multi_lora_identical": f"{n}/{n}", "merged_identical": f"{n}/{n}"}
 
 
 def test_training_learned(job):

@@ -295,4 +295,4 @@ def test_mxfp4_gpt_oss_experts(tmp_path):
             # E2M1 with a power-of-two scale 2^e per 32 values: each value within 2^(e+1).
             bound = torch.exp2(scales.float() - 126).repeat_interleave(32, -1).transpose(1, 2)
             assert ((value - expected).abs() <= bound).all(), (owner, param)
-            assert (value - expected).norm() < 0.2 * d.norm(), "the delta is there, up to FP4 rounding"
+            assert (value - expected).norm() < 0.5 * (value - base_value).norm(), "the delta is there"

@@ -140,3 +140,29 @@ class StudentEngine:
                 engine.shutdown()
             except Exception:  # noqa: BLE001 - best effort at interpreter teardown
                 pass
+
+
+def answer_with_engine(model_dir: str, engine_cfg: dict, conversations: list[list[dict]], max_tokens: int,
+                       draft_dir: str | None = None) -> dict:
+    """Start an engine on `model_dir` (merged weights; with `draft_dir`, speculative decoding), answer
+    each conversation greedily one at a time (batch 1), and shut the engine down. Returns the texts,
+    the tokens and the answering time (the engine start is not timed). For the validation gate's
+    serving parity and the draft benchmark; run it in a Ray task so the engine has its own process."""
+    import asyncio
+
+    engine = StudentEngine(model_dir, EngineConfig.model_validate(engine_cfg), lora=False, draft_dir=draft_dir)
+
+    async def answer_all():
+        texts, tokens = [], 0
+        await engine.generate(conversations[0], max_tokens=4, request_id="warmup")
+        t0 = time.perf_counter()
+        for i, c in enumerate(conversations):
+            gen = await engine.generate(c, max_tokens=max_tokens, request_id=f"q{i}")
+            texts.append(gen.text)
+            tokens += gen.completion_tokens
+        return {"seconds": time.perf_counter() - t0, "texts": texts, "tokens": tokens}
+
+    try:
+        return asyncio.run(answer_all())
+    finally:
+        engine.shutdown()

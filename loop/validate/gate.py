@@ -38,8 +38,11 @@ class ValidationReport:
     teacher_agreement: float = float("nan")
     champion_teacher_agreement: float = float("nan")
     num_agreement: int = 0
+    parity: dict = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
+    reference_answers: list[str] = field(default_factory=list)
+    """The candidate's greedy answers to the first validation.parity_questions held-out questions."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,6 +145,7 @@ class Validator:
             self._check_draft(report, candidate_dir, draft_dir, draft_acceptance, [f.heldout_question() for f in facts])
         report.passed = not report.reasons
         report.seconds = time.perf_counter() - started
+        report.reference_answers = cand[:self.cfg.parity_questions]
         report.samples = [{"question": q, "expected": f.value, "candidate": c, "champion": h}
                           for q, f, c, h in list(zip(questions, facts, cand, champ))[:5]]
         return report
