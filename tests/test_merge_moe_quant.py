@@ -1,34 +1,39 @@
 """The merger on mixture-of-experts and quantized bases, tiny models built from config: 3-D expert
 parameters stored per expert or fused, and block-FP8 and MXFP4 checkpoints written here by hand. Each
-merge proves itself with numbers; a wrong expert delta or a dropped delta is refused before anything
-is written."""
+merge proves itself with numbers; a wrong expert delta, a dropped delta or a proof that cannot run is
+refused, and nothing is left behind."""
 import json
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, GptOssConfig, LlamaConfig, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, GptOssConfig, LlamaConfig, MixtralConfig, Qwen3MoeConfig
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 import loop.merge.layouts as layouts
+import loop.merge.merger as merger
 from loop.config import MergeConfig
 from loop.merge.merger import MergeFailed, Merger
 
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-QWEN3_MOE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=12, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
-                 decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=64, initializer_range=0.1)
+ATTENTION = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=8, max_position_embeddings=64, initializer_range=0.1)
+QWEN3_MOE = dict(**ATTENTION, intermediate_size=48, moe_intermediate_size=12, num_experts=4, num_experts_per_tok=2,
+                 decoder_sparse_step=1, mlp_only_layers=[])
+MIXTRAL = dict(**ATTENTION, intermediate_size=12, num_local_experts=4, num_experts_per_tok=2)
 # hidden 256 gives 2x2 blocks of 128 in q/o_proj; one kv head of 64 and intermediate 96 give single
-# partial blocks (ceil-padded rows in k/v/gate/up, columns in down). transformers' FP8 loader infers the
-# block size from the scale grid, which is only exact for multiples of 128 or one partial block, so the
-# peft reference on the dequantized base would be wrong for e.g. intermediate 320 (3 blocks of 106.7).
+# partial blocks (ceil-padded rows in k/v/gate/up, columns in down). transformers' FP8 loader, which the
+# merger's reference (peft on the dequantized base) goes through, infers the block size from the scale
+# grid: exact only for multiples of 128 or one partial block (it refuses intermediate 320, 3 blocks, and
+# silently misreads 200 as 2 blocks of 100), so the dimensions here stay within what it reads exactly.
+# Quantized bases keep the default initializer_range 0.02: requantizing base + delta costs a KL that
+# grows with the logits' scale (at 0.1 even a correct FP8 merge of this model exceeds 1e-2).
 FP8_LLAMA = dict(vocab_size=128, hidden_size=256, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False, initializer_range=0.05)
+                 num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False)
 GPT_OSS = dict(vocab_size=128, hidden_size=128, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, head_dim=32, num_local_experts=4, num_experts_per_tok=2,
-               layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64,
-               initializer_range=0.05)
+               layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64)
 FP8_MAX = 448.0
 FP4_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 IDS = torch.randint(1, 96, (3, 12), generator=torch.Generator().manual_seed(1))
@@ -165,24 +170,32 @@ def _expert_delta(adapter_dir, module, experts, transposed=False, scaling=2.0):
 
 # ---- mixture of experts: peft target_parameters on 3-D expert parameters ----
 
-@pytest.mark.parametrize("storage, layout, edits", [
-    ("per_expert", "experts_split", 2 * 4 * 3),  # per layer: 4 experts x gate, up, down
-    ("fused", "experts_3d", 2 * 2),  # per layer: gate_up_proj, down_proj
-])
-def test_qwen3_moe_expert_parameters(tmp_path, storage, layout, edits):
-    config = Qwen3MoeConfig(**QWEN3_MOE)
+# model, saved per expert (transformers 5's default for these) or fused, layout, edits, one expert's down_proj
+MOE_CASES = {
+    "qwen3_moe-per_expert": (Qwen3MoeConfig, QWEN3_MOE, True, "experts_split", 2 * 4 * 3,  # 4 x gate, up, down
+                             "model.layers.1.mlp.experts.3.down_proj.weight"),
+    "qwen3_moe-fused": (Qwen3MoeConfig, QWEN3_MOE, False, "experts_3d", 2 * 2,  # gate_up_proj, down_proj
+                        "model.layers.1.mlp.experts.down_proj"),
+    "mixtral-per_expert": (MixtralConfig, MIXTRAL, True, "experts_split", 2 * 4 * 3,  # 4 x w1, w3, w2
+                           "model.layers.1.block_sparse_moe.experts.3.w2.weight"),
+}
+
+
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_moe_expert_parameters(tmp_path, case):
+    config_cls, dims, per_expert, layout, edits, down_name = MOE_CASES[case]
+    config = config_cls(**dims)
     base = tmp_path / "base"
-    # transformers 5 saves Qwen-MoE experts one 2-D tensor each unless told to keep its fused format.
-    _model(config).save_pretrained(base, save_original_format=storage == "per_expert")
+    _model(config).save_pretrained(base, save_original_format=per_expert)
     on_disk = load_file(base / "model.safetensors")
-    per_expert_key = "model.layers.0.mlp.experts.3.down_proj.weight"
-    assert (per_expert_key in on_disk) == (storage == "per_expert")
+    assert down_name in on_disk and on_disk[down_name].dim() == (2 if per_expert else 3)
     adapter = _adapter(config, tmp_path / "adapter", ["q_proj"], EXPERT_PARAMS)
 
     report = _merge(base, adapter, tmp_path / "merged")
     assert report.passed and report.finite and not report.reasons
     assert report.max_abs_logit_diff <= 1e-4, report.max_abs_logit_diff
-    assert report.merged_to_base > 1000 * report.merged_to_reference, (report.merged_to_base, report.merged_to_reference)
+    assert report.merged_to_base > 1000 * report.merged_to_reference, \
+        (report.merged_to_base, report.merged_to_reference)
     assert report.layouts == {layout: edits, "linear": 2}
     assert report.tensors_changed == edits + 2
     merged = load_file(tmp_path / "merged" / "model.safetensors")
@@ -191,12 +204,10 @@ def test_qwen3_moe_expert_parameters(tmp_path, storage, layout, edits):
     reference = _logits(base, adapter)
     assert (_logits(tmp_path / "merged") - reference).abs().max() < 1e-4
     assert (_logits(base) - reference).abs().max() > 0.1, "the adapter changes the logits"
-    # Expert 3's down_proj moved by exactly its own delta.
-    down = _expert_delta(adapter, "model.layers.1.mlp.experts", 4)  # outer ParamWrapper: the last target
-    name = "model.layers.1.mlp.experts.3.down_proj.weight" if storage == "per_expert" else \
-        "model.layers.1.mlp.experts.down_proj"
-    expected = on_disk[name] + (down[3] if storage == "per_expert" else down)
-    assert torch.allclose(merged[name], expected, atol=1e-6)
+    # One down_proj moved by exactly its own delta (expert 3's when stored per expert).
+    down = _expert_delta(adapter, "model.layers.1.mlp.experts", 4)  # the outer ParamWrapper: the last target
+    expected = on_disk[down_name] + (down[3] if per_expert else down)
+    assert torch.allclose(merged[down_name], expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("storage", ["per_expert", "fused"])
@@ -230,12 +241,11 @@ def test_fp8_block_base(tmp_path):
     assert report.quantized == "fp8"
     assert report.layouts == {"linear": 14} and report.tensors_changed == 14
     assert report.kl_to_reference < MergeConfig().max_kl_quantized, report.kl_to_reference
-    assert report.merged_to_base > 10 * report.merged_to_reference, (report.merged_to_base, report.merged_to_reference)
+    assert report.merged_to_base > 5 * report.merged_to_reference, (report.merged_to_base, report.merged_to_reference)
 
     before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
     assert after.keys() == before.keys()
-    for name in (f"model.layers.{i}.{m}.weight" for i in range(2) for m in
-                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.down_proj")):
+    for name in [k for k in before if k.endswith("_proj.weight")]:  # every targeted Linear, all in FP8
         q, scale = after[name], after[name + "_scale_inv"]
         assert q.dtype == torch.float8_e4m3fn and q.shape == before[name].shape
         assert scale.dtype == torch.float32 and scale.shape == before[name + "_scale_inv"].shape
@@ -260,7 +270,7 @@ def test_fp8_dropped_delta_is_refused(tmp_path, monkeypatch):
         _merge(base, adapter, tmp_path / "merged")
     report = _refused_without_writing(tmp_path)
     assert report["quantized"] == "fp8"
-    assert report["merged_to_base"] < report["merged_to_reference"], "requantizing the base alone is exact"
+    assert report["merged_to_base"] < 1e-6 < report["merged_to_reference"], "requantizing the base alone is exact"
 
 
 # ---- MXFP4 base (GPT-OSS: experts [E, in, out], stored as blocks and scales) ----
@@ -275,7 +285,8 @@ def test_mxfp4_gpt_oss_experts(tmp_path):
     assert report.quantized == "mxfp4"
     assert report.layouts == {"experts_3d": 4, "linear": 2} and report.tensors_changed == 6
     assert report.kl_to_reference < MergeConfig().max_kl_quantized, report.kl_to_reference
-    assert report.merged_to_base > 3 * report.merged_to_reference, (report.merged_to_base, report.merged_to_reference)
+    # FP4 keeps one mantissa bit: the requantized experts sit much nearer base + delta than the base, not on it.
+    assert report.merged_to_base > 2 * report.merged_to_reference, (report.merged_to_base, report.merged_to_reference)
 
     before, after = load_file(base / "model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
     assert after.keys() == before.keys()
@@ -296,3 +307,20 @@ def test_mxfp4_gpt_oss_experts(tmp_path):
             bound = torch.exp2(scales.float() - 126).repeat_interleave(32, -1).transpose(1, 2)
             assert ((value - expected).abs() <= bound).all(), (owner, param)
             assert (value - expected).norm() < 0.5 * (value - base_value).norm(), "the delta is there"
+
+
+# ---- a proof that cannot run ----
+
+def test_a_proof_that_cannot_run_is_a_refusal(tmp_path, monkeypatch):
+    config = Qwen3MoeConfig(**QWEN3_MOE)
+    base = tmp_path / "base"
+    _model(config).save_pretrained(base, save_original_format=False)
+    adapter = _adapter(config, tmp_path / "adapter", (), EXPERT_PARAMS)
+
+    def no_kernel(*args, **kwargs):  # as torch's grouped_mm answers float64 MoE experts on CPU
+        raise RuntimeError("Expected mat_a to be Float32, BFloat16 or Float16 matrix, got Double")
+
+    monkeypatch.setattr(merger, "reference_logits", no_kernel)
+    with pytest.raises(MergeFailed, match="got Double"):
+        _merge(base, adapter, tmp_path / "merged")
+    _refused_without_writing(tmp_path)

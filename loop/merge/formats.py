@@ -6,8 +6,10 @@ finegrained FP8): W = q * scale_inv per block; requantized with fresh scales ama
 `mxfp4`: `X_blocks` uint8 [..., out, in/32, 16] (32 FP4 E2M1 values per block, two per byte, low
 nibble first) and `X_scales` uint8 [..., out, in/32] (E8M0: 2^(s-127)), as GPT-OSS stores its experts;
 read as [..., in, out] (transformers' parameter layout) and requantized with fresh shared scales.
-The ceil-padded FP8 dequantisation here is exact for any shape (transformers' own infers the block
-size from the scale grid, which is wrong when a dimension is not a multiple of 128).
+The ceil-padded FP8 dequantisation here is exact for any shape. transformers' own (which loads the
+proofs' reference and merged models) infers the block size from the scale grid: right for
+multiples of 128 or a single partial block, refused or misread otherwise (then base and merged are
+misread alike, and the proof is weaker than it looks).
 """
 from __future__ import annotations
 

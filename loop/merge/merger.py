@@ -91,6 +91,8 @@ class Merger:
                 self._prove(report, base_dir, reference, tmp)
         except AdapterError as e:
             report.reasons.append(str(e))
+        except Exception as e:  # noqa: BLE001 - a merge or proof that cannot run is a failed proof
+            report.reasons.append(f"the merge or its proof could not run: {type(e).__name__}: {e}")
         report.passed = not report.reasons
         if report.passed:
             report.merged_digest = dir_digest(tmp)
@@ -139,7 +141,9 @@ def _load(model_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(torch.float64).eval()
+    # transformers' default experts kernel (grouped_mm) has no float64 CPU kernel: experts run eager.
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                experts_implementation="eager").to(torch.float64).eval()
 
 
 def reference_logits(base_dir: Path, adapter_dir: Path, ids, mask):
