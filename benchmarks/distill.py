@@ -3,7 +3,7 @@ forgetting what the student knew?
 
 One run, on the config's student (default SmolLM2-135M-Instruct) and its `training` section:
   1. cycle 1 learns the world at epoch 1 (every fact's training phrasings, answered by the reference
-     teacher; the config's L2 toward the base, nothing to replay yet): the champion adapter
+     teacher; nothing to replay yet, no warm start to regularise toward): the champion adapter
      (`cycle1_acc` on epoch 1's held-out phrasings; `base` and `before` give general answers kept).
   2. the world drifts to epoch 2: some facts change, some are new. Before: the champion's accuracy on
      the held-out phrasings of every epoch-2 fact (`student_acc_before`), on the facts that did not
@@ -84,8 +84,8 @@ def run(cfg: LoopConfig) -> dict:
             t = time.perf_counter()
             print("[bench] 1/4 cycle 1: the student learns the world at epoch 1", flush=True)
             d1 = _write(training_rows(w1.facts), tmp / "cycle1.jsonl")
-            # As a loop's first cycle runs: the config's guards (no earlier data to replay yet; L2 toward
-            # the base model itself).
+            # As a loop's first cycle runs: the config's settings (nothing to replay yet, and no warm
+            # start for the regulariser to hold to).
             LoRADistiller(tc, tmp / "ray", "distill-cycle1").run(student, d1, tmp / "champion")
             seconds["cycle1_train"] = time.perf_counter() - t
             out["cycle1_acc"] = _evaluate(student, tmp / "champion", w1.facts, set(), n_tokens)["acc"]

@@ -193,8 +193,8 @@ class TrainingConfig(_Strict):
     """Replay buffer: examples from earlier cycles' datasets of the endpoint, this many per new one."""
     regularizer: Literal["none", "l2", "ewc"] = "l2"
     """Penalty toward the warm-start (previous champion's) weights: `l2`, or `ewc` weighting each
-    parameter by a diagonal Fisher estimate on the replay examples (needs replay_ratio > 0). On a
-    first cycle `l2` pulls toward the base model itself (the fresh adapter's delta is zero)."""
+    parameter by a diagonal Fisher estimate on the replay examples (needs replay_ratio > 0). Off on
+    a first cycle (no warm start): L2 toward the base itself cost more learning than it saved."""
     reg_weight: float = Field(default=0.01, ge=0)
     """The defaults (replay 1.0, l2 0.01) are what `loopctl bench distill` measured: one cycle on a
     drifted world kept every earlier fact and general answer (regression -7 pts) where training

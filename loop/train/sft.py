@@ -164,9 +164,11 @@ def train_loop(config: dict) -> None:
     # A local teacher gives its whole distribution at every answer position (it shares the tokenizer).
     teacher = ray.get_actor(config["teacher_actor"]) if config.get("teacher_actor") and tc.kd_weight > 0 else None
     pad = tok.pad_token_id or 0
-    # On a first cycle (a fresh adapter, zero delta) L2 pulls toward the base model itself, which
-    # keeps what the base knew; EWC needs old data to weigh parameters by, so it waits for replay.
-    guarded = tc.regularizer != "none" and tc.reg_weight > 0 and (tc.regularizer == "l2" or bool(replay))
+    # Guards start with the second cycle (a warm start): on a first one, L2 toward the base itself kept
+    # 2 more of 15 general answers but halved what the cycle learned (`loopctl bench distill`, README),
+    # and EWC needs old data to weigh parameters by.
+    guarded = (tc.regularizer != "none" and tc.reg_weight > 0 and bool(config.get("init_adapter"))
+               and (tc.regularizer == "l2" or bool(replay)))
     reference = snapshot(model) if guarded else None
     fisher = None
     if reference is not None and tc.regularizer == "ewc":
