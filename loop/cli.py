@@ -76,7 +76,7 @@ def _serve(args) -> int:
         stop_services(cfg)
 
 
-BENCHMARKS = ("serving", "draft", "distill")
+BENCHMARKS = ("serving", "draft", "distill", "merge")
 
 
 def _bench(args) -> int:

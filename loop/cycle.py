@@ -271,15 +271,18 @@ class Cycle:
         return json.loads(prev.read_text())["cutoff"] if prev.exists() else 0.0
 
     def _train(self, sdir: Path, run_id: str, data: dict) -> dict:
-        from loop.train.sft import LoRADistiller
+        from loop.train.sft import LoRADistiller, TrainingDiverged
 
         champion = self.lineage.version_info(self.endpoint.id, "champion")
         distiller = LoRADistiller(self.cfg.training, self.cfg.storage.path("ray_train"),
                                   f"{self.endpoint.id}-cycle-{self.number:04d}")
-        metrics = distiller.run(self.cfg.model_path(self.cfg.student), Path(data["dataset"]), sdir / "adapter",
-                                init_adapter=champion["adapter_path"],
-                                replay=Path(data["replay"]) if data.get("replay") else None,
-                                teacher_dir=self._teacher_dir(), teacher_gpus=self.cfg.teacher.num_gpus)
+        try:
+            metrics = distiller.run(self.cfg.model_path(self.cfg.student), Path(data["dataset"]), sdir / "adapter",
+                                    init_adapter=champion["adapter_path"],
+                                    replay=Path(data["replay"]) if data.get("replay") else None,
+                                    teacher_dir=self._teacher_dir(), teacher_gpus=self.cfg.teacher.num_gpus)
+        except TrainingDiverged as e:
+            raise CycleFailed(f"{e}; nothing was registered or deployed") from None
         digest = dir_digest(sdir / "adapter")
         self.lineage.log(run_id, params={**self.cfg.training.model_dump(), "warm_start": champion["version"]},
                          metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},

@@ -6,36 +6,17 @@ import shutil
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Phi3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config
 
 import loop.merge.layouts as layouts
 from loop.config import MergeConfig
 from loop.merge.merger import MergeFailed, Merger
+from loop.models import zoo
 
-DIMS = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=64, rms_norm_eps=1e-5)
+DIMS = zoo.LLAMA  # tiny: 2 layers, hidden 32, vocab 96
 IDS = torch.randint(1, 96, (3, 12), generator=torch.Generator().manual_seed(1))
-
-
-def _save(model, path):
-    """Save a model built from config (weights drawn with a fixed seed) and return its directory."""
-    model.save_pretrained(path)
-    return path
-
-
-def _model(config, seed=0):
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
-def _adapter(model, path, targets, seed=1, **kw):
-    """A LoRA adapter with random nonzero A and B (a real delta on every targeted module)."""
-    torch.manual_seed(seed)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **kw))
-    peft.save_pretrained(path)
-    return path
 
 
 def _merge(base, adapter, out, **cfg):
@@ -58,50 +39,29 @@ def _proved(report, layouts_expected):
 
 
 def test_llama_separate_qkv(tmp_path):
-    base = _save(_model(LlamaConfig(**DIMS)), tmp_path / "base")
-    adapter = _adapter(_model(LlamaConfig(**DIMS)), tmp_path / "adapter", ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                           "gate_proj", "up_proj", "down_proj"])
+    base = zoo.llama(tmp_path / "base")
+    adapter = zoo.adapter("llama", base, tmp_path / "adapter", ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                "gate_proj", "up_proj", "down_proj"])
     report = _merge(base, adapter, tmp_path / "merged")
     _proved(report, {"linear": 14})
     assert torch.allclose(_logits(tmp_path / "merged"), _logits(base, adapter), atol=1e-4)
 
 
 def test_phi3_adapter_on_the_fused_modules(tmp_path):
-    base = _save(_model(Phi3Config(**DIMS, pad_token_id=0)), tmp_path / "base")
-    adapter = _adapter(_model(Phi3Config(**DIMS, pad_token_id=0)), tmp_path / "adapter",
-                       ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    config = Phi3Config(**DIMS, pad_token_id=0)
+    base = zoo.save(zoo.random_model(config), tmp_path / "base")
+    adapter = zoo.lora_adapter(config, tmp_path / "adapter", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
     _proved(_merge(base, adapter, tmp_path / "merged"), {"linear": 8})
-
-
-def _phi3_from_llama(llama, path):
-    """A Phi-3 checkpoint with the Llama's weights, q/k/v and gate/up fused as Phi-3 stores them."""
-    sd = llama.state_dict()
-    out = {}
-    for k, v in sd.items():
-        if any(p in k for p in ("k_proj", "v_proj", "up_proj")):
-            continue
-        if "q_proj" in k:
-            out[k.replace("q_proj", "qkv_proj")] = torch.cat([v, sd[k.replace("q_", "k_")], sd[k.replace("q_", "v_")]])
-        elif "gate_proj" in k:
-            out[k.replace("gate_proj", "gate_up_proj")] = torch.cat([v, sd[k.replace("gate_", "up_")]])
-        elif k != "lm_head.weight":
-            out[k] = v.contiguous()
-    path.mkdir()
-    save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
-    Phi3Config(**{**DIMS, "num_key_value_heads": llama.config.num_key_value_heads}, pad_token_id=0,
-               tie_word_embeddings=True).save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_split_adapter_onto_phi3_fused_rows(tmp_path, kv_heads):
-    dims = {**DIMS, "num_key_value_heads": kv_heads, "tie_word_embeddings": True}
-    llama = _model(LlamaConfig(**dims))
-    phi3 = _phi3_from_llama(llama, tmp_path / "phi3")
-    llama_dir = _save(llama, tmp_path / "llama")
+    # Both from the same Llama config and seed: the Phi-3 holds the Llama's weights, fused.
+    phi3 = zoo.phi3_fused(tmp_path / "phi3", num_key_value_heads=kv_heads)
+    llama_dir = zoo.llama(tmp_path / "llama", num_key_value_heads=kv_heads, tie_word_embeddings=True)
     assert torch.allclose(_logits(phi3), _logits(llama_dir), atol=1e-10), "the same network in both layouts"
-    adapter = _adapter(_model(LlamaConfig(**dims)), tmp_path / "adapter",
-                       ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])
+    adapter = zoo.adapter("phi3_fused", phi3, tmp_path / "adapter",
+                          ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])
     report = _merge(phi3, adapter, tmp_path / "merged")
     _proved(report, {"fused_rows": 10})
     # Independently of the merger's own reference: the merged Phi-3 is the Llama with its adapter.
@@ -109,9 +69,8 @@ def test_split_adapter_onto_phi3_fused_rows(tmp_path, kv_heads):
 
 
 def test_swapped_qkv_split_is_caught(tmp_path, monkeypatch):
-    llama = _model(LlamaConfig(**DIMS, tie_word_embeddings=True))
-    phi3 = _phi3_from_llama(llama, tmp_path / "phi3")
-    adapter = _adapter(_model(LlamaConfig(**DIMS)), tmp_path / "adapter", ["q_proj", "k_proj", "v_proj"])
+    phi3 = zoo.phi3_fused(tmp_path / "phi3")
+    adapter = zoo.adapter("phi3_fused", phi3, tmp_path / "adapter", ["q_proj", "k_proj", "v_proj"])
     real = layouts.plan
 
     def swapped(adapter, base):  # q's delta into k's rows and k's into q's: same shapes, wrong places
@@ -128,8 +87,8 @@ def test_swapped_qkv_split_is_caught(tmp_path, monkeypatch):
 
 
 def test_dropped_delta_is_caught(tmp_path, monkeypatch):
-    base = _save(_model(LlamaConfig(**DIMS)), tmp_path / "base")
-    adapter = _adapter(_model(LlamaConfig(**DIMS)), tmp_path / "adapter", ["q_proj", "v_proj"])
+    base = zoo.llama(tmp_path / "base")
+    adapter = zoo.adapter("llama", base, tmp_path / "adapter", ["q_proj", "v_proj"])
     real = layouts.plan
     monkeypatch.setattr(layouts, "plan", lambda a, b: [layouts.Edit(e.target, e.layout, e.module, lambda w: w)
                                                         for e in real(a, b)])
@@ -138,9 +97,9 @@ def test_dropped_delta_is_caught(tmp_path, monkeypatch):
 
 
 def test_gpt2_conv1d_transposed(tmp_path):
-    cfg = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    base = _save(_model(cfg), tmp_path / "base")
-    adapter = _adapter(_model(cfg), tmp_path / "adapter", ["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    base = zoo.gpt2_conv1d(tmp_path / "base")  # n_embd 32, vocab 96
+    adapter = zoo.adapter("gpt2_conv1d", base, tmp_path / "adapter", ["c_attn", "c_proj", "c_fc"],
+                          fan_in_fan_out=True)
     report = _merge(base, adapter, tmp_path / "merged")
     _proved(report, {"conv1d": 8})
     w = load_file(tmp_path / "merged" / "model.safetensors")
@@ -148,10 +107,9 @@ def test_gpt2_conv1d_transposed(tmp_path):
 
 
 def test_tied_embeddings_and_an_adapter_on_the_tied_head(tmp_path):
-    cfg = LlamaConfig(**DIMS, tie_word_embeddings=True)
-    base = _save(_model(cfg), tmp_path / "base")
+    base = zoo.llama(tmp_path / "base", tie_word_embeddings=True)
     assert "lm_head.weight" not in load_file(base / "model.safetensors")
-    adapter = _adapter(_model(cfg), tmp_path / "adapter", ["embed_tokens", "lm_head", "q_proj"])
+    adapter = zoo.adapter("llama", base, tmp_path / "adapter", ["embed_tokens", "lm_head", "q_proj"])
     report = _merge(base, adapter, tmp_path / "merged")
     # peft saves the embedding's base weight beside an adapter on it: written back unchanged.
     _proved(report, {"saved_base_weight": 1, "embedding": 1, "untied_head": 1, "linear": 2})
@@ -161,8 +119,8 @@ def test_tied_embeddings_and_an_adapter_on_the_tied_head(tmp_path):
 
 
 def test_an_unknown_layout_is_refused_naming_the_module(tmp_path):
-    base = _save(_model(LlamaConfig(**DIMS)), tmp_path / "base")  # separate q/k/v
-    adapter = _adapter(_model(Phi3Config(**DIMS, pad_token_id=0)), tmp_path / "adapter", ["qkv_proj"])
+    base = zoo.llama(tmp_path / "base")  # separate q/k/v
+    adapter = zoo.lora_adapter(Phi3Config(**DIMS, pad_token_id=0), tmp_path / "adapter", ["qkv_proj"])
     with pytest.raises(MergeFailed, match="adapter module model.layers.0.self_attn.qkv_proj: the base has no "
                                           ".*refusing to guess"):
         _merge(base, adapter, tmp_path / "merged")
@@ -198,11 +156,10 @@ def _corrupt(kind, adapter, base):
     ("other_base", "the adapter was made for another base model"),
 ])
 def test_bad_adapters_and_bases_are_refused_before_writing(tmp_path, kind, message):
-    base = tmp_path / "base"
-    _model(LlamaConfig(**DIMS)).save_pretrained(base, max_shard_size="20KB")
+    base = zoo.llama(tmp_path / "base", max_shard_size="20KB")
     assert (base / "model.safetensors.index.json").exists()
     dims = {**DIMS, "hidden_size": 48} if kind == "other_base" else DIMS
-    adapter = _adapter(_model(LlamaConfig(**dims)), tmp_path / "adapter", ["q_proj", "v_proj"])
+    adapter = zoo.lora_adapter(LlamaConfig(**dims), tmp_path / "adapter", ["q_proj", "v_proj"])
     _corrupt(kind, adapter, base)
     with pytest.raises(MergeFailed, match=message):
         _merge(base, adapter, tmp_path / "merged")
@@ -211,11 +168,10 @@ def test_bad_adapters_and_bases_are_refused_before_writing(tmp_path, kind, messa
 
 
 def test_a_sharded_base_streams_shard_by_shard(tmp_path):
-    base = tmp_path / "base"
-    _model(LlamaConfig(**DIMS)).save_pretrained(base, max_shard_size="20KB")
+    base = zoo.llama(tmp_path / "base", max_shard_size="20KB")
     shards = sorted(p.name for p in base.glob("*.safetensors"))
     assert len(shards) > 3
-    adapter = _adapter(_model(LlamaConfig(**DIMS)), tmp_path / "adapter", ["q_proj", "down_proj"])
+    adapter = zoo.adapter("llama", base, tmp_path / "adapter", ["q_proj", "down_proj"])
     report = _merge(base, adapter, tmp_path / "merged")
     _proved(report, {"linear": 4})
     assert sorted(p.name for p in (tmp_path / "merged").glob("*.safetensors")) == shards
@@ -229,8 +185,8 @@ def test_loopctl_merge(tmp_path):
     import subprocess
     import sys
 
-    base = _save(_model(LlamaConfig(**DIMS)), tmp_path / "base")
-    adapter = _adapter(_model(LlamaConfig(**DIMS)), tmp_path / "adapter", ["q_proj"])
+    base = zoo.llama(tmp_path / "base")
+    adapter = zoo.adapter("llama", base, tmp_path / "adapter", ["q_proj"])
     cmd = [sys.executable, "-m", "loop.cli", "merge", "--base", str(base), "--out", str(tmp_path / "m" / "merged")]
     ok = subprocess.run(cmd + ["--adapter", str(adapter)], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and json.loads(ok.stdout)["passed"] is True

@@ -57,3 +57,15 @@ def test_draft_cotraining_raises_acceptance(ray_cluster, tiny_model_dir, dataset
     after = measure_acceptance(tiny_model_dir, tmp_path / "cotrained", questions, k=3, max_new_tokens=16)
     assert metrics["draft_kl_last"] < metrics["draft_kl_first"], metrics
     assert 0 <= before < after <= 3, (before, after)
+
+
+def test_a_diverging_run_stops_with_the_knob_to_turn(ray_cluster, tiny_model_dir, dataset, tmp_path):
+    from loop.train.sft import TrainingDiverged
+
+    ray.init(address=ray_cluster["RAY_ADDRESS"], namespace="loop-tests", ignore_reinit_error=True)
+    tc = TrainingConfig(num_workers=1, lora_rank=4, lora_alpha=8, learning_rate=1e12, batch_size=4, max_steps=30,
+                        max_seq_len=64, torch_threads=1)
+    with pytest.raises(TrainingDiverged, match=r"diverged: training loss is (nan|inf) at step \d+: lower "
+                                               r"training.learning_rate \(now 1000000000000.0\)"):
+        LoRADistiller(tc, tmp_path / "ray_train", "diverge").run(tiny_model_dir, dataset, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists(), "no adapter from a diverged run"

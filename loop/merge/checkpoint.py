@@ -145,6 +145,7 @@ def write_merged(ckpt: Checkpoint, edits: list[Edit], out_dir: Path) -> WriteSta
             stats.peak_tensor_mb = max(stats.peak_tensor_mb, (held + held_now) / 2**20)
         save_file(out, str(out_dir / shard), metadata={"format": "pt"})
         del out
+        handles.pop(shard, None)  # its pages leave the process's resident set once it is written
     if created:
         raise AdapterError(f"edits to {sorted(created)} found no source weight in the base")
     for f in ckpt.path.iterdir():

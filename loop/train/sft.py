@@ -301,9 +301,24 @@ class LoRADistiller:
                 ray.kill(actor)
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss went NaN or infinite; the message says at which step and which knob to turn."""
+
+
 def fit_to_dir(trainer, run_name: str, out_dir: Path) -> dict:
-    """Run a Ray Train trainer; its final checkpoint becomes `out_dir` whole or not at all."""
-    result = trainer.fit()
+    """Run a Ray Train trainer; its final checkpoint becomes `out_dir` whole or not at all. A
+    diverged run (a worker's FloatingPointError) raises TrainingDiverged with the worker's line."""
+    import re
+
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a divergence
+        failures = list((getattr(e, "worker_failures", None) or {}).values())
+        text = "\n".join([str(e)] + [str(f) for f in failures])
+        found = re.search(r"FloatingPointError: (.+)", text)
+        if found:
+            raise TrainingDiverged(f"training run {run_name} diverged: {found.group(1).strip()}") from None
+        raise
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} finished without a checkpoint: {result.error}")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
