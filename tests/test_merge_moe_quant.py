@@ -230,3 +230,43 @@ def test_a_proof_that_cannot_run_is_a_refusal(tmp_path, monkeypatch):
     with pytest.raises(MergeFailed, match="got Double"):
         _merge(base, adapter, tmp_path / "merged")
     _refused_without_writing(tmp_path)
+
+
+def _legacy_expert_adapter(path, dims, seed=3):
+    """A per-expert adapter as transformers v4 models were trained (experts.{e}.gate_proj / up_proj /
+    down_proj Linear modules), written by hand: no v5 model has those modules to train it on."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    h, i = dims["hidden_size"], dims["moe_intermediate_size"]
+    tensors = {}
+    for layer in range(dims["num_hidden_layers"]):
+        for e in range(dims["num_experts"]):
+            for name, (rows, cols) in {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}.items():
+                key = f"base_model.model.model.layers.{layer}.mlp.experts.{e}.{name}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(4, cols, generator=g) * 0.3
+                tensors[f"{key}.lora_B.weight"] = torch.randn(rows, 4, generator=g) * 0.3
+    path.mkdir(parents=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+        "target_modules": ["gate_proj", "up_proj", "down_proj"]}))
+    return path
+
+
+def test_a_per_expert_adapter_onto_fused_experts(tmp_path):
+    base = zoo.moe_experts(tmp_path / "base", per_expert=False)
+    adapter = _legacy_expert_adapter(tmp_path / "adapter", zoo.QWEN3_MOE)
+    report = _merge(base, adapter, tmp_path / "merged")
+    # peft converts such an adapter onto the fused experts itself: its forward is the reference.
+    assert report.passed and report.max_abs_logit_diff <= 1e-4, report.reasons
+    assert report.merged_to_base > 1000 * report.merged_to_reference
+    assert report.layouts == {"expert_into_fused": 2 * 4 * 3}
+    merged, on_disk = load_file(tmp_path / "merged" / "model.safetensors"), load_file(base / "model.safetensors")
+    t = load_file(adapter / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.experts.2.up_proj"
+    delta = 2.0 * t[f"{key}.lora_B.weight"] @ t[f"{key}.lora_A.weight"]  # lora_alpha / r = 2
+    i = zoo.QWEN3_MOE["moe_intermediate_size"]
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    assert torch.allclose(merged[name][2, i:], on_disk[name][2, i:] + delta, atol=1e-6), "up rows of expert 2"
+    assert not torch.equal(merged[name][2, :i], on_disk[name][2, :i]), "gate rows of expert 2 moved too"

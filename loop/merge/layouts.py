@@ -18,6 +18,8 @@ s = lora_alpha / r (lora_alpha / sqrt(r) with rslora; per-module `rank_pattern` 
                                                            3-D base tensor (plain or MXFP4)
   experts_split the same deltas, expert by expert, into per-expert 2-D base tensors (transformers 5
                 saves Qwen-MoE / OLMoE as experts.{e}.{gate,up,down}_proj, Mixtral as w1 / w3 / w2)
+  expert_into_fused  a per-expert adapter (transformers v4 module names) on a fused 3-D base:
+                its expert's rows of gate_up_proj (gate | up) or of down_proj
 """
 from __future__ import annotations
 
@@ -236,6 +238,18 @@ def _linear(adapter: Adapter, base: Base, module: str, parts: dict) -> list[Edit
             return w
 
         edits.append(Edit(target, "fused_rows", module, into_rows))
+    elif (fused := _expert_into_fused(base, module)) is not None:
+        target, e, rows = fused
+
+        def into_expert(w, e=e, rows=rows):
+            w = w.clone()
+            w[e, rows] += s * (b @ a)
+            return w
+
+        if base.shapes[target][2] != in_dim or rows.stop - rows.start != out_dim:
+            raise _shape_error(adapter, module, f"expert {e} rows {rows.start}:{rows.stop} of {target}",
+                               (out_dim, in_dim), (rows.stop - rows.start, base.shapes[target][2]))
+        edits.append(Edit(target, "expert_into_fused", module, into_expert))
     else:
         raise LayoutError(f"adapter module {module}: the base has no {target} and no known fused layout holds it "
                           f"(model_type {base.model_type or 'unknown'}); refusing to guess where its delta goes")
@@ -245,6 +259,24 @@ def _linear(adapter: Adapter, base: Base, module: str, parts: dict) -> list[Edit
             raise LayoutError(f"adapter module {module} has a lora_B bias but the base has no {bias}")
         edits.append(Edit(bias, "lora_bias", module, lambda w: w + s * parts["bias"].float()))
     return edits
+
+
+def _expert_into_fused(base: Base, module: str):
+    """A per-expert adapter module (transformers v4 names: experts.{e}.gate_proj / up_proj / down_proj,
+    or Mixtral's w1 / w3 / w2) on a base whose experts are fused 3-D [E, out, in]: (target, e, rows)."""
+    m = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)", module)
+    if m is None or base.model_type in TRANSPOSED_EXPERTS_MODEL_TYPES:
+        return None
+    owner, e, leaf = m.group(1), int(m.group(2)), m.group(3)
+    owner = owner.replace(".block_sparse_moe.", ".mlp.") if f"{owner}.gate_up_proj" not in base.shapes else owner
+    fused = f"{owner}.down_proj" if leaf in ("down_proj", "w2") else f"{owner}.gate_up_proj"
+    shape = base.shapes.get(fused)
+    if shape is None or len(shape) != 3 or e >= shape[0]:
+        return None
+    if fused.endswith("down_proj"):
+        return fused, e, slice(0, shape[1])
+    half = shape[1] // 2  # gate rows first, then up (chunk(2))
+    return fused, e, slice(0, half) if leaf in ("gate_proj", "w1") else slice(half, shape[1])
 
 
 def _tied(base: Base) -> bool:
