@@ -192,3 +192,26 @@ def test_loopctl_merge(tmp_path):
     assert ok.returncode == 0 and json.loads(ok.stdout)["passed"] is True
     bad = subprocess.run(cmd + ["--adapter", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.startswith("error: merge refused: ") and "adapter_config.json" in bad.stderr
+
+
+def test_dora_rescales_each_row_to_its_magnitude(tmp_path):
+    base = zoo.llama(tmp_path / "base")
+    adapter = zoo.lora_adapter(LlamaConfig(**DIMS), tmp_path / "adapter", ["q_proj", "down_proj"], use_dora=True)
+    weights = adapter / "adapter_model.safetensors"
+    t = load_file(weights)
+    mags = [k for k in t if "lora_magnitude_vector" in k]
+    assert len(mags) == 4
+    g = torch.Generator().manual_seed(0)
+    for k in mags:  # as trained magnitudes would: no longer the row norms of W + delta peft starts from
+        t[k] = t[k] * (1 + 0.3 * torch.randn(t[k].shape, generator=g))
+    save_file(t, str(weights))
+    report = _merge(base, adapter, tmp_path / "merged")
+    _proved(report, {"dora": 4})
+    assert torch.allclose(_logits(tmp_path / "merged"), _logits(base, adapter), atol=1e-4)
+
+
+def test_dora_on_a_fused_row_layout_is_refused(tmp_path):
+    phi3 = zoo.phi3_fused(tmp_path / "phi3")
+    adapter = zoo.lora_adapter(LlamaConfig(**DIMS), tmp_path / "adapter", ["q_proj"], use_dora=True)
+    with pytest.raises(MergeFailed, match="DoRA is merged on plain Linear weights only, not as fused_rows"):
+        _merge(phi3, adapter, tmp_path / "merged")

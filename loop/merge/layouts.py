@@ -5,6 +5,7 @@ or the merge is refused with an error naming the module: a layout is never guess
 s = lora_alpha / r (lora_alpha / sqrt(r) with rslora; per-module `rank_pattern` / `alpha_pattern`):
 
   linear        W[out, in] += s B @ A                      Llama, Qwen, Phi-3's fused modules, per-expert Linear
+  dora          W = m / |W + s B @ A|_row * (W + s B @ A)  DoRA (use_dora) on a plain Linear weight
   conv1d        W[in, out] += s (B @ A)^T                  GPT-2 `Conv1D` (c_attn, c_proj, c_fc)
   embedding     E[vocab, dim] += s (B @ A)^T               lora_embedding_A / lora_embedding_B
   fused_rows    rows of W_qkv (q | k | v) or W_gate_up (gate | up) += s B @ A
@@ -97,9 +98,6 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
     config = json.loads(cfg_file.read_text())
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{cfg_file}: peft_type {config.get('peft_type')}: only LoRA adapters are merged")
-    if config.get("use_dora"):
-        raise AdapterError(f"{cfg_file}: use_dora adapters are not merged here (the magnitude rescales each row "
-                           "by the unmerged norm); train without use_dora")
     tensors = load_file(weights)
     for k, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -130,7 +128,8 @@ def _modules(adapter: Adapter) -> tuple[dict, dict]:
     modules: dict[str, dict] = {}
     saved = {}
     suffixes = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias",
-                ".lora_embedding_A": "emb_A", ".lora_embedding_B": "emb_B"}
+                ".lora_embedding_A": "emb_A", ".lora_embedding_B": "emb_B", ".lora_magnitude_vector": "magnitude",
+                ".lora_magnitude_vector.weight": "magnitude"}
     for key, t in adapter.tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         for suffix, part in suffixes.items():
@@ -218,7 +217,16 @@ def _linear(adapter: Adapter, base: Base, module: str, parts: dict) -> list[Edit
         else:
             if shape != (out_dim, in_dim):
                 raise _shape_error(adapter, module, target, (out_dim, in_dim), shape)
-            edits.append(Edit(target, "linear", module, lambda w: w + s * (b @ a)))
+            if "magnitude" in parts:  # DoRA: each row of W + delta rescaled to its learned magnitude
+                m = parts.pop("magnitude").float()
+
+                def dora(w, m=m):
+                    merged = w + s * (b @ a)
+                    return merged * (m / merged.norm(p=2, dim=1)).unsqueeze(1)
+
+                edits.append(Edit(target, "dora", module, dora))
+            else:
+                edits.append(Edit(target, "linear", module, lambda w: w + s * (b @ a)))
     elif leaf == "lm_head" and _tied(base):
         embed = _embedding_weight(base)
         if base.shapes[embed] != (out_dim, in_dim):
@@ -253,6 +261,9 @@ def _linear(adapter: Adapter, base: Base, module: str, parts: dict) -> list[Edit
     else:
         raise LayoutError(f"adapter module {module}: the base has no {target} and no known fused layout holds it "
                           f"(model_type {base.model_type or 'unknown'}); refusing to guess where its delta goes")
+    if "magnitude" in parts:
+        raise LayoutError(f"adapter module {module}: DoRA is merged on plain Linear weights only, not as "
+                          f"{edits[0].layout if edits else 'this layout'}; train without use_dora")
     if "bias" in parts:
         bias = f"{module}.bias"
         if bias not in base.shapes:
