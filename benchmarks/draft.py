@@ -24,9 +24,9 @@ from loop.config import LoopConfig
 
 
 def _dataset(world, path: Path) -> Path:
-    rows = [{"messages": [{"role": "user", "content": f.question(i)}], "completion": f.answer()}
-            for f in world.facts for i in range(3)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from loop.sim.world import training_rows
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in training_rows(world.facts)))
     return path
 
 

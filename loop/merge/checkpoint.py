@@ -157,11 +157,10 @@ def write_merged(ckpt: Checkpoint, edits: list[Edit], out_dir: Path) -> WriteSta
         if isinstance(config.get("text_config"), dict):
             config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    if (ckpt.path / INDEX).exists() or new_keys:
-        index = json.loads((ckpt.path / INDEX).read_text()) if (ckpt.path / INDEX).exists() else {"metadata": {}}
+    if (ckpt.path / INDEX).exists():  # a single-file base gets its new keys in that file, no index
+        index = json.loads((ckpt.path / INDEX).read_text())
         index["weight_map"] = {**ckpt.key_shard, **new_keys}
-        if (ckpt.path / INDEX).exists():
-            (out_dir / INDEX).write_text(json.dumps(index, indent=2))
+        (out_dir / INDEX).write_text(json.dumps(index, indent=2))
     return stats
 
 

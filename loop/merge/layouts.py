@@ -419,22 +419,16 @@ def fused_reference_adapter(adapter: Adapter, base: Base, out_dir: Path) -> Path
     for fused, parts in groups.items():
         leaf = fused.rsplit(".", 1)[-1]
         shape = base.shapes[f"{fused}.weight"]
-        a_blocks, b = [], []
-        rank = 0
+        a_blocks, b_blocks = [], []
         for i, (module, p) in sorted(parts.items()):
-            r = adapter.rank(module)
-            scale = adapter.scaling(module, r)
+            scale = adapter.scaling(module, adapter.rank(module))
             a_blocks.append(p["A"].float() * scale)  # each part's scaling folded in; the fused scaling is 1
-            rank += r
-        b = torch.zeros(shape[0], rank)
-        col = 0
-        for i, (module, p) in sorted(parts.items()):
-            rows = _fused_rows(base, leaf, i, shape)
-            r = p["A"].shape[0]
-            b[rows, col:col + r] = p["B"].float()
-            col += r
+            block = torch.zeros(shape[0], p["A"].shape[0])  # B's columns of this part, zero outside its rows
+            block[_fused_rows(base, leaf, i, shape)] = p["B"].float()
+            b_blocks.append(block)
+        rank = sum(a.shape[0] for a in a_blocks)
         tensors[f"{PREFIX}{fused}.lora_A.weight"] = torch.cat(a_blocks).contiguous()
-        tensors[f"{PREFIX}{fused}.lora_B.weight"] = b
+        tensors[f"{PREFIX}{fused}.lora_B.weight"] = torch.cat(b_blocks, dim=1).contiguous()
         key = re.escape(fused)
         rank_pattern[key] = rank
         alpha_pattern[key] = math.sqrt(rank) if config.get("use_rslora") else rank
