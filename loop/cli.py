@@ -119,12 +119,13 @@ def _merge(args) -> int:
     import json
     from pathlib import Path
 
-    from loop.config import MergeConfig
+    from loop.config import EngineConfig, MergeConfig
     from loop.merge.merger import MergeFailed, Merger
 
     cfg = MergeConfig(**({"max_abs_logit_diff": args.max_abs_logit_diff} if args.max_abs_logit_diff else {}))
+    engine = EngineConfig().model_dump() if args.engine_proof else None
     try:
-        report = Merger(cfg).run(Path(args.base), Path(args.adapter), Path(args.out))
+        report = Merger(cfg).run(Path(args.base), Path(args.adapter), Path(args.out), engine=engine)
     except MergeFailed as e:
         print(f"error: merge refused: {e} (report: {Path(args.out).parent / 'merge_report.json'})", file=sys.stderr)
         return 1
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     mg.add_argument("--adapter", required=True, help="peft LoRA adapter directory")
     mg.add_argument("--out", required=True, help="merged model directory (the report goes beside it)")
     mg.add_argument("--max-abs-logit-diff", type=float, default=None)
+    mg.add_argument("--engine-proof", action=argparse.BooleanOptionalAction, default=True,
+                    help="proof 4: start vLLM on the merged directory and compare its greedy answers (~45 s on CPU)")
     mg.set_defaults(fn=_merge)
     b = sub.add_parser("bench", help="run a benchmark, write benchmarks/results/NAME.json")
     b.add_argument("name", choices=BENCHMARKS)

@@ -311,10 +311,22 @@ class Cycle:
             return failed
         finally:
             ray.kill(actor)
+        report.engine_note = "deferred to the validate stage's serving parity (one engine start, with the draft)"
+        (sdir / "merge_report.json").write_text(json.dumps(report.to_dict(), indent=2))
         self.lineage.log_dict(run_id, report.to_dict(), "merge_report.json")
         self.lineage.log(run_id, metrics={"max_abs_logit_diff": report.max_abs_logit_diff,
                                           "merged_to_base": report.merged_to_base})
-        return report.to_dict()
+        return {**report.to_dict(), "run_id": run_id}
+
+    def _record_engine_proof(self, merge: dict, parity: dict) -> None:
+        """Proof 4 of the merge, as the validate stage's serving parity ran it: into the MergeReport
+        on disk and in MLflow."""
+        path = Path(merge["merged_dir"]).parent / "merge_report.json"
+        report = json.loads(path.read_text())
+        report.update(engine_identical=parity.get("merged_identical", ""),
+                      engine_note="checked by the validate stage: vLLM on the merged directory, with the draft")
+        _write_json(path, report)
+        self.lineage.log_dict(merge["run_id"], report, "merge_report.json")
 
     def _validate(self, sdir: Path, run_id: str, data: dict, train: dict, merge: dict, draft: dict) -> dict:
         import ray
@@ -340,6 +352,7 @@ class Cycle:
                 self.cfg, merge["merged_dir"], train["adapter_dir"],
                 draft["draft_path"], [[{"role": "user", "content": f.heldout_question()}] for f in self.world.facts[:n]],
                 report.reference_answers, self.cfg.validation.max_new_tokens)
+            self._record_engine_proof(merge, report.parity)
             report.reasons += reasons
             report.passed = not report.reasons
         self.lineage.log_dict(run_id, report.to_dict(), "validation_report.json")

@@ -52,6 +52,9 @@ def test_the_gate_checked_regression_teacher_agreement_and_the_draft(job):
         assert val["spec_identical"] == f"{n}/{n}", "speculative decoding kept the greedy output"
         n = cfg.validation.parity_questions
         assert val["parity"] == {"questions": n, "multi_lora_identical": f"{n}/{n}", "merged_identical": f"{n}/{n}"}
+        # The merge's proof 4 (serving engine == reference) is that parity run, written back into its report.
+        merge = json.loads(cfg.storage.path("cycles", endpoint, "cycle-0001", "merge", "merge_report.json").read_text())
+        assert merge["passed"] and merge["engine_identical"] == f"{n}/{n}", merge
 
 
 def test_training_learned(job):

@@ -190,6 +190,7 @@ def test_loopctl_merge(tmp_path):
     cmd = [sys.executable, "-m", "loop.cli", "merge", "--base", str(base), "--out", str(tmp_path / "m" / "merged")]
     ok = subprocess.run(cmd + ["--adapter", str(adapter)], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and json.loads(ok.stdout)["passed"] is True
+    assert json.loads(ok.stdout)["engine_note"].startswith("skipped: the base has no tokenizer")
     bad = subprocess.run(cmd + ["--adapter", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.startswith("error: merge refused: ") and "adapter_config.json" in bad.stderr
 

@@ -87,3 +87,19 @@ def test_merge_without_a_delta_is_refused(tiny_model_dir, tmp_path):
         Merger(MergeConfig()).run(tiny_model_dir, adapter, tmp_path / "merged")
     assert not (tmp_path / "merged").exists(), "nothing is written when a proof fails"
     assert json.loads((tmp_path / "merge_report.json").read_text())["passed"] is False
+
+
+def test_loopctl_merge_proves_the_serving_engine_answers_like_the_reference(tiny_model_dir, tmp_path):
+    """Proof 4: vLLM loads the merged directory and its greedy answers equal peft's on base + adapter."""
+    import subprocess
+    import sys
+
+    adapter = _adapter(tiny_model_dir, tmp_path / "adapter")
+    done = subprocess.run([sys.executable, "-m", "loop.cli", "merge", "--base", str(tiny_model_dir), "--adapter",
+                           str(adapter), "--out", str(tmp_path / "m" / "merged")], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "m" / "merge_report.json").read_text())
+    n = MergeConfig().num_probes
+    assert report["passed"] and report["engine_identical"] == f"{n}/{n}", report
+    assert report["engine_note"] == "vLLM on the merged directory"

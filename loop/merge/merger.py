@@ -8,10 +8,13 @@ shard by shard (`checkpoint.write_merged`) into `<out>.tmp`, and the proofs run 
      peft on the dequantized base) on probe prompts, in float64: max |diff| (and KL) within tolerance;
   2. the delta is present: the merged model is closer to the reference than to the base;
   3. no NaN/Inf; tensor names, shapes, dtypes, config and tokenizer as the base's (an untied head is
-     the one addition).
+     the one addition);
+  4. with an engine config (`loopctl merge` by default): the serving engine (vLLM) loads the merged
+     directory and its greedy answers to the probes equal the reference's (peft, unmerged). In a
+     cycle this proof is the validate stage's serving parity instead (the same engine, started once,
+     with the version's draft attached), and its result is written back into the MergeReport.
 Only a merge that passes every proof is renamed to `out`; the MergeReport (JSON beside it) says
-what was done and, on failure, every reason. Serving parity (the engine's greedy output on the
-merged directory) is the validation gate's.
+what was done and, on failure, every reason.
 """
 from __future__ import annotations
 
@@ -50,6 +53,10 @@ class MergeReport:
     quantized: str | None = None
     layouts: dict = field(default_factory=dict)
     """How many adapter deltas each layout placed (see loop/merge/layouts.py)."""
+    engine_identical: str = ""
+    """Proof 4: "n/N" probes whose greedy answer from the serving engine on the merged directory
+    equals the reference's; empty when not run (engine_note says why or who ran it)."""
+    engine_note: str = ""
     tensors_changed: int = 0
     peak_tensor_mb: float = 0.0
     merged_digest: str = ""
@@ -66,7 +73,8 @@ class Merger:
     def __init__(self, cfg: MergeConfig):
         self.cfg = cfg
 
-    def run(self, base_dir: Path, adapter_dir: Path, out_dir: Path) -> MergeReport:
+    def run(self, base_dir: Path, adapter_dir: Path, out_dir: Path, engine: dict | None = None) -> MergeReport:
+        """`engine`: an EngineConfig (as a dict) to run proof 4 with; None leaves it to the caller."""
         from loop.merge.checkpoint import base_view, open_checkpoint, write_merged
         from loop.merge.layouts import AdapterError, fused_reference_adapter, plan, read_adapter
 
@@ -89,6 +97,8 @@ class Merger:
                 # adapter restated on the fused modules (stacked A, block-diagonal B).
                 reference = fused_reference_adapter(adapter, view, Path(scratch) / "adapter") or adapter_dir
                 self._prove(report, base_dir, reference, tmp)
+                if engine is not None and not report.reasons:
+                    engine_proof(report, base_dir, reference, tmp, engine, self.cfg.num_probes)
         except AdapterError as e:
             report.reasons.append(str(e))
         except Exception as e:  # noqa: BLE001 - a merge or proof that cannot run is a failed proof
@@ -134,6 +144,41 @@ class Merger:
         if not report.merged_to_reference < report.merged_to_base:
             report.reasons.append("merged model is not closer to base+adapter than to the base: delta missing")
         report.reasons += consistency(base_dir, merged_dir)
+
+
+def engine_proof(report: MergeReport, base_dir: Path, adapter_dir: Path, merged_dir: Path, engine: dict,
+                 num_probes: int, max_tokens: int = 16) -> None:
+    """Proof 4: the serving engine's greedy answers on the merged directory equal peft's on base + adapter."""
+    import torch
+
+    from loop.serving.engine import answer_with_engine
+    from loop.validate.gate import generate_answers
+
+    if not (base_dir / "tokenizer_config.json").exists():
+        report.engine_note = "skipped: the base has no tokenizer, so there is nothing to chat with"
+        return
+    if report.quantized in QUANTIZED and not torch.cuda.is_available():
+        report.engine_note = f"skipped: vLLM has no {report.quantized} kernels on CPU"
+        return
+    questions = PROBES[:num_probes]
+    reference = generate_answers(base_dir, questions, max_tokens, str(adapter_dir))
+    got = decoded(base_dir, answer_with_engine(str(merged_dir), engine, [[{"role": "user", "content": q}]
+                                                                          for q in questions], max_tokens)["token_ids"])
+    same = sum(a == b for a, b in zip(got, reference))
+    report.engine_identical, report.engine_note = f"{same}/{len(questions)}", "vLLM on the merged directory"
+    if same != len(questions):
+        first = next(i for i, (a, b) in enumerate(zip(got, reference)) if a != b)
+        report.reasons.append(f"the serving engine's greedy answer on the merged model differs from the reference "
+                              f"on {len(questions) - same} of {len(questions)} probes (first: {got[first]!r} vs "
+                              f"{reference[first]!r})")
+
+
+def decoded(model_dir, token_ids: list[list[int]]) -> list[str]:
+    """Engine output token ids decoded as the Hugging Face reference decodes its own (special tokens
+    skipped, a trailing partial UTF-8 character kept), so the texts compare token for token."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir).batch_decode(token_ids, skip_special_tokens=True)
 
 
 def _load(model_dir: Path):

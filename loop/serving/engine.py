@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loop.config import EngineConfig
 
@@ -22,6 +22,8 @@ class Generation:
     finish_reason: str
     mean_logprob: float | None = None
     """Mean log-probability of the generated tokens, when asked for (the cascade's confidence)."""
+    token_ids: list[int] = field(default_factory=list)
+    """The generated token ids (of this step, for a stream's delta)."""
 
 
 class StudentEngine:
@@ -93,7 +95,8 @@ class StudentEngine:
             if confidence and choice.cumulative_logprob is not None and choice.token_ids:
                 mean = choice.cumulative_logprob / len(choice.token_ids)
             yield Generation(text=choice.text, prompt_tokens=len(ids), completion_tokens=len(choice.token_ids),
-                             ttft_ms=first or 0.0, finish_reason=choice.finish_reason or "", mean_logprob=mean)
+                             ttft_ms=first or 0.0, finish_reason=choice.finish_reason or "", mean_logprob=mean,
+                             token_ids=list(choice.token_ids))
 
     async def generate(self, messages: list[dict] | None = None, *, prompt: str | None = None, max_tokens: int,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
@@ -146,21 +149,21 @@ def answer_with_engine(model_dir: str, engine_cfg: dict, conversations: list[lis
                        draft_dir: str | None = None) -> dict:
     """Start an engine on `model_dir` (merged weights; with `draft_dir`, speculative decoding), answer
     each conversation greedily one at a time (batch 1), and shut the engine down. Returns the texts,
-    the tokens and the answering time (the engine start is not timed). For the validation gate's
+    their token ids, the token count and the answering time (the engine start is not timed). For the validation gate's
     serving parity and the draft benchmark; run it in a Ray task so the engine has its own process."""
     import asyncio
 
     engine = StudentEngine(model_dir, EngineConfig.model_validate(engine_cfg), lora=False, draft_dir=draft_dir)
 
     async def answer_all():
-        texts, tokens = [], 0
+        texts, ids = [], []
         await engine.generate(conversations[0], max_tokens=4, request_id="warmup")
         t0 = time.perf_counter()
         for i, c in enumerate(conversations):
             gen = await engine.generate(c, max_tokens=max_tokens, request_id=f"q{i}")
             texts.append(gen.text)
-            tokens += gen.completion_tokens
-        return {"seconds": time.perf_counter() - t0, "texts": texts, "tokens": tokens}
+            ids.append(gen.token_ids)
+        return {"seconds": time.perf_counter() - t0, "texts": texts, "tokens": sum(map(len, ids)), "token_ids": ids}
 
     try:
         return asyncio.run(answer_all())

@@ -17,6 +17,7 @@ def serving_parity(cfg: LoopConfig, merged_dir: str, adapter_dir: str, draft_dir
 
     import ray
 
+    from loop.merge.merger import decoded
     from loop.serving.engine import answer_with_engine
 
     out: dict = {"questions": len(conversations)}
@@ -27,8 +28,9 @@ def serving_parity(cfg: LoopConfig, merged_dir: str, adapter_dir: str, draft_dir
     eng = cfg.serving.engine
     task = ray.remote(num_cpus=eng.num_cpus, num_gpus=eng.num_gpus)(answer_with_engine)
     answers["merged"] = ray.get(task.remote(merged_dir, eng.model_dump(), conversations, max_tokens,
-                                            draft_dir=draft_dir))["texts"]
-    for backend, texts in answers.items():
+                                            draft_dir=draft_dir))["token_ids"]
+    for backend, ids in answers.items():
+        texts = decoded(merged_dir, ids)
         same = sum(a == r for a, r in zip(texts, reference))
         out[f"{backend}_identical"] = f"{same}/{len(reference)}"
         if same != len(reference):
@@ -39,15 +41,15 @@ def serving_parity(cfg: LoopConfig, merged_dir: str, adapter_dir: str, draft_dir
     return out, reasons
 
 
-async def _multi_lora(adapter_dir: str, conversations: list[list[dict]], max_tokens: int) -> list[str]:
+async def _multi_lora(adapter_dir: str, conversations: list[list[dict]], max_tokens: int) -> list[list[int]]:
     from ray import serve
 
     from serve_apps.gateway_app import ENGINE_APP
 
     handle = serve.get_deployment_handle(ENGINE_APP, app_name=ENGINE_APP)
-    texts = []
+    ids = []
     for i, c in enumerate(conversations):
         gen = await handle.generate.remote(c, max_tokens=max_tokens, adapter_path=adapter_dir,
                                            request_id=f"parity-{i}")
-        texts.append(gen.text)
-    return texts
+        ids.append(gen.token_ids)
+    return ids
