@@ -11,6 +11,9 @@ with zoo's random-nonzero adapter:
     sampled peak of anonymous memory (what the merge allocates);
   - `Merger.run` with its proofs -> proofs_passed, max_abs_logit_diff, kl_to_reference, merge_and_prove_seconds.
 Then the config's student with an adapter shaped as the loop trains it (cfg.training: rank, alpha, targets).
+Last, `gated_path`: the student with an adapter trained as a first cycle trains it (benchmarks/common.py,
+cached), from adapter to validated merged model, stage by stage (merge, proofs, the draft's acceptance,
+the gate, serving parity on the merged vLLM engine with the draft).
 """
 from __future__ import annotations
 
@@ -236,6 +239,19 @@ def _student(cfg: LoopConfig, tmp: Path, threads: int) -> dict:
             **{k: proof[k] for k in ("merged_to_reference", "merged_to_base", "reasons", "edits", "peak_tensor_mb")}}
 
 
+def _gated(cfg: LoopConfig, tmp: Path) -> dict:
+    import ray
+
+    from benchmarks.common import gated_path, trained_adapter
+
+    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        adapter, train_s = trained_adapter(cfg)
+        return {"model": cfg.student.name, "adapter_trained_s": train_s, **gated_path(cfg, adapter, tmp)}
+    finally:
+        ray.shutdown()
+
+
 def run(cfg: LoopConfig) -> dict:
     import torch
 
@@ -245,13 +261,16 @@ def run(cfg: LoopConfig) -> dict:
     read_manifest(cfg.model_path(cfg.student))  # before the layouts: a clear error if the student was not fetched
     threads = cfg.training.torch_threads or 2
     torch.set_num_threads(threads)
-    steps = [*zoo.LAYOUTS, "student"]
+    steps = [*zoo.LAYOUTS, "student", "gated_path"]
     out: dict = {"layouts": {}, "threads": threads, "repeats": REPEATS}
     cfg.storage.path().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cfg.storage.path(), prefix="bench-merge-") as tmp:
         for i, name in enumerate(steps, 1):
             print(f"[bench] {i}/{len(steps)} {name}", flush=True)
             t, d = time.perf_counter(), Path(tmp) / name
+            if name == "gated_path":
+                out[name] = _gated(cfg, d)
+                continue
             result = _student(cfg, d, threads) if name == "student" else _layout(cfg, name, d, threads)
             result["step_seconds"] = time.perf_counter() - t
             if name == "student":
@@ -263,6 +282,7 @@ def run(cfg: LoopConfig) -> dict:
     ratios = [v["speed_ratio"] for v in every if v["speed_ratio"] is not None]
     out["all_proofs_passed"] = all(v["proofs_passed"] for v in out["layouts"].values()) and out["student"]["passed"]
     out["min_speed_ratio"] = min(ratios) if ratios else None
+    out["gated_total_s"] = out["gated_path"]["total_s"]
     out["targets"] = {"speed_ratio": ">= 1.0 where peft can merge at all", "proofs_passed": "true on every layout"}
     out["method"] = {
         "merge_seconds": "layouts.plan + checkpoint.write_merged: base and adapter read from disk, merged shards "
@@ -279,5 +299,8 @@ def run(cfg: LoopConfig) -> dict:
         "merge_and_prove_seconds": "Merger(cfg.merge).run in this process: the merge, float64 proofs, digest, report",
         "student": "write_seconds / prove_seconds: MergeReport.merge_seconds of Merger.run and the rest of its run; "
                    "adapter as the loop trains it (cfg.training lora_rank, lora_alpha, target_modules), A and B random",
+        "gated_path": "benchmarks/common.py gated_path, in this process (the engine in a Ray task; its start is in "
+                      "serving_parity_s): an adapter trained on the world at epoch 1 (adapter_trained_s when trained "
+                      "this run, null when cached), champion = the base student, the config's initial draft",
     }
     return out

@@ -76,6 +76,47 @@ def _serve(args) -> int:
         stop_services(cfg)
 
 
+def _admin_call(args, method: str, route: str, body: dict | None = None) -> int:
+    """An admin API call to the running gateway (`serving.host:port` of the config, or --url), with
+    the admin key from $LOOP_ADMIN_KEY; prints the JSON answer, exit 1 on an error answer."""
+    import json
+    import os
+
+    import httpx
+
+    from loop.config import ConfigError, load_config
+
+    key = os.environ.get("LOOP_ADMIN_KEY")
+    if not key:
+        print("error: set LOOP_ADMIN_KEY to the admin key whose sha256 is serving.admin_key_hash", file=sys.stderr)
+        return 2
+    try:
+        url = args.url or f"http://{(cfg := load_config(args.config)).serving.host}:{cfg.serving.port}"
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        r = httpx.request(method, f"{url.rstrip('/')}{route}", json=body, timeout=600,
+                          headers={"Authorization": f"Bearer {key}"})
+    except httpx.HTTPError as e:
+        print(f"error: no gateway at {url} ({e}); is the loop serving (make serve)?", file=sys.stderr)
+        return 2
+    print(json.dumps(r.json(), indent=2))
+    return 0 if r.status_code < 400 else 1
+
+
+def _promote(args) -> int:
+    return _admin_call(args, "POST", "/admin/promote", {"model": args.model})
+
+
+def _rollback(args) -> int:
+    return _admin_call(args, "POST", "/admin/rollback", {"model": args.model})
+
+
+def _status(args) -> int:
+    return _admin_call(args, "GET", "/admin/status")
+
+
 BENCHMARKS = ("serving", "draft", "distill", "merge")
 
 
@@ -165,6 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     mg.add_argument("--engine-proof", action=argparse.BooleanOptionalAction, default=True,
                     help="proof 4: start vLLM on the merged directory and compare its greedy answers (~45 s on CPU)")
     mg.set_defaults(fn=_merge)
+    for name, fn, text in (("promote", _promote, "make the challenger the champion now (admin API)"),
+                           ("rollback", _rollback, "drop the challenger, or return to the previous champion")):
+        a = sub.add_parser(name, help=text)
+        a.add_argument("model", help="the endpoint, model-<id> or <id>")
+        a.add_argument("--config", default="configs/demo.yaml")
+        a.add_argument("--url", default=None, help="the gateway (default: the config's serving host and port)")
+        a.set_defaults(fn=fn)
+    st = sub.add_parser("status", help="what every endpoint serves: champion, challenger, weight (admin API)")
+    st.add_argument("--config", default="configs/demo.yaml")
+    st.add_argument("--url", default=None)
+    st.set_defaults(fn=_status)
     b = sub.add_parser("bench", help="run a benchmark, write benchmarks/results/NAME.json")
     b.add_argument("name", choices=BENCHMARKS)
     b.add_argument("--config", default="configs/demo.yaml")
