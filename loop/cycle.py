@@ -1,6 +1,8 @@
 """One generation of the loop for one endpoint, stage by stage, each stage's output on disk.
 
-traffic -> select -> label -> train -> merge -> draft -> validate -> register -> deploy -> evaluate.
+traffic -> select -> label -> train -> merge -> draft -> validate -> register -> deploy -> canary -> evaluate.
+With `promotion.mode: canary` the new version goes live as challenger and the canary stage sends
+simulated users (graded by the feedback oracle) until the promotion controller decides.
 A stage whose `result.json` exists is not run again, so a crashed cycle resumes at the first stage
 without an output, and registration looks the adapter digest up first: never two versions of one
 checkpoint. Printing is the driver's business; this returns a CycleReport.
@@ -18,6 +20,7 @@ from loop.data.select import replay_rows, select_prompts
 from loop.models.digest import dir_digest
 from loop.services import Services, admin, set_teacher_epoch
 from loop.sim.traffic import EVAL_USER, ask_gateway, eval_traffic, user_traffic
+
 from loop.sim.world import World, is_correct
 from loop.traces.log import read_feedback
 
@@ -39,7 +42,12 @@ class CycleReport:
     new_version: str | None = None
     validation_passed: bool = False
     run_id: str = ""
+    promotion: str = ""
+    """The promotion controller's verdict on the new version: promote, rollback, or continue
+    (still collecting evidence when the canary stage ended)."""
     stage_seconds: dict = field(default_factory=dict)
+    stage_clock: dict = field(default_factory=dict)
+    """Checkpoint written (train stage done) -> first canary request served, and each stage's share."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -80,7 +88,7 @@ class Cycle:
             return result
         sdir.mkdir(parents=True, exist_ok=True)
         self.progress(f"  [{name}] ...")
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         child = self.lineage.start_run(f"{name}", parent_run_id=self.report.run_id,
                                        tags={"loop.stage": name, "loop.endpoint": self.endpoint.id})
         try:
@@ -89,7 +97,7 @@ class Cycle:
             self.lineage.end_run(child, ok=False)
             raise
         seconds = time.perf_counter() - started
-        result["_seconds"] = seconds
+        result.update(_seconds=seconds, _started_at=started_at, _ended_at=time.time())
         self.lineage.log(child, metrics={"seconds": seconds})
         self.lineage.end_run(child)
         _write_json(done, result)
@@ -128,6 +136,10 @@ class Cycle:
                 reg = self.stage("register", lambda d, r: self._register(d, r, data, train, merge, val, draft))
                 self.report.new_version = reg["version"]
                 self.stage("deploy", lambda d, r: self._deploy(d, r, reg))
+                if self.cfg.promotion.mode == "canary":
+                    canary = self.stage("canary", lambda d, r: self._canary(d, r, reg))
+                    self.report.promotion = canary["decision"]
+                    self._stage_clock(train, canary)
             else:
                 self.report.notes += val["reasons"]
             after = self.stage("evaluate", self._evaluate)
@@ -410,13 +422,70 @@ class Cycle:
         return info
 
     def _deploy(self, sdir: Path, run_id: str, reg: dict) -> dict:
+        import ray
+
         started = time.perf_counter()
-        # The same path as `POST /admin/deploy` with role=champion: aliases first, then every replica.
-        rollout = admin(self.services, "deploy", self.endpoint.id, version=reg["number"], role="champion")
+        canary = self.cfg.promotion.mode == "canary"
+        role = "challenger" if canary else "champion"
+        rollout = ray.get(self.services.controller.live.remote())[self.endpoint.id]
+        held = [r for r in ("champion", "challenger") if (rollout[r] or {}).get("number") == reg["number"]]
+        if held:  # a resumed cycle whose deploy went through before the crash: never deployed twice
+            role = held[0]
+        else:
+            # The same path as `POST /admin/deploy`: aliases first, then every replica.
+            rollout = admin(self.services, "deploy", self.endpoint.id, version=reg["number"], role=role,
+                            **({"weight": self.cfg.rollout.challenger_weight} if canary else {}))
         seconds = time.perf_counter() - started
-        self.lineage.log(run_id, metrics={"reconcile_seconds": seconds}, tags={"champion": reg["version"]})
-        return {"champion": rollout["champion"], "deployed_at": rollout["champion"]["deployed_at"],
-                "reconcile_seconds": seconds}
+        self.lineage.log(run_id, metrics={"reconcile_seconds": seconds}, tags={role: reg["version"]})
+        return {role: rollout[role], "role": role, "deployed_at": rollout[role]["deployed_at"],
+                "challenger_weight": rollout["challenger_weight"], "reconcile_seconds": seconds}
+
+    def _canary(self, sdir: Path, run_id: str, reg: dict) -> dict:
+        """Rounds of simulated users, each answer graded by the feedback oracle, until the promotion
+        controller promotes or rolls the new version back (or `promotion.canary_rounds` pass)."""
+        from loop.control.controller import PromotionController
+        from loop.sim.traffic import post_feedback
+
+        controller = PromotionController(self.services)
+        decision, rounds, sent = None, 0, 0
+        for rounds in range(1, self.cfg.promotion.canary_rounds + 1):
+            answers = self._ask(user_traffic(self.world.facts, self.cfg.traffic.users, seed=1000 * self.number + rounds))
+            post_feedback(self.services.gateway_url, self.api_key, answers)
+            sent += len(answers)
+            decision = controller.step(self.endpoint.id)
+            self.progress(f"  [canary] round {rounds}: {sent} requests; {decision.action}: {decision.reasons[-1]}")
+            if decision.action != "continue":
+                break
+        first = self._first_served(reg["version"])
+        result = {"decision": decision.action, "reasons": decision.reasons, "p_better": decision.p_better,
+                  "rounds": rounds, "requests": sent, "champion": decision.champion,
+                  "challenger": decision.challenger, "first_canary_request_ts": first}
+        self.lineage.log(run_id, metrics={"rounds": rounds, "requests": sent,
+                                          "p_better": decision.p_better if decision.p_better == decision.p_better else None},
+                         tags={"decision": decision.action})
+        return result
+
+    def _first_served(self, version: str) -> float | None:
+        from loop.traces.log import read_traces
+
+        ts = [r["ts"] for r in read_traces(self.cfg.storage.path("traces"))
+              if r["endpoint"] == self.endpoint.id and r["model_version"] == version]
+        return min(ts) if ts else None
+
+    def _stage_clock(self, train: dict, canary: dict) -> None:
+        """From the checkpoint on disk (train stage done) to the first request the new version served
+        as challenger, and each stage's share of it."""
+        first, written = canary.get("first_canary_request_ts"), train.get("_ended_at")
+        if not first or not written:
+            return
+        total = first - written
+        clock = {"checkpoint_to_canary_s": total}
+        for name in ("merge", "draft", "validate", "register", "deploy"):
+            if name in self.report.stage_seconds:
+                clock[f"{name}_share"] = self.report.stage_seconds[name] / total
+        clock["other_share"] = 1 - sum(v for k, v in clock.items() if k.endswith("_share"))
+        self.report.stage_clock = clock
+        self.lineage.log(self.report.run_id, metrics={f"stage_clock.{k}": v for k, v in clock.items()})
 
     def _evaluate(self, sdir: Path, run_id: str) -> dict:
         result = self._eval()

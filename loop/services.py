@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from loop.config import LoopConfig
 from loop.lineage.registry import Lineage
 from loop.models.fetch import read_manifest
+from loop.serving.admin import RolloutController
+from loop.serving.rollouts import RolloutStore
+from loop.traces.log import TraceLog
 
 TRACE_LOG_ACTOR = "loop-trace-log"
 
@@ -64,19 +67,33 @@ def stop_services(cfg: LoopConfig) -> None:
 
 
 def start_services(cfg: LoopConfig, epoch: int) -> Services:
-    import ray
     from ray import serve
 
-    from loop.serving.admin import RolloutController
-    from loop.serving.rollouts import RolloutStore
-    from loop.traces.log import TraceLog
     from serve_apps.teacher_app import deploy_teacher
 
     init_ray(cfg)
     base_manifest = read_manifest(cfg.model_path(cfg.student))
     lineage = Lineage(cfg.storage.tracking_uri, cfg.storage.path("mlartifacts"))
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
-    # One writer per storage root: a later job on the same cluster with another root gets its own.
+    trace_log, rollout_store, controller = helper_actors(cfg, lineage, base_manifest)
+    # A local teacher has no endpoint: it lives in the cycle's Ray actors (labelling, training).
+    kind = cfg.teacher.kind
+    teacher_url = cfg.teacher.base_url if kind == "openai" else "" if kind == "local" else deploy_teacher(cfg, epoch)
+    services = Services(cfg, lineage, trace_log, rollout_store, controller, teacher_url,
+                        f"http://{cfg.serving.host}:{cfg.serving.port}/v1", base_manifest,
+                        read_manifest(cfg.model_path(cfg.draft)), epoch)
+    reconcile(services)
+    return services
+
+
+def helper_actors(cfg: LoopConfig, lineage: Lineage | None = None, base_manifest: dict | None = None) -> tuple:
+    """The trace log, rollout store and rollout controller: named, detached, one set per storage root
+    (a later job on the same cluster with another root gets its own), created if absent; and version 1
+    (the base) of every endpoint's registered model, so there is always a champion to serve."""
+    import ray
+
+    lineage = lineage or Lineage(cfg.storage.tracking_uri, cfg.storage.path("mlartifacts"))
+    base_manifest = base_manifest or read_manifest(cfg.model_path(cfg.student))
     root_tag = hashlib.sha256(str(cfg.storage.path("traces")).encode()).hexdigest()[:8]
     trace_log = ray.remote(TraceLog).options(
         name=f"{TRACE_LOG_ACTOR}-{root_tag}", lifetime="detached", get_if_exists=True, num_cpus=0, max_restarts=-1,
@@ -92,14 +109,7 @@ def start_services(cfg: LoopConfig, epoch: int) -> Services:
         name=f"loop-rollout-controller-{root_tag}", lifetime="detached", get_if_exists=True, num_cpus=0,
         max_restarts=-1, max_task_retries=-1).remote(_absolute(cfg), rollout_store)
     ray.get(controller.configure.remote(_absolute(cfg)))
-    # A local teacher has no endpoint: it lives in the cycle's Ray actors (labelling, training).
-    kind = cfg.teacher.kind
-    teacher_url = cfg.teacher.base_url if kind == "openai" else "" if kind == "local" else deploy_teacher(cfg, epoch)
-    services = Services(cfg, lineage, trace_log, rollout_store, controller, teacher_url,
-                        f"http://{cfg.serving.host}:{cfg.serving.port}/v1", base_manifest,
-                        read_manifest(cfg.model_path(cfg.draft)), epoch)
-    reconcile(services)
-    return services
+    return trace_log, rollout_store, controller
 
 
 def _absolute(cfg: LoopConfig) -> LoopConfig:

@@ -22,7 +22,7 @@ def job(cycle_job):
 def test_job_succeeded_and_printed_the_cycle(job):
     out = job["proc"].stdout
     assert "succeeded" in out.lower(), out[-3000:]
-    for stage in ("traffic", "label", "train", "merge", "validate", "register", "deploy", "evaluate"):
+    for stage in ("traffic", "label", "train", "merge", "validate", "register", "deploy", "canary", "evaluate"):
         assert f"[{stage}]" in out
     assert "student accuracy" in out and "stage times" in out
 
@@ -37,7 +37,30 @@ def test_cycle_reports_have_numbers(job):
         assert r["validation_passed"] and r["new_version"] == f"student-{r['endpoint']}/2", r
         assert r["served_before"] == f"student-{r['endpoint']}/1", r
         assert r["served_after"] == f"student-{r['endpoint']}/2", ("evaluation traffic reached the new version", r)
-        assert set(r["stage_seconds"]) >= {"traffic", "label", "train", "merge", "validate", "deploy"}
+        assert set(r["stage_seconds"]) >= {"traffic", "label", "train", "merge", "validate", "deploy", "canary"}
+        # Went live as challenger; the promotion controller promoted it on the canary's graded traffic.
+        assert r["promotion"] == "promote", r
+        clock = r["stage_clock"]
+        assert clock["checkpoint_to_canary_s"] > sum(r["stage_seconds"][s] for s in ("merge", "validate", "deploy"))
+        assert 0 < clock["validate_share"] < 1 and abs(sum(v for k, v in clock.items() if k.endswith("_share")) - 1) < 1e-9
+
+
+def test_promotion_decided_on_live_evidence_and_recorded_it(job):
+    cfg = load_config(job["config"])
+    client = MlflowClient(cfg.storage.tracking_uri, registry_uri=cfg.storage.tracking_uri)
+    for endpoint in ("tiny-support", "globex-chat"):
+        canary = json.loads(cfg.storage.path("cycles", endpoint, "cycle-0001", "canary", "result.json").read_text())
+        ch, champ = canary["challenger"], canary["champion"]
+        assert ch["version"] == f"student-{endpoint}/2" and champ["version"] == f"student-{endpoint}/1"
+        n = cfg.promotion.min_samples
+        assert ch["outcomes"] >= n and champ["outcomes"] >= n and ch["feedback"] == ch["outcomes"], canary
+        assert ch["success_rate"] > champ["success_rate"] and canary["p_better"] >= cfg.promotion.promote_confidence
+        mv = client.get_model_version(f"student-{endpoint}", "2")
+        assert mv.tags["promotion_decision"] == "promote" and mv.tags["promoted_by"] == "controller"
+        run = client.get_run(mv.tags["promotion_run_id"])
+        assert run.data.tags["decision"] == "promote" and run.data.metrics["p_better"] >= 0.95
+        assert run.data.tags["mlflow.parentRunId"] == mv.tags["cycle_run_id"]
+        assert str(client.get_model_version_by_alias(f"student-{endpoint}", "previous").version) == "1"
 
 
 def test_the_gate_checked_regression_teacher_agreement_and_the_draft(job):

@@ -103,16 +103,19 @@ class RolloutController:
 
     # --- acting -----------------------------------------------------------------------------
     def act(self, action: str, model: str, version: int | None = None, weight: float | None = None,
-            role: str = "challenger") -> dict:
+            role: str = "challenger", by: str = "admin") -> dict:
         """One admin action on endpoint `model` (`model-<id>` or `<id>`); returns the new rollouts.
         deploy: make `version` the challenger (with `weight`) or, with role="champion", the champion.
         weights: set the challenger's share. promote: the challenger becomes champion.
-        rollback: drop the challenger if there is one, else return to the previous champion."""
+        rollback: drop the challenger if there is one, else return to the previous champion.
+        `by`: who decided (`admin`: an operator's API call; `controller`: the promotion controller),
+        tagged on the version beside the time."""
         endpoint = self._endpoint(model)
         if action not in ACTIONS:
             raise AdminError(f"unknown action '{action}': one of {', '.join(ACTIONS)}", param="action")
         if weight is not None and not (isinstance(weight, (int, float)) and 0 <= weight <= 1):
             raise AdminError("challenger_weight: must be a number from 0 to 1", param="challenger_weight")
+        self._by = by
         getattr(self, f"_{action}")(endpoint, version, weight, role)
         return self.publish()[endpoint]
 
@@ -160,20 +163,20 @@ class RolloutController:
         challenger = self.lineage.version_info(endpoint, "challenger")
         if challenger is None:
             raise AdminError(f"model-{endpoint} has no challenger to promote", status=409)
-        self.lineage.tag_version(endpoint, challenger["number"], {"promoted_at": _now()})
+        self.lineage.tag_version(endpoint, challenger["number"], {"promoted_at": _now(), "promoted_by": self._by})
         self._crown(endpoint, challenger["number"], self.lineage.version_info(endpoint, "champion"))
 
     def _rollback(self, endpoint, version, weight, role) -> None:
         challenger = self.lineage.version_info(endpoint, "challenger")
         if challenger is not None:
-            self.lineage.tag_version(endpoint, challenger["number"], {"rolled_back_at": _now()})
+            self.lineage.tag_version(endpoint, challenger["number"], {"rolled_back_at": _now(), "rolled_back_by": self._by})
             self.lineage.delete_alias(endpoint, "challenger")
             return
         previous = self.lineage.version_info(endpoint, "previous")
         if previous is None:
             raise AdminError(f"model-{endpoint} has no previous champion to roll back to", status=409)
         champion = self.lineage.version_info(endpoint, "champion")
-        self.lineage.tag_version(endpoint, champion["number"], {"rolled_back_at": _now()})
+        self.lineage.tag_version(endpoint, champion["number"], {"rolled_back_at": _now(), "rolled_back_by": self._by})
         self.lineage.set_alias(endpoint, "champion", previous["number"])
         self.lineage.delete_alias(endpoint, "previous")
 

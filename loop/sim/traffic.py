@@ -58,3 +58,17 @@ def user_traffic(facts: list[Fact], users: int, seed: int) -> list[tuple[Fact, s
 
 def eval_traffic(facts: list[Fact]) -> list[tuple[Fact, str, str]]:
     return [(f, f.heldout_question(), EVAL_USER) for f in facts]
+
+
+def post_feedback(base_url: str, api_key: str, answers: list[Answer]) -> int:
+    """The feedback oracle: grades each answer against the world (1.0 right, 0.0 wrong) and posts it
+    to the gateway's `/v1/feedback`, as a client application would. Returns how many were recorded."""
+    import httpx
+
+    recorded = 0
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as client:
+        for a in answers:
+            if a.request_id:
+                r = client.post("/feedback", json={"request_id": a.request_id, "score": 1.0 if a.correct else 0.0})
+                recorded += r.status_code == 200
+    return recorded

@@ -1,0 +1,1 @@
+"""Promotion: live evidence decides whether a challenger replaces the champion."""
