@@ -125,5 +125,5 @@ def gated_path(cfg: LoopConfig, adapter: Path, out: Path) -> dict:
             "reasons": reasons, "max_abs_logit_diff": report.max_abs_logit_diff, "candidate_acc": val.candidate_acc,
             "champion_acc": val.champion_acc, "regression_candidate": val.regression_candidate,
             "regression_champion": val.regression_champion, "teacher_agreement": val.teacher_agreement,
-            "draft_acceptance": acceptance, "spec_identical": val.spec_identical,
+            "draft_acceptance": acceptance, "spec_identical": val.spec_identical, "draft_dir": str(draft),
             "engine_identical": f"{same}/{n}"}

@@ -43,7 +43,23 @@ def _keys_hash(args) -> int:
 def _run(args) -> int:
     from loop.driver import main
 
-    return main(args.config, args.cycles, args.report_json)
+    return main(args.config, args.cycles, args.report_json, forever=args.forever, endpoints=args.endpoint)
+
+
+def _lineage(args) -> int:
+    """One version's chain, from the cycle that made it to the requests it served."""
+    import json
+
+    from loop.config import ConfigError, load_config
+    from loop.lineage.chain import chain, render
+
+    try:
+        c = chain(load_config(args.config), args.endpoint, args.version)
+    except (ConfigError, KeyError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    print(json.dumps(c, indent=2, default=str) if args.json else render(c))
+    return 0
 
 
 def _serve(args) -> int:
@@ -117,7 +133,7 @@ def _status(args) -> int:
     return _admin_call(args, "GET", "/admin/status")
 
 
-BENCHMARKS = ("serving", "draft", "distill", "merge")
+BENCHMARKS = ("serving", "draft", "distill", "merge", "rollout")
 
 
 def _bench(args) -> int:
@@ -192,9 +208,19 @@ def main(argv: list[str] | None = None) -> int:
     kh.set_defaults(fn=_keys_hash)
     r = sub.add_parser("run", help="run N cycles of the loop")
     r.add_argument("config")
-    r.add_argument("--cycles", type=int, default=1)
+    when = r.add_mutually_exclusive_group()
+    when.add_argument("--cycles", type=int, default=1, help="cycles per endpoint (default 1)")
+    when.add_argument("--forever", action="store_true",
+                      help="until interrupted: cycles when schedule says, promotion decisions in between")
+    r.add_argument("--endpoint", action="append", default=None, help="only this endpoint (repeatable)")
     r.add_argument("--report-json", default=None)
     r.set_defaults(fn=_run)
+    ln = sub.add_parser("lineage", help="a version's chain: cycle, data, adapter, merge, draft, gate, deployments")
+    ln.add_argument("endpoint", help="model-<id> or <id>")
+    ln.add_argument("version", nargs="?", type=int, default=None, help="version number (default: the champion)")
+    ln.add_argument("--config", default="configs/demo.yaml")
+    ln.add_argument("--json", action="store_true")
+    ln.set_defaults(fn=_lineage)
     s = sub.add_parser("serve", help="serve the registry's champions until Ctrl-C")
     s.add_argument("config")
     s.set_defaults(fn=_serve)

@@ -63,6 +63,39 @@ def _write_failures(path: Path, failed: list[dict]) -> None:
                             for r in failed))
 
 
+def _digest(path: Path) -> str | None:
+    if path.is_dir():
+        return dir_digest(path)
+    if path.is_file():
+        import hashlib
+
+        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    return None
+
+
+def _manifest(sdir: Path) -> dict:
+    """Digests of a stage's outputs: its directories (adapter, merged model, draft) and datasets
+    (.jsonl). Reports beside them are descriptions, not inputs of later stages, and are left out."""
+    return {p.name: _digest(p) for p in sorted(sdir.iterdir())
+            if (p.suffix == ".jsonl" and p.name != "label_failures.jsonl")
+            or (p.is_dir() and any(f.is_file() for f in p.rglob("*")))}
+
+
+FAULT_ENV = "LOOP_FAULT_KILL"
+
+
+def _fault_point(endpoint: str, stage: str, when: str) -> None:
+    """Fault injection for the resume tests: with LOOP_FAULT_KILL=[<endpoint>:]<stage>[@before|@after]
+    the process dies like a kill -9 at that point of the stage. `after` (the default) is after the
+    stage did its work and before it is recorded as done: the worst moment, every side effect there
+    and no result saying so. `before` is after its MLflow run started, before any work."""
+    want = os.environ.get(FAULT_ENV, "")
+    target, _, at = want.partition("@")
+    if want and target in (stage, f"{endpoint}:{stage}") and (at or "after") == when:
+        print(f"[fault] killing the driver {when} stage {stage} of {endpoint} ({FAULT_ENV}={want})", flush=True)
+        os._exit(137)
+
+
 class Cycle:
     def __init__(self, cfg: LoopConfig, services: Services, endpoint: EndpointConfig, number: int,
                  api_key: str, progress=print):
@@ -75,31 +108,40 @@ class Cycle:
         self.world = World(w.seed, self.epoch, w.num_entities, w.drift_fraction, w.new_per_epoch)
         self.report = CycleReport(endpoint.id, number, self.epoch)
         self.lineage = services.lineage
+        self._redo = False
 
     # --- stage bookkeeping ------------------------------------------------------------------
     def stage(self, name: str, fn):
-        """Run `fn()` unless the stage already has a result; record its time and MLflow child run."""
+        """Run `fn(stage_dir, mlflow_run_id)` unless the stage already finished and its outputs are as
+        it left them (the manifest of digests in its result.json); record its time and MLflow child run.
+        A finished stage whose outputs changed runs again, and so does every stage after it."""
         sdir = self.dir / name
         done = sdir / "result.json"
-        if done.exists():
+        if done.exists() and not self._redo:
             result = json.loads(done.read_text())
-            self.progress(f"  [{name}] done in an earlier run, skipped")
-            self.report.stage_seconds[name] = result.get("_seconds", 0.0)
-            return result
+            changed = [k for k, v in result.get("_manifest", {}).items() if _digest(sdir / k) != v]
+            if not changed:
+                self.progress(f"  [{name}] done in an earlier run, skipped")
+                self.report.stage_seconds[name] = result.get("_seconds", 0.0)
+                return result
+            self.progress(f"  [{name}] outputs {changed} differ from its manifest: running it and every later stage again")
+            self._redo = True
         sdir.mkdir(parents=True, exist_ok=True)
         self.progress(f"  [{name}] ...")
         started, started_at = time.perf_counter(), time.time()
         child = self.lineage.start_run(f"{name}", parent_run_id=self.report.run_id,
                                        tags={"loop.stage": name, "loop.endpoint": self.endpoint.id})
+        _fault_point(self.endpoint.id, name, "before")
         try:
             result = fn(sdir, child)
         except BaseException:
             self.lineage.end_run(child, ok=False)
             raise
         seconds = time.perf_counter() - started
-        result.update(_seconds=seconds, _started_at=started_at, _ended_at=time.time())
+        result.update(_seconds=seconds, _started_at=started_at, _ended_at=time.time(), _manifest=_manifest(sdir))
         self.lineage.log(child, metrics={"seconds": seconds})
         self.lineage.end_run(child)
+        _fault_point(self.endpoint.id, name, "after")
         _write_json(done, result)
         self.report.stage_seconds[name] = seconds
         self.progress(f"  [{name}] {seconds:.1f} s")
@@ -278,6 +320,15 @@ class Cycle:
         path.write_text("".join(line + "\n" for line in picked))
         return len(picked)
 
+    def _replay_sources(self) -> str:
+        """The dataset digests of this endpoint's earlier cycles, which the replay buffer drew from."""
+        out = []
+        for prev in range(1, self.number):
+            f = self.dir.parent / f"cycle-{prev:04d}" / "label" / "result.json"
+            if f.exists():
+                out.append(f"cycle-{prev}:{json.loads(f.read_text())['dataset_digest']}")
+        return ",".join(out)
+
     def _previous_cutoff(self) -> float:
         prev = self.dir.parent / f"cycle-{self.number - 1:04d}" / "label" / "result.json"
         return json.loads(prev.read_text())["cutoff"] if prev.exists() else 0.0
@@ -417,7 +468,7 @@ class Cycle:
             "checkpoint_digest": train["adapter_digest"], "merged_digest": merge["merged_digest"],
             "draft_digest": draft["draft_digest"], "merged_path": merge["merged_dir"], "draft_path": draft["draft_path"],
             "validation_verdict": "pass", "candidate_acc": val["candidate_acc"], "champion_acc": val["champion_acc"],
-            "artifact": artifact})
+            "replay_sources": self._replay_sources() if data.get("replayed") else "", "artifact": artifact})
         self.lineage.log(run_id, tags={"registered_version": info["version"]})
         return info
 
@@ -433,7 +484,7 @@ class Cycle:
             role = held[0]
         else:
             # The same path as `POST /admin/deploy`: aliases first, then every replica.
-            rollout = admin(self.services, "deploy", self.endpoint.id, version=reg["number"], role=role,
+            rollout = admin(self.services, "deploy", self.endpoint.id, version=reg["number"], role=role, by="cycle",
                             **({"weight": self.cfg.rollout.challenger_weight} if canary else {}))
         seconds = time.perf_counter() - started
         self.lineage.log(run_id, metrics={"reconcile_seconds": seconds}, tags={role: reg["version"]})
@@ -446,6 +497,9 @@ class Cycle:
         from loop.control.controller import PromotionController
         from loop.sim.traffic import post_feedback
 
+        settled = self._settled(reg)
+        if settled:  # decided before a crash: the verdict stands, nothing is sent or decided again
+            return settled
         controller = PromotionController(self.services)
         decision, rounds, sent = None, 0, 0
         for rounds in range(1, self.cfg.promotion.canary_rounds + 1):
@@ -464,6 +518,18 @@ class Cycle:
                                           "p_better": decision.p_better if decision.p_better == decision.p_better else None},
                          tags={"decision": decision.action})
         return result
+
+    def _settled(self, reg: dict) -> dict | None:
+        """The verdict on `reg` when it is no longer the challenger (promoted or rolled back, by the
+        controller or an operator), else None."""
+        live = self.lineage.version_info(self.endpoint.id, "challenger")
+        if live and live["number"] == reg["number"]:
+            return None
+        tags = self.lineage.client.get_model_version(f"student-{self.endpoint.id}", str(reg["number"])).tags
+        decision = tags.get("promotion_decision") or ("promote" if tags.get("promoted_at") else "rollback")
+        return {"decision": decision, "reasons": [tags.get("promotion_reasons", "decided before this run")],
+                "p_better": float("nan"), "rounds": 0, "requests": 0, "champion": {}, "challenger": {},
+                "first_canary_request_ts": self._first_served(reg["version"])}
 
     def _first_served(self, version: str) -> float | None:
         from loop.traces.log import read_traces

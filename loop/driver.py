@@ -1,5 +1,8 @@
-"""Run N cycles for every endpoint of a config and print what happened; shared by `loopctl run`
-and `jobs/run_loop.py`. Errors a user can fix end as one line and exit code 2."""
+"""Run the loop for every endpoint of a config and print what happened; shared by `loopctl run` and
+`jobs/run_loop.py`. `cycles=N` runs N cycles per endpoint; `forever` runs until interrupted, starting an
+endpoint's cycle when `schedule` says so and re-deciding live challengers every
+`promotion.check_interval_s`. Endpoints are independent: one whose cycle fails is reported and the
+others go on. Errors a user can fix end as one line and exit code 2."""
 from __future__ import annotations
 
 import json
@@ -23,8 +26,7 @@ def latest_epoch(cfg: LoopConfig) -> int:
     return max((_next_cycle(cfg, e.id) - 1 for _, e in cfg.endpoints()), default=0)
 
 
-def run(cfg: LoopConfig, cycles: int) -> list[dict]:
-    from loop.cycle import Cycle
+def run(cfg: LoopConfig, cycles: int, forever: bool = False, only: list[str] | None = None) -> list[dict]:
     from loop.models.fetch import read_manifest
     from loop.services import start_services, stop_services
     from loop.teacher.client import check_reachable
@@ -52,28 +54,118 @@ def run(cfg: LoopConfig, cycles: int) -> list[dict]:
     print(f"[loop] {cfg.name}: starting Ray, MLflow ({cfg.storage.tracking_uri}), teacher and gateway", flush=True)
     services = start_services(cfg, epoch=first)
     print(f"[loop] services up in {time.perf_counter() - t0:.1f} s; gateway {services.gateway_url}", flush=True)
+    endpoints = [(t, e) for t, e in cfg.endpoints() if not only or e.id in only or e.model_name in only]
+    if only and not endpoints:
+        raise ConfigError(f"--endpoint {', '.join(only)}: not an endpoint of {cfg.name} "
+                          f"(one of {', '.join(e.id for _, e in cfg.endpoints())})")
     try:
-        return _cycles(cfg, services, keys, cycles, t0)
+        if forever:
+            return _forever(cfg, services, keys, endpoints)
+        return _cycles(cfg, services, keys, cycles, t0, endpoints)
     finally:
         stop_services(cfg)
 
 
-def _cycles(cfg, services, keys, cycles, t0) -> list[dict]:
-    from loop.cycle import Cycle
+def _one_cycle(cfg, services, keys, tenant, endpoint, failed: dict) -> dict | None:
+    """One cycle of one endpoint; a failure is that endpoint's, recorded, and the others go on."""
+    import traceback
 
-    reports = []
+    from loop.cycle import Cycle, CycleFailed
+
+    n = _next_cycle(cfg, endpoint.id)
+    print(f"[loop] cycle {n} of model-{endpoint.id} (world epoch {n})", flush=True)
+    try:
+        rep = Cycle(cfg, services, endpoint, n, keys[tenant.id], progress=lambda m: print(m, flush=True)).run()
+    except CycleFailed as e:
+        failed[endpoint.id] = str(e)
+        print(f"[loop] cycle {n} of model-{endpoint.id} stopped: {e}", flush=True)
+        return None
+    except Exception as e:  # noqa: BLE001 - one endpoint's crash must not stop the others
+        failed[endpoint.id] = f"{type(e).__name__}: {e}"
+        print(f"[loop] cycle {n} of model-{endpoint.id} crashed (it resumes at this stage next run):\n"
+              f"{traceback.format_exc()}", flush=True)
+        return None
+    _print_report(rep)
+    return rep.__dict__
+
+
+def _cycles(cfg, services, keys, cycles, t0, endpoints) -> list[dict]:
+    reports, failed = [], {}
     for _ in range(cycles):
-        for tenant, endpoint in cfg.endpoints():
-            n = _next_cycle(cfg, endpoint.id)
-            print(f"[loop] cycle {n} of model-{endpoint.id} (world epoch {n})", flush=True)
-            rep = Cycle(cfg, services, endpoint, n, keys[tenant.id], progress=lambda m: print(m, flush=True)).run()
-            reports.append(rep.__dict__)
-            _print_report(rep)
+        for tenant, endpoint in endpoints:
+            if endpoint.id not in failed:
+                rep = _one_cycle(cfg, services, keys, tenant, endpoint, failed)
+                if rep:
+                    reports.append(rep)
+    if failed:
+        for endpoint, reason in failed.items():
+            print(f"[loop] model-{endpoint}: FAILED: {reason}", flush=True)
+    _where_next(cfg, services, t0)
+    if failed:
+        raise EndpointsFailed(failed, reports)
+    return reports
+
+
+class EndpointsFailed(RuntimeError):
+    """Some endpoints' cycles failed (the others finished); `reports` has the finished ones."""
+
+    def __init__(self, failed: dict, reports: list[dict]):
+        super().__init__("; ".join(f"model-{k}: {v}" for k, v in failed.items()))
+        self.failed, self.reports = failed, reports
+
+
+def _forever(cfg, services, keys, endpoints) -> list[dict]:
+    """Until interrupted: decide live challengers every promotion.check_interval_s, and start an
+    endpoint's cycle once schedule.min_new_traces arrived since its last cycle, or schedule.interval_s
+    passed (with at least one new trace, unless the world is simulated: then its cycles make the traffic)."""
+    from loop.control.controller import PromotionController
+
+    controller = PromotionController(services)
+    last_cycle = {e.id: time.time() if _next_cycle(cfg, e.id) > 1 else 0.0 for _, e in endpoints}
+    last_check: dict[str, float] = {}
+    reports, failed = [], {}
+    sc = cfg.schedule
+    print(f"[loop] running until interrupted: a cycle per endpoint at {sc.min_new_traces} new traces"
+          f"{f' or every {sc.interval_s:.0f} s' if sc.interval_s else ''}", flush=True)
+    while True:
+        for tenant, endpoint in endpoints:
+            now = time.time()
+            if now - last_check.get(endpoint.id, 0) >= cfg.promotion.check_interval_s:
+                last_check[endpoint.id] = now
+                decision = controller.step(endpoint.id)
+                if decision and decision.action != "continue":
+                    print(f"[loop] model-{endpoint.id}: {decision.action}: {decision.reasons[-1]}", flush=True)
+            new = new_traces(cfg, endpoint.id)
+            due = sc.interval_s is not None and now - last_cycle[endpoint.id] >= sc.interval_s
+            if new >= sc.min_new_traces or (due and (new or last_cycle[endpoint.id] == 0)):
+                failed.pop(endpoint.id, None)
+                rep = _one_cycle(cfg, services, keys, tenant, endpoint, failed)
+                last_cycle[endpoint.id] = time.time()
+                if rep:
+                    reports.append(rep)
+        time.sleep(sc.poll_s)
+
+
+def new_traces(cfg: LoopConfig, endpoint: str) -> int:
+    """Served requests of `endpoint` (evaluation traffic aside) since its last cycle read the log."""
+    import json as _json
+
+    from loop.sim.traffic import EVAL_USER
+    from loop.traces.log import read_traces
+
+    n = _next_cycle(cfg, endpoint) - 1
+    label = cfg.storage.path("cycles", endpoint, f"cycle-{n:04d}", "label", "result.json")
+    since = _json.loads(label.read_text())["cutoff"] if n and label.exists() else 0.0
+    return sum(1 for r in read_traces(cfg.storage.path("traces"))
+               if r["endpoint"] == endpoint and r["ts"] > since and r["status"] == 200
+               and not r["user"].startswith(EVAL_USER))
+
+
+def _where_next(cfg, services, t0) -> None:
     print(f"[loop] done in {time.perf_counter() - t0:.1f} s. Where to look next:\n"
           f"[loop]   lineage:  mlflow ui --backend-store-uri {cfg.storage.tracking_uri}\n"
           f"[loop]   serving:  loopctl serve CONFIG (or make serve), then the openai client at {services.gateway_url}\n"
           f"[loop]   outputs:  {cfg.storage.path('cycles')}", flush=True)
-    return reports
 
 
 def _print_report(rep) -> None:
@@ -85,19 +177,25 @@ def _print_report(rep) -> None:
     print(f"[loop]   stage times: {stages}", flush=True)
 
 
-def main(config_path: str, cycles: int, report_json: str | None = None) -> int:
-    from loop.cycle import CycleFailed
+def main(config_path: str, cycles: int, report_json: str | None = None, forever: bool = False,
+         endpoints: list[str] | None = None) -> int:
     from loop.models.fetch import ModelMissing
     from loop.teacher.client import TeacherUnreachable
     from loop.teacher.local import TokenizerMismatch
 
+    code = 0
     try:
         cfg = load_config(config_path)
-        reports = run(cfg, cycles)
-    except (ConfigError, ModelMissing, TeacherUnreachable, TokenizerMismatch, CycleFailed) as e:
+        reports = run(cfg, cycles, forever=forever, only=endpoints)
+    except (ConfigError, ModelMissing, TeacherUnreachable, TokenizerMismatch) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except EndpointsFailed as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        reports, code = e.reports, 2
+    except KeyboardInterrupt:
+        return 130
     if report_json:
         with open(report_json, "w") as f:
             json.dump(reports, f, indent=2, default=str)
-    return 0
+    return code

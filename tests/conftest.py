@@ -102,3 +102,8 @@ def cycle_job(ray_cluster, tiny_config_path):
         env=env, capture_output=True, text=True, cwd=ROOT, timeout=1200)
     return {"proc": proc, "env": env, "report": report, "config": tiny_config_path,
             "seconds": time.time() - started}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `last` (they move the shared loop on to its next cycle) run after every other."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)

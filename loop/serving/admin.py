@@ -142,8 +142,11 @@ class RolloutController:
         if role not in ("challenger", "champion"):
             raise AdminError("role: 'challenger' or 'champion'", param="role")
         champion = self.lineage.version_info(endpoint, "champion")
-        self.lineage.tag_version(endpoint, info["number"], {"deployed_at": _now()})
+        mv = self.lineage.client.get_model_version(registered_name(endpoint), str(info["number"]))
+        self.lineage.tag_version(endpoint, info["number"], {"deployed_at": _now(),
+                                                            "deployments": int(mv.tags.get("deployments", 0)) + 1})
         if role == "champion":
+            self.lineage.tag_version(endpoint, info["number"], {"deployed_by": self._by})
             self._crown(endpoint, info["number"], champion)
             return
         if champion and champion["number"] == info["number"]:
@@ -151,6 +154,8 @@ class RolloutController:
         self.lineage.set_alias(endpoint, "challenger", info["number"])
         if weight is not None:
             self._set_weight(endpoint, weight)
+        self.lineage.tag_version(endpoint, info["number"], {"deployed_weight": self.weight(endpoint),
+                                                            "deployed_by": self._by})
 
     def _weights(self, endpoint, version, weight, role) -> None:
         if weight is None:

@@ -1,0 +1,190 @@
+"""A loop driver killed in each stage resumes and finishes with one model version, deployed once.
+
+Cycle 2 of `tiny-support` on the session's cluster (after the cycle-1 job and the tests that read
+its state; conftest runs this module last): the driver is started once per stage with
+LOOP_FAULT_KILL set, and dies there like a kill -9; the next start resumes. Stages whose work has
+outside effects (traffic sent, labels cached, a version registered, a deployment, a promotion) are
+killed after the work and before it is recorded (the worst moment); pure compute stages before any
+work. The last run goes through `ray job submit`, so `ray job submit` has run two cycles.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import BIN, ROOT
+from loop.config import load_config
+
+pytestmark = [pytest.mark.cluster, pytest.mark.last]
+ENDPOINT = "tiny-support"
+KILLS = ["traffic@after", "label@after", "train@before", "merge@before", "draft@before", "validate@before",
+         "register@after", "deploy@after", "canary@after", "evaluate@before"]
+
+
+@pytest.fixture(scope="module")
+def resumed(cycle_job):
+    assert cycle_job["proc"].returncode == 0
+    # The same loop (storage, MLflow, port), cheaper knobs: a short draft co-training, no engine
+    # start for serving parity, no speculative check (the cycle-1 job checked both).
+    raw = yaml.safe_load(cycle_job["config"].read_text())
+    raw["draft_training"]["max_steps"] = 10
+    raw["promotion"]["canary_rounds"] = 6
+    raw.setdefault("validation", {})["parity_questions"] = 0
+    raw["validation"]["spec_check_questions"] = 0
+    config = cycle_job["config"].with_name("tiny-resume.yaml")
+    config.write_text(yaml.safe_dump(raw))
+    cfg = load_config(config)
+    client = MlflowClient(cfg.storage.tracking_uri, registry_uri=cfg.storage.tracking_uri)
+    runs = []
+    for kill in KILLS:
+        proc = subprocess.run([sys.executable, "jobs/run_loop.py", "--config", str(config), "--cycles", "1",
+                               "--endpoint", ENDPOINT], env=dict(cycle_job["env"], LOOP_FAULT_KILL=f"{ENDPOINT}:{kill}"),
+                              capture_output=True, text=True, cwd=ROOT, timeout=900)
+        stage = kill.split("@")[0]
+        aliases = client.get_registered_model(f"student-{ENDPOINT}").aliases
+        runs.append({"kill": kill, "proc": proc, "aliases": {k: int(v) for k, v in aliases.items()},
+                     "done": (cfg.storage.path("cycles", ENDPOINT, "cycle-0002", stage, "result.json")).exists()})
+    final = subprocess.run(
+        [BIN / "ray", "job", "submit", "--address", cycle_job["env"]["LOOP_DASHBOARD"], "--working-dir", str(ROOT),
+         "--runtime-env-json", json.dumps({"env_vars": {k: cycle_job["env"][k] for k in
+                                                         ("LOOP_DEMO_API_KEY", "LOOP_DEMO_GLOBEX_KEY")}}),
+         "--", "python", "jobs/run_loop.py", "--config", str(config), "--cycles", "1", "--endpoint", ENDPOINT],
+        env=cycle_job["env"], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    return {"cfg": cfg, "client": client, "runs": runs, "final": final}
+
+
+def test_each_kill_landed_in_its_stage_and_left_it_unrecorded(resumed):
+    for run in resumed["runs"]:
+        out = run["proc"].stdout
+        assert run["proc"].returncode == 137, (run["kill"], out[-3000:], run["proc"].stderr[-3000:])
+        stage, when = run["kill"].split("@")
+        assert f"[fault] killing the driver {when} stage {stage} of {ENDPOINT}" in out
+        assert not run["done"], f"{stage} has no result.json after a kill in it"
+        # The stages before it were not run again: each earlier one either resumed or was redone once.
+        earlier = KILLS[:KILLS.index(run["kill"])]
+        for e in earlier[:-1]:
+            assert f"[{e.split('@')[0]}] done in an earlier run, skipped" in out, (run["kill"], e)
+
+
+def test_the_champion_is_untouched_until_the_promotion(resumed):
+    for run in resumed["runs"]:
+        if KILLS.index(run["kill"]) <= KILLS.index("register@after"):
+            assert run["aliases"].get("champion") == 2 and "challenger" not in run["aliases"], run["kill"]
+    after_deploy = next(r for r in resumed["runs"] if r["kill"] == "deploy@after")
+    assert after_deploy["aliases"] == {"champion": 2, "challenger": 3, "previous": 1}
+
+
+def test_resumed_cycle_finished_with_one_version_deployed_once(resumed):
+    final, cfg, client = resumed["final"], resumed["cfg"], resumed["client"]
+    assert final.returncode == 0 and "succeeded" in final.stdout.lower(), final.stdout[-4000:] + final.stderr[-3000:]
+    report = json.loads(cfg.storage.path("cycles", ENDPOINT, "cycle-0002", "report.json").read_text())
+    assert report["new_version"] == f"student-{ENDPOINT}/3" and report["validation_passed"]
+    versions = client.search_model_versions(f"name = 'student-{ENDPOINT}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3], "one new version, however many restarts"
+    v3 = client.get_model_version(f"student-{ENDPOINT}", "3")
+    train = json.loads(cfg.storage.path("cycles", ENDPOINT, "cycle-0002", "train", "result.json").read_text())
+    assert v3.tags["adapter_digest"] == train["adapter_digest"]
+    assert v3.tags["deployments"] == "1", "the resumed deploy stage did not deploy again"
+    assert v3.tags["promotion_decision"] == report["promotion"] == "promote"
+    assert int(client.get_registered_model(f"student-{ENDPOINT}").aliases["champion"]) == 3
+    cycle_runs = client.search_runs([client.get_experiment_by_name("continual-loop").experiment_id],
+                                    f"tags.`loop.cycle` = '2' and tags.`loop.endpoint` = '{ENDPOINT}'")
+    assert len(cycle_runs) == 1, "one MLflow run for the cycle across every restart"
+    # The other tenant's endpoint was not touched by any of it.
+    assert sorted(int(v.version) for v in client.search_model_versions("name = 'student-globex-chat'")) == [1, 2]
+
+
+def test_lineage_prints_the_whole_chain(resumed):
+    cfg = resumed["cfg"]
+    out = subprocess.run([sys.executable, "-m", "loop.cli", "lineage", f"model-{ENDPOINT}", "--config",
+                          str(cfg_path(resumed))], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    v3 = resumed["client"].get_model_version(f"student-{ENDPOINT}", "3").tags
+    assert text.startswith(f"student-{ENDPOINT}/3  live as: champion  (parent student-{ENDPOINT}/2)")
+    for key in ("dataset_digest", "adapter_digest", "merged_digest", "draft_digest"):
+        assert v3[key] in text, key
+    label = json.loads(cfg.storage.path("cycles", ENDPOINT, "cycle-0002", "label", "result.json").read_text())
+    # Replay draws on cycle 1's data minus the prompts cycle 2 relabelled (here: all of them).
+    assert ("+ replay of cycle-1:" in text) == (label["replayed"] > 0) and "validation    pass" in text
+    assert "deployed" in text and "by cycle" in text and "promoted" in text and "by controller" in text
+    served = json.loads(subprocess.run([sys.executable, "-m", "loop.cli", "lineage", ENDPOINT, "3", "--json",
+                                        "--config", str(cfg_path(resumed))], capture_output=True, text=True,
+                                       cwd=ROOT, timeout=120).stdout)["requests_served"]
+    assert served["total"] > 0 and served["as_challenger"] > 0
+    bad = subprocess.run([sys.executable, "-m", "loop.cli", "lineage", "model-nope", "--config",
+                          str(cfg_path(resumed))], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "not an endpoint" in bad.stderr
+
+
+def cfg_path(resumed):
+    return resumed["cfg"].storage.path("tiny-resume.yaml")
+
+
+def test_a_worse_challenger_is_rolled_back_on_live_evidence(resumed, cycle_job):
+    """The base (version 1, which knows none of the facts) deployed against the cycle-2 champion: the
+    simulated users' graded answers make the promotion controller roll it back."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from loop.control.controller import PromotionController
+    from loop.lineage.registry import Lineage
+    from loop.services import admin, helper_actors
+    from loop.sim.traffic import ask_gateway, post_feedback, user_traffic
+    from loop.sim.world import World
+
+    cfg = resumed["cfg"]
+    ray.init(address=cycle_job["env"]["RAY_ADDRESS"], namespace=cfg.ray.namespace, ignore_reinit_error=True)
+    lineage = Lineage(cfg.storage.tracking_uri, cfg.storage.path("mlartifacts"))
+    _, _, controller = helper_actors(cfg, lineage)
+    services = SimpleNamespace(cfg=cfg, lineage=lineage, controller=controller, teacher_url="")
+    champion = lineage.version_info(ENDPOINT, "champion")
+    admin(services, "deploy", ENDPOINT, version=1, weight=0.5)
+    w = cfg.world
+    world = World(w.seed, 2, w.num_entities, w.drift_fraction, w.new_per_epoch)
+    url = f"http://127.0.0.1:{cfg.serving.port}/v1"
+    decisions = []
+    for rnd in range(6):
+        answers = ask_gateway(url, "sk-loop-demo-acme", f"model-{ENDPOINT}",
+                              user_traffic(world.facts, cfg.traffic.users, seed=5000 + rnd), 16, 4)
+        assert post_feedback(url, "sk-loop-demo-acme", answers) == len(answers)
+        decisions.append(PromotionController(services).step(ENDPOINT))
+        if decisions[-1].action != "continue":
+            break
+    d = decisions[-1]
+    assert d.action == "rollback" and d.p_better < 0.05, [x.reasons for x in decisions]
+    assert d.challenger["success_rate"] < d.champion["success_rate"]
+    assert lineage.version_info(ENDPOINT, "challenger") is None
+    assert lineage.version_info(ENDPOINT, "champion")["number"] == champion["number"], "the champion stayed"
+    tags = resumed["client"].get_model_version(f"student-{ENDPOINT}", "1").tags
+    assert tags["promotion_decision"] == "rollback" and tags["rolled_back_by"] == "controller"
+
+
+def test_loopctl_status_promote_rollback_through_the_admin_api(resumed):
+    import os
+
+    cfg = resumed["cfg"]
+    url = f"http://127.0.0.1:{cfg.serving.port}"
+    env = dict(os.environ, LOOP_ADMIN_KEY="sk-loop-demo-admin")
+
+    def loopctl(*args):
+        return subprocess.run([sys.executable, "-m", "loop.cli", *args, "--url", url], capture_output=True,
+                              text=True, cwd=ROOT, timeout=300, env=env)
+
+    status = loopctl("status")
+    assert status.returncode == 0, status.stderr
+    live = json.loads(status.stdout)["endpoints"][ENDPOINT]
+    assert live["champion"]["version"] == f"student-{ENDPOINT}/3" and live["challenger"] is None
+    nothing = loopctl("promote", f"model-{ENDPOINT}")
+    assert nothing.returncode == 1 and "no challenger" in json.loads(nothing.stdout)["error"]["message"]
+    back = loopctl("rollback", f"model-{ENDPOINT}")
+    assert back.returncode == 0 and json.loads(back.stdout)["champion"]["version"] == f"student-{ENDPOINT}/2"
+    tags = resumed["client"].get_model_version(f"student-{ENDPOINT}", "3").tags
+    assert tags["rolled_back_by"] == "admin"
+    refused = subprocess.run([sys.executable, "-m", "loop.cli", "status", "--url", url], capture_output=True,
+                             text=True, cwd=ROOT, timeout=60, env=dict(env, LOOP_ADMIN_KEY="sk-wrong"))
+    assert refused.returncode == 1 and json.loads(refused.stdout)["error"]["type"] == "permission_error"
