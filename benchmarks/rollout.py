@@ -9,8 +9,8 @@ benchmarks/common.py) and the draft co-trained on it:
   merged      the gated path (merge, float64 proofs, the draft's acceptance, the gate, serving parity
               on vLLM) -> register -> deploy as challenger (a vLLM engine on the merged weights with
               the draft starts) -> the first challenger request. `gated_total_s` (target < 180 s).
-  naive       a full redeploy: every Serve app deleted, then the gateway and a fresh engine serving
-              the new version as champion -> its first answer. `redeploy_to_live_s`.
+  naive       a full redeploy: the gateway and the multi-LoRA engine deleted, then both deployed again
+              (a fresh engine) serving the new version as champion -> its first answer. `redeploy_to_live_s`.
 Each stage's seconds are in `stages_s`; the engine start of the merged path is its `deploy_s`.
 """
 from __future__ import annotations
@@ -123,13 +123,15 @@ def run(cfg: LoopConfig) -> dict:
         st["first_canary_answer_s"] = _first_answer(bench, MERGED, _challenger_user(rollout), info["version"])
         out["merged"] = {"stages_s": st, "gated_total_s": sum(st.values())}
 
-        print("[bench] 5/5 naive: every app deleted, a full redeploy with the new version as champion", flush=True)
+        print("[bench] 5/5 naive: the engine and gateway deleted, redeployed with the new version as champion",
+              flush=True)
         from ray import serve
 
+        from serve_apps.gateway_app import APP_NAME, ENGINE_APP
+
         admin(services, "promote", LORA)
-        for app in list(serve.status().applications):
-            if app != "teacher":
-                serve.delete(app)
+        for app in (APP_NAME, ENGINE_APP):
+            serve.delete(app)
         st = {}
         from loop.services import reconcile
 

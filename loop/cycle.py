@@ -10,7 +10,6 @@ checkpoint. Printing is the driver's business; this returns a CycleReport.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,10 +17,12 @@ from pathlib import Path
 from loop.config import EndpointConfig, LoopConfig
 from loop.data.select import replay_rows, select_prompts
 from loop.models.digest import dir_digest
+from loop.control.canary import stage_clock
 from loop.services import Services, admin, set_teacher_epoch
 from loop.sim.traffic import EVAL_USER, ask_gateway, eval_traffic, user_traffic
 
 from loop.sim.world import World, is_correct
+from loop.stages import fault_point, manifest, output_digest, write_json
 from loop.traces.log import read_feedback
 
 
@@ -51,49 +52,10 @@ class CycleReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def _write_failures(path: Path, failed: list[dict]) -> None:
     """What the teacher failed to label, and why, for the record."""
     path.write_text("".join(json.dumps({"messages": json.loads(r["messages"]), "error": r["label_error"]}) + "\n"
                             for r in failed))
-
-
-def _digest(path: Path) -> str | None:
-    if path.is_dir():
-        return dir_digest(path)
-    if path.is_file():
-        import hashlib
-
-        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    return None
-
-
-def _manifest(sdir: Path) -> dict:
-    """Digests of a stage's outputs: its directories (adapter, merged model, draft) and datasets
-    (.jsonl). Reports beside them are descriptions, not inputs of later stages, and are left out."""
-    return {p.name: _digest(p) for p in sorted(sdir.iterdir())
-            if (p.suffix == ".jsonl" and p.name != "label_failures.jsonl")
-            or (p.is_dir() and any(f.is_file() for f in p.rglob("*")))}
-
-
-FAULT_ENV = "LOOP_FAULT_KILL"
-
-
-def _fault_point(endpoint: str, stage: str, when: str) -> None:
-    """Fault injection for the resume tests: with LOOP_FAULT_KILL=[<endpoint>:]<stage>[@before|@after]
-    the process dies like a kill -9 at that point of the stage. `after` (the default) is after the
-    stage did its work and before it is recorded as done: the worst moment, every side effect there
-    and no result saying so. `before` is after its MLflow run started, before any work."""
-    want = os.environ.get(FAULT_ENV, "")
-    target, _, at = want.partition("@")
-    if want and target in (stage, f"{endpoint}:{stage}") and (at or "after") == when:
-        print(f"[fault] killing the driver {when} stage {stage} of {endpoint} ({FAULT_ENV}={want})", flush=True)
-        os._exit(137)
 
 
 class Cycle:
@@ -119,7 +81,7 @@ class Cycle:
         done = sdir / "result.json"
         if done.exists() and not self._redo:
             result = json.loads(done.read_text())
-            changed = [k for k, v in result.get("_manifest", {}).items() if _digest(sdir / k) != v]
+            changed = [k for k, v in result.get("_manifest", {}).items() if output_digest(sdir / k) != v]
             if not changed:
                 self.progress(f"  [{name}] done in an earlier run, skipped")
                 self.report.stage_seconds[name] = result.get("_seconds", 0.0)
@@ -131,18 +93,18 @@ class Cycle:
         started, started_at = time.perf_counter(), time.time()
         child = self.lineage.start_run(f"{name}", parent_run_id=self.report.run_id,
                                        tags={"loop.stage": name, "loop.endpoint": self.endpoint.id})
-        _fault_point(self.endpoint.id, name, "before")
+        fault_point(self.endpoint.id, name, "before")
         try:
             result = fn(sdir, child)
         except BaseException:
             self.lineage.end_run(child, ok=False)
             raise
         seconds = time.perf_counter() - started
-        result.update(_seconds=seconds, _started_at=started_at, _ended_at=time.time(), _manifest=_manifest(sdir))
+        result.update(_seconds=seconds, _started_at=started_at, _ended_at=time.time(), _manifest=manifest(sdir))
         self.lineage.log(child, metrics={"seconds": seconds})
         self.lineage.end_run(child)
-        _fault_point(self.endpoint.id, name, "after")
-        _write_json(done, result)
+        fault_point(self.endpoint.id, name, "after")
+        write_json(done, result)
         self.report.stage_seconds[name] = seconds
         self.progress(f"  [{name}] {seconds:.1f} s")
         return result
@@ -156,7 +118,7 @@ class Cycle:
             self.report.run_id = self.lineage.start_run(
                 f"{self.endpoint.id}-cycle-{self.number}",
                 tags={"loop.endpoint": self.endpoint.id, "loop.cycle": str(self.number)})
-            _write_json(run_file, {"run_id": self.report.run_id})
+            write_json(run_file, {"run_id": self.report.run_id})
         ok = False
         try:
             set_teacher_epoch(self.services, self.epoch)
@@ -194,7 +156,7 @@ class Cycle:
                 "student_acc_after": self.report.student_acc_after, "teacher_acc": self.report.teacher_acc,
                 **{f"stage_seconds.{k}": v for k, v in self.report.stage_seconds.items()}})
             self.lineage.end_run(self.report.run_id, ok=ok)
-        _write_json(self.dir / "report.json", asdict(self.report))
+        write_json(self.dir / "report.json", asdict(self.report))
         return self.report
 
     def _ask(self, items):
@@ -388,7 +350,7 @@ class Cycle:
         report = json.loads(path.read_text())
         report.update(engine_identical=parity.get("merged_identical", ""),
                       engine_note="checked by the validate stage: vLLM on the merged directory, with the draft")
-        _write_json(path, report)
+        write_json(path, report)
         self.lineage.log_dict(merge["run_id"], report, "merge_report.json")
 
     def _validate(self, sdir: Path, run_id: str, data: dict, train: dict, merge: dict, draft: dict) -> dict:
@@ -494,10 +456,12 @@ class Cycle:
     def _canary(self, sdir: Path, run_id: str, reg: dict) -> dict:
         """Rounds of simulated users, each answer graded by the feedback oracle, until the promotion
         controller promotes or rolls the new version back (or `promotion.canary_rounds` pass)."""
+        from loop.control.canary import first_served, settled_verdict
         from loop.control.controller import PromotionController
         from loop.sim.traffic import post_feedback
 
-        settled = self._settled(reg)
+        traces = self.cfg.storage.path("traces")
+        settled = settled_verdict(self.lineage, self.endpoint.id, reg, traces)
         if settled:  # decided before a crash: the verdict stands, nothing is sent or decided again
             return settled
         controller = PromotionController(self.services)
@@ -510,7 +474,7 @@ class Cycle:
             self.progress(f"  [canary] round {rounds}: {sent} requests; {decision.action}: {decision.reasons[-1]}")
             if decision.action != "continue":
                 break
-        first = self._first_served(reg["version"])
+        first = first_served(traces, self.endpoint.id, reg["version"])
         result = {"decision": decision.action, "reasons": decision.reasons, "p_better": decision.p_better,
                   "rounds": rounds, "requests": sent, "champion": decision.champion,
                   "challenger": decision.challenger, "first_canary_request_ts": first}
@@ -519,39 +483,11 @@ class Cycle:
                          tags={"decision": decision.action})
         return result
 
-    def _settled(self, reg: dict) -> dict | None:
-        """The verdict on `reg` when it is no longer the challenger (promoted or rolled back, by the
-        controller or an operator), else None."""
-        live = self.lineage.version_info(self.endpoint.id, "challenger")
-        if live and live["number"] == reg["number"]:
-            return None
-        tags = self.lineage.client.get_model_version(f"student-{self.endpoint.id}", str(reg["number"])).tags
-        decision = tags.get("promotion_decision") or ("promote" if tags.get("promoted_at") else "rollback")
-        return {"decision": decision, "reasons": [tags.get("promotion_reasons", "decided before this run")],
-                "p_better": float("nan"), "rounds": 0, "requests": 0, "champion": {}, "challenger": {},
-                "first_canary_request_ts": self._first_served(reg["version"])}
-
-    def _first_served(self, version: str) -> float | None:
-        from loop.traces.log import read_traces
-
-        ts = [r["ts"] for r in read_traces(self.cfg.storage.path("traces"))
-              if r["endpoint"] == self.endpoint.id and r["model_version"] == version]
-        return min(ts) if ts else None
-
     def _stage_clock(self, train: dict, canary: dict) -> None:
-        """From the checkpoint on disk (train stage done) to the first request the new version served
-        as challenger, and each stage's share of it."""
-        first, written = canary.get("first_canary_request_ts"), train.get("_ended_at")
-        if not first or not written:
-            return
-        total = first - written
-        clock = {"checkpoint_to_canary_s": total}
-        for name in ("merge", "draft", "validate", "register", "deploy"):
-            if name in self.report.stage_seconds:
-                clock[f"{name}_share"] = self.report.stage_seconds[name] / total
-        clock["other_share"] = 1 - sum(v for k, v in clock.items() if k.endswith("_share"))
-        self.report.stage_clock = clock
-        self.lineage.log(self.report.run_id, metrics={f"stage_clock.{k}": v for k, v in clock.items()})
+        clock = stage_clock(self.report.stage_seconds, train, canary)
+        if clock:
+            self.report.stage_clock = clock
+            self.lineage.log(self.report.run_id, metrics={f"stage_clock.{k}": v for k, v in clock.items()})
 
     def _evaluate(self, sdir: Path, run_id: str) -> dict:
         result = self._eval()

@@ -82,13 +82,14 @@ class PromotionController:
         verdict as tags on the version once there is one."""
         number = challenger["number"]
         mv = self.lineage.client.get_model_version(f"student-{endpoint}", str(number))
-        run_id = mv.tags.get("promotion_run_id")
+        # One run per time the version is challenger: `promotion_open_run_id` while it is undecided.
+        run_id = mv.tags.get("promotion_open_run_id")
+        step = int(mv.tags.get("promotion_steps", "0")) + 1 if run_id else 1
         if not run_id:
             run_id = self.lineage.start_run(f"{endpoint}-promotion-{number}", tags={
                 "loop.endpoint": endpoint, "loop.stage": "promotion", "loop.challenger": challenger["version"],
                 **({"mlflow.parentRunId": mv.tags["cycle_run_id"]} if mv.tags.get("cycle_run_id") else {})})
-            self.lineage.tag_version(endpoint, number, {"promotion_run_id": run_id})
-        step = int(mv.tags.get("promotion_steps", "0")) + 1
+            self.lineage.tag_version(endpoint, number, {"promotion_open_run_id": run_id})
         metrics = {"p_better": d.p_better if d.p_better == d.p_better else None}
         for side in ("champion", "challenger"):
             s = getattr(d, side)
@@ -105,6 +106,7 @@ class PromotionController:
         if d.action != "continue":
             self.lineage.log_dict(run_id, d.to_dict(), f"decision-{step:04d}.json")
             self.lineage.log(run_id, tags={"decision": d.action, "reasons": " | ".join(d.reasons)[:5000]})
-            self.lineage.tag_version(endpoint, number, {"promotion_decision": d.action,
+            self.lineage.tag_version(endpoint, number, {"promotion_decision": d.action, "promotion_run_id": run_id,
                                                         "promotion_reasons": " | ".join(d.reasons)[:5000]})
+            self.lineage.client.delete_model_version_tag(f"student-{endpoint}", str(number), "promotion_open_run_id")
             self.lineage.end_run(run_id)
