@@ -162,6 +162,10 @@ class WorldConfig(_Strict):
 
 
 class TrafficConfig(_Strict):
+    simulate: bool = True
+    """True: the demo's simulated users (the `world:` section) send each cycle's traffic, grade it and
+    measure accuracy. False: real users send it; cycles read the trace log and feedback, the gate
+    scores held-out teacher labels, and the canary waits for real traffic (`promotion.canary_wait_s`)."""
     users: int = Field(default=8, ge=1)
     concurrency: int = Field(default=8, ge=1)
     max_tokens: int = Field(default=32, ge=1)
@@ -316,6 +320,9 @@ class PromotionConfig(_Strict):
     canary_rounds: int = Field(default=6, ge=1)
     """Simulated worlds: rounds of user traffic (with the feedback oracle) a cycle's canary stage sends
     before it leaves an undecided challenger to the driver's later steps."""
+    canary_wait_s: float = Field(default=900, ge=0)
+    """Real traffic: how long a cycle's canary stage waits for a verdict before leaving an undecided
+    challenger to `loopctl run --forever`."""
     check_interval_s: float = Field(default=30, gt=0)
     """`--forever`: how often the driver re-decides each live challenger."""
 
@@ -369,6 +376,9 @@ class LoopConfig(_Strict):
         if self.training.regularizer == "ewc" and self.training.replay_ratio <= 0:
             raise ValueError("training.regularizer 'ewc' estimates its Fisher on replayed examples: "
                              "set training.replay_ratio > 0 (or use regularizer 'l2')")
+        if not self.traffic.simulate and self.teacher.kind == "reference":
+            raise ValueError("teacher.kind 'reference' is the simulated world's teacher: with traffic.simulate "
+                             "false use teacher.kind 'openai' (or 'local')")
         if self.training.lora_rank > self.serving.engine.max_lora_rank:
             raise ValueError(
                 f"training.lora_rank ({self.training.lora_rank}) exceeds serving.engine.max_lora_rank "

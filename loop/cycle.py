@@ -71,6 +71,7 @@ class Cycle:
         self.report = CycleReport(endpoint.id, number, self.epoch)
         self.lineage = services.lineage
         self._redo = False
+        self.simulate = cfg.traffic.simulate
 
     # --- stage bookkeeping ------------------------------------------------------------------
     def stage(self, name: str, fn):
@@ -122,7 +123,7 @@ class Cycle:
         ok = False
         try:
             set_teacher_epoch(self.services, self.epoch)
-            traffic = self.stage("traffic", self._traffic)
+            traffic = self.stage("traffic", self._traffic if self.simulate else self._observe)
             self.report.student_acc_before = traffic["eval_acc"]
             self.report.teacher_acc = traffic["teacher_acc"]
             self.report.served_before = traffic["served_by"]
@@ -181,6 +182,20 @@ class Cycle:
         teacher = self._teacher_answers([[{"role": "user", "content": f.heldout_question()}] for f in self.world.facts])
         result["teacher_acc"] = sum(is_correct(f, a) for f, a in zip(self.world.facts, teacher)) / len(teacher)
         self.lineage.log(run_id, metrics={k: result[k] for k in ("requests", "user_acc", "eval_acc", "teacher_acc")})
+        return result
+
+    def _observe(self, sdir: Path, run_id: str) -> dict:
+        """Real traffic (`traffic.simulate: false`): nothing is sent; how many requests arrived since the
+        last cycle, and who served them. Accuracy is the gate's business (held-out teacher labels)."""
+        from loop.traces.log import read_traces
+
+        since = self._previous_cutoff()
+        rows = [r for r in read_traces(self.cfg.storage.path("traces"))
+                if r["endpoint"] == self.endpoint.id and r["ts"] > since and r["status"] == 200]
+        nan = float("nan")
+        result = {"requests": len(rows), "since": since, "eval_acc": nan, "teacher_acc": nan,
+                  "served_by": ",".join(sorted({r["model_version"] for r in rows}))}
+        self.lineage.log(run_id, metrics={"requests": len(rows)})
         return result
 
     def _teacher_answers(self, conversations: list[list[dict]]) -> list[str]:
@@ -361,11 +376,12 @@ class Cycle:
         champion = self.lineage.version_info(self.endpoint.id, "champion")
         actor = ray.remote(num_cpus=1)(Validator).remote(self.cfg.validation)
         try:
-            earlier = {f.entity for f in self.world.facts if f.entity not in self.world.changed}
+            facts = self.world.facts if self.simulate else []
+            earlier = {f.entity for f in facts if f.entity not in self.world.changed}
             heldout = [json.loads(line) for line in (Path(data["dataset"]).parent / "heldout.jsonl").read_text()
                        .splitlines() if line.strip()]
             report = ray.get(actor.run.remote(Path(merge["merged_dir"]), self.cfg.model_path(self.cfg.student),
-                                              champion["adapter_path"], self.world.facts, earlier, heldout,
+                                              champion["adapter_path"], facts, earlier, heldout,
                                               draft["draft_path"], draft.get("acceptance")))
         finally:
             ray.kill(actor)
@@ -375,7 +391,8 @@ class Cycle:
 
             report.parity, reasons = serving_parity(
                 self.cfg, merge["merged_dir"], train["adapter_dir"],
-                draft["draft_path"], [[{"role": "user", "content": f.heldout_question()}] for f in self.world.facts[:n]],
+                draft["draft_path"], [[{"role": "user", "content": q}] if isinstance(q, str) else q
+                                      for q in report.reference_questions],
                 report.reference_answers, self.cfg.validation.max_new_tokens)
             self._record_engine_proof(merge, report.parity)
             report.reasons += reasons
@@ -397,7 +414,9 @@ class Cycle:
         result = {"draft_path": parent, "draft_digest": dir_digest(parent), "cotrained": False}
         if not dc.enabled:
             return result
-        questions = [f.heldout_question() for f in self.world.facts]
+        questions = [f.heldout_question() for f in self.world.facts] if self.simulate else [
+            json.loads(line)["messages"][-1]["content"]
+            for line in Path(data["dataset"]).read_text().splitlines()[:32] if line.strip()]
         measure = ray.remote(num_cpus=1)(measure_acceptance)
         threads = self.cfg.training.torch_threads or 2
         stale = ray.get(measure.remote(merge["merged_dir"], parent, questions, dc.num_speculative_tokens,
@@ -454,26 +473,16 @@ class Cycle:
                 "challenger_weight": rollout["challenger_weight"], "reconcile_seconds": seconds}
 
     def _canary(self, sdir: Path, run_id: str, reg: dict) -> dict:
-        """Rounds of simulated users, each answer graded by the feedback oracle, until the promotion
-        controller promotes or rolls the new version back (or `promotion.canary_rounds` pass)."""
+        """Live evidence on the new version until the promotion controller promotes it or rolls it back."""
         from loop.control.canary import first_served, settled_verdict
         from loop.control.controller import PromotionController
-        from loop.sim.traffic import post_feedback
 
         traces = self.cfg.storage.path("traces")
         settled = settled_verdict(self.lineage, self.endpoint.id, reg, traces)
         if settled:  # decided before a crash: the verdict stands, nothing is sent or decided again
             return settled
         controller = PromotionController(self.services)
-        decision, rounds, sent = None, 0, 0
-        for rounds in range(1, self.cfg.promotion.canary_rounds + 1):
-            answers = self._ask(user_traffic(self.world.facts, self.cfg.traffic.users, seed=1000 * self.number + rounds))
-            post_feedback(self.services.gateway_url, self.api_key, answers)
-            sent += len(answers)
-            decision = controller.step(self.endpoint.id)
-            self.progress(f"  [canary] round {rounds}: {sent} requests; {decision.action}: {decision.reasons[-1]}")
-            if decision.action != "continue":
-                break
+        decision, rounds, sent = (self._simulated_canary if self.simulate else self._live_canary)(controller)
         first = first_served(traces, self.endpoint.id, reg["version"])
         result = {"decision": decision.action, "reasons": decision.reasons, "p_better": decision.p_better,
                   "rounds": rounds, "requests": sent, "champion": decision.champion,
@@ -483,6 +492,34 @@ class Cycle:
                          tags={"decision": decision.action})
         return result
 
+    def _simulated_canary(self, controller) -> tuple:
+        """Rounds of simulated users, each answer graded by the feedback oracle and posted to
+        /v1/feedback, with a decision after each (at most `promotion.canary_rounds`)."""
+        from loop.sim.traffic import post_feedback
+
+        sent = 0
+        for rounds in range(1, self.cfg.promotion.canary_rounds + 1):
+            answers = self._ask(user_traffic(self.world.facts, self.cfg.traffic.users, seed=1000 * self.number + rounds))
+            post_feedback(self.services.gateway_url, self.api_key, answers)
+            sent += len(answers)
+            decision = controller.step(self.endpoint.id)
+            self.progress(f"  [canary] round {rounds}: {sent} requests; {decision.action}: {decision.reasons[-1]}")
+            if decision.action != "continue":
+                break
+        return decision, rounds, sent
+
+    def _live_canary(self, controller) -> tuple:
+        """Real users: a decision every `promotion.check_interval_s` until `canary_wait_s`; an undecided
+        challenger stays live and `loopctl run --forever` goes on deciding."""
+        deadline, checks = time.time() + self.cfg.promotion.canary_wait_s, 0
+        while True:
+            checks += 1
+            decision = controller.step(self.endpoint.id)
+            self.progress(f"  [canary] check {checks}: {decision.action}: {decision.reasons[-1]}")
+            if decision.action != "continue" or time.time() >= deadline:
+                return decision, checks, 0
+            time.sleep(self.cfg.promotion.check_interval_s)
+
     def _stage_clock(self, train: dict, canary: dict) -> None:
         clock = stage_clock(self.report.stage_seconds, train, canary)
         if clock:
@@ -490,6 +527,9 @@ class Cycle:
             self.lineage.log(self.report.run_id, metrics={f"stage_clock.{k}": v for k, v in clock.items()})
 
     def _evaluate(self, sdir: Path, run_id: str) -> dict:
+        if not self.simulate:
+            live = [self.lineage.version_info(self.endpoint.id, a) for a in ("champion", "challenger")]
+            return {"eval_acc": float("nan"), "served_by": ",".join(v["version"] for v in live if v)}
         result = self._eval()
         self.lineage.log(run_id, metrics={"eval_acc": result["eval_acc"]}, tags={"served_by": result["served_by"]})
         return result

@@ -32,8 +32,8 @@ def run(cfg: LoopConfig, cycles: int, forever: bool = False, only: list[str] | N
     from loop.teacher.client import check_reachable
     from loop.teacher.local import check_same_tokenizer
 
-    keys = {}
-    for i, tenant in enumerate(cfg.tenants):
+    keys = {t.id: "" for t in cfg.tenants}
+    for i, tenant in enumerate(cfg.tenants if cfg.traffic.simulate else []):
         if not tenant.sim_api_key_env or not os.environ.get(tenant.sim_api_key_env):
             raise ConfigError(f"tenants[{i}].sim_api_key_env: the simulated users of tenant {tenant.id} need a key; "
                               f"set the field and export that variable (the Makefile exports the demo keys)")

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loop.config import ConfigError, hash_api_key, load_config
+from pydantic import ValidationError
+
+from loop.config import ConfigError, LoopConfig, hash_api_key, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -84,3 +86,12 @@ def test_key_hash_is_stable_and_not_plaintext():
     h = hash_api_key("sk-secret")
     assert h == hash_api_key("sk-secret") and h.startswith("sha256:") and "sk-secret" not in h
     assert len(h) == len("sha256:") + 64
+
+
+def test_real_traffic_needs_a_real_teacher():
+    raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    raw["traffic"]["simulate"] = False
+    with pytest.raises(ValidationError, match="teacher.kind 'reference' is the simulated world's teacher"):
+        LoopConfig.model_validate(raw)
+    raw["teacher"] = {"kind": "openai", "base_url": "https://api.example.com/v1", "model": "frontier"}
+    assert LoopConfig.model_validate(raw).traffic.simulate is False

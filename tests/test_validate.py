@@ -69,3 +69,30 @@ def test_disagreeing_with_the_teacher_and_no_gain_are_both_recorded(monkeypatch)
     report = _run(min_accuracy_gain=0.1)
     assert not report.passed and report.teacher_agreement == 0.0 and report.champion_teacher_agreement == 1.0
     assert [r.split(" ")[0] for r in report.reasons] == ["held-out", "agreement"]
+
+
+def test_without_a_simulated_world_the_new_skill_is_teacher_agreement(monkeypatch):
+    """traffic.simulate false: no facts; the candidate must agree with the held-out teacher labels more
+    than the champion, and the regression set is the general questions."""
+    g = len(GENERAL_QUESTIONS)
+
+    def fake(model_dir, questions, max_new_tokens, adapter_dir=None):
+        assert len(questions) == g + len(HELDOUT) and questions[g:] == [row["messages"] for row in HELDOUT]
+        champion = adapter_dir == "champion-adapter"
+        return ([f"It is {v}." for _, v in GENERAL_QUESTIONS]
+                + [("I don't know." if champion else row["completion"]) for row in HELDOUT])
+
+    monkeypatch.setattr(gate, "generate_answers", fake)
+    report = gate.Validator(ValidationConfig(min_accuracy_gain=0.5)).run("candidate", "base", "champion-adapter",
+                                                                        [], set(), HELDOUT)
+    assert report.candidate_acc == 1.0 and report.champion_acc < 0.2 and report.num_questions == len(HELDOUT)
+    assert report.num_regression == g and report.regression_candidate == 1.0 and report.passed
+    assert report.reference_questions == [q for q, _ in GENERAL_QUESTIONS][:ValidationConfig().parity_questions]
+    # The same answers with the roles swapped: the candidate is the one that does not know.
+    same = gate.Validator(ValidationConfig(min_accuracy_gain=0.5)).run("candidate", "base", "champion-adapter",
+                                                                      [], set(), HELDOUT)
+    monkeypatch.setattr(gate, "generate_answers", lambda m, q, n, adapter_dir=None: fake(
+        m, q, n, None if adapter_dir == "champion-adapter" else "champion-adapter"))
+    worse = gate.Validator(ValidationConfig(min_accuracy_gain=0.5)).run("candidate", "base", "champion-adapter",
+                                                                       [], set(), HELDOUT)
+    assert same.passed and not worse.passed and worse.reasons[0].startswith("held-out accuracy")

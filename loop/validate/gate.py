@@ -9,6 +9,9 @@ fair whatever serves them. Each threshold is in `validation:`:
   - teacher agreement: on held-out labelled prompts (never trained on), the candidate's answers agree
     with the teacher's (mean token F1) at least `min_teacher_agreement`.
 A failed check is a reason; every reason is recorded, and any reason means nothing is deployed.
+Without a simulated world (`traffic.simulate: false`, no facts to check), the new-skill check is the
+teacher agreement on the held-out labels instead: the candidate's must beat the champion's by
+`min_accuracy_gain`, and the regression set is the general questions.
 """
 from __future__ import annotations
 
@@ -42,7 +45,9 @@ class ValidationReport:
     reasons: list[str] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
     reference_answers: list[str] = field(default_factory=list)
-    """The candidate's greedy answers to the first validation.parity_questions held-out questions."""
+    """The candidate's greedy answers to the first validation.parity_questions questions
+    (`reference_questions`), which serving parity asks the engines."""
+    reference_questions: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,6 +123,11 @@ class Validator:
         report = ValidationReport(candidate_acc=accuracy(facts, cand[:n]), champion_acc=accuracy(facts, champ[:n]),
                                   num_questions=n, min_accuracy_gain=self.cfg.min_accuracy_gain, passed=False,
                                   seconds=0.0)
+        if not facts and heldout:  # real traffic: the held-out teacher labels are the new skill
+            report.candidate_acc, report.champion_acc = (
+                sum(token_f1(x, row["completion"]) for x, row in zip(a[g:], heldout)) / len(heldout)
+                for a in (cand, champ))
+            report.num_questions = len(heldout)
         if report.candidate_acc - report.champion_acc < self.cfg.min_accuracy_gain:
             report.reasons.append(f"held-out accuracy {report.candidate_acc:.3f} vs champion {report.champion_acc:.3f}: "
                                   f"gain below validation.min_accuracy_gain {self.cfg.min_accuracy_gain}")
@@ -142,10 +152,12 @@ class Validator:
                                       f"{report.teacher_agreement:.3f}, below validation.min_teacher_agreement "
                                       f"{self.cfg.min_teacher_agreement}")
         if draft_dir:
-            self._check_draft(report, candidate_dir, draft_dir, draft_acceptance, [f.heldout_question() for f in facts])
+            self._check_draft(report, candidate_dir, draft_dir, draft_acceptance,
+                              [q for q in questions if isinstance(q, str)])
         report.passed = not report.reasons
         report.seconds = time.perf_counter() - started
         report.reference_answers = cand[:self.cfg.parity_questions]
+        report.reference_questions = questions[:self.cfg.parity_questions]
         report.samples = [{"question": q, "expected": f.value, "candidate": c, "champion": h}
                           for q, f, c, h in list(zip(questions, facts, cand, champ))[:5]]
         return report
