@@ -95,19 +95,18 @@ def helper_actors(cfg: LoopConfig, lineage: Lineage | None = None, base_manifest
     lineage = lineage or Lineage(cfg.storage.tracking_uri, cfg.storage.path("mlartifacts"))
     base_manifest = base_manifest or read_manifest(cfg.model_path(cfg.student))
     root_tag = hashlib.sha256(str(cfg.storage.path("traces")).encode()).hexdigest()[:8]
-    trace_log = ray.remote(TraceLog).options(
-        name=f"{TRACE_LOG_ACTOR}-{root_tag}", lifetime="detached", get_if_exists=True, num_cpus=0, max_restarts=-1,
-        max_task_retries=-1,
-    ).remote(str(cfg.storage.path("traces")))
-    rollout_store = ray.remote(RolloutStore).options(
-        name=f"loop-rollouts-{root_tag}", lifetime="detached", get_if_exists=True, num_cpus=0, max_restarts=-1,
-        max_task_retries=-1).remote()
+    # In the config's namespace whoever asks (a job, a test, a Serve builder in Serve's own namespace):
+    # one set of helpers per loop, never a second store that no gateway reads.
+    named = dict(lifetime="detached", get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=-1,
+                 namespace=cfg.ray.namespace)
+    trace_log = ray.remote(TraceLog).options(name=f"{TRACE_LOG_ACTOR}-{root_tag}", **named).remote(
+        str(cfg.storage.path("traces")))
+    rollout_store = ray.remote(RolloutStore).options(name=f"loop-rollouts-{root_tag}", **named).remote()
     for _, endpoint in cfg.endpoints():
         lineage.ensure_base_version(endpoint.id, cfg.model_path(cfg.student), base_manifest)
     # Serve calls from inside it (starting a merged version's engine) need no CPU of their own.
-    controller = ray.remote(RolloutController).options(
-        name=f"loop-rollout-controller-{root_tag}", lifetime="detached", get_if_exists=True, num_cpus=0,
-        max_restarts=-1, max_task_retries=-1).remote(_absolute(cfg), rollout_store)
+    controller = ray.remote(RolloutController).options(name=f"loop-rollout-controller-{root_tag}", **named).remote(
+        _absolute(cfg), rollout_store)
     ray.get(controller.configure.remote(_absolute(cfg)))
     return trace_log, rollout_store, controller
 
