@@ -15,14 +15,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loop.config import EndpointConfig, LoopConfig
-from loop.data.select import replay_rows, select_prompts
-from loop.models.digest import dir_digest
 from loop.control.canary import stage_clock
+from loop.data.label import previous_cutoff, replay_sources, write_failures, write_replay, write_split
+from loop.data.select import select_prompts
+from loop.models.digest import dir_digest
 from loop.services import Services, admin, set_teacher_epoch
 from loop.sim.traffic import EVAL_USER, ask_gateway, eval_traffic, user_traffic
-
 from loop.sim.world import World, is_correct
 from loop.stages import fault_point, manifest, output_digest, write_json
+from loop.teacher.calls import answers as teacher_answers
+from loop.teacher.calls import teacher_dir
 from loop.traces.log import read_feedback
 
 
@@ -50,12 +52,6 @@ class CycleReport:
     stage_clock: dict = field(default_factory=dict)
     """Checkpoint written (train stage done) -> first canary request served, and each stage's share."""
     notes: list[str] = field(default_factory=list)
-
-
-def _write_failures(path: Path, failed: list[dict]) -> None:
-    """What the teacher failed to label, and why, for the record."""
-    path.write_text("".join(json.dumps({"messages": json.loads(r["messages"]), "error": r["label_error"]}) + "\n"
-                            for r in failed))
 
 
 class Cycle:
@@ -179,7 +175,8 @@ class Cycle:
         answers = self._ask(user_traffic(self.world.facts, self.cfg.traffic.users, seed=self.number))
         result = {"requests": len(answers), "since": started, "user_acc": sum(a.correct for a in answers) / len(answers)}
         result.update(self._eval())
-        teacher = self._teacher_answers([[{"role": "user", "content": f.heldout_question()}] for f in self.world.facts])
+        teacher = teacher_answers(self.cfg, self.services.teacher_url,
+                                  [[{"role": "user", "content": f.heldout_question()}] for f in self.world.facts])
         result["teacher_acc"] = sum(is_correct(f, a) for f, a in zip(self.world.facts, teacher)) / len(teacher)
         self.lineage.log(run_id, metrics={k: result[k] for k in ("requests", "user_acc", "eval_acc", "teacher_acc")})
         return result
@@ -198,32 +195,11 @@ class Cycle:
         self.lineage.log(run_id, metrics={"requests": len(rows)})
         return result
 
-    def _teacher_answers(self, conversations: list[list[dict]]) -> list[str]:
-        """The teacher's greedy answers: over HTTP, or from the local teacher in a Ray actor."""
-        t = self.cfg.teacher
-        if t.kind == "local":
-            import ray
-
-            from loop.teacher.local import LocalTeacher
-
-            actor = ray.remote(LocalTeacher).options(num_cpus=1, num_gpus=t.num_gpus).remote(
-                str(self._teacher_dir()), t.max_tokens, self.cfg.training.torch_threads)
-            try:
-                return ray.get(actor.answer.remote(conversations))
-            finally:
-                ray.kill(actor)
-        from loop.teacher.client import ask, make_client
-
-        client = make_client(t, self.services.teacher_url)
-        return [ask(client, t.model, c, t.max_tokens) for c in conversations]
-
-    def _teacher_dir(self) -> Path | None:
-        return self.cfg.model_path(self.cfg.teacher) if self.cfg.teacher.kind == "local" else None
-
     def _select_and_label(self, sdir: Path, run_id: str) -> dict:
         import ray
 
-        from loop.teacher.client import LabelsFailed, TeacherLabeler, split_labels, teacher_key
+        from loop.teacher.calls import label
+        from loop.teacher.client import LabelsFailed, split_labels
 
         ray.get(self.services.trace_log.compact.remote())
         parts = self.cfg.storage.path("traces", "parquet")
@@ -241,27 +217,13 @@ class Cycle:
         prompts, heldout = [r["prompt"] for r in sel.train], {r["prompt"] for r in sel.heldout}
         if not prompts:
             raise CycleFailed(f"no new traffic for model-{self.endpoint.id} since the last cycle: nothing to learn")
-        items = ray.data.from_items([{"messages": p} for p in prompts + sorted(heldout)])
-        t = self.cfg.teacher
-        if t.kind == "local":
-            from loop.teacher.local import LocalTeacherLabeler
-
-            labeled = items.map_batches(LocalTeacherLabeler, fn_constructor_args=(
-                str(self._teacher_dir()), t.max_tokens, self.cfg.training.torch_threads),
-                batch_size=32, concurrency=1, num_cpus=1, num_gpus=t.num_gpus).take_all()
-        else:
-            # The reference teacher's answers change with its world's epoch: part of the cache key.
-            namespace = f"epoch-{self.epoch}" if t.kind == "reference" else ""
-            labeled = items.map_batches(
-                TeacherLabeler, fn_constructor_args=(t.model_dump(), self.services.teacher_url, teacher_key(t),
-                                                     str(self.cfg.storage.path("teacher-cache.sqlite")), namespace),
-                batch_size=32, concurrency=1, num_cpus=0).take_all()
+        labeled = label(self.cfg, self.services.teacher_url, self.epoch, prompts + sorted(heldout))
         try:
             good, failed = split_labels(labeled, self.cfg.data.max_failed_fraction)
         except LabelsFailed as e:
-            _write_failures(sdir / "label_failures.jsonl", e.failed)
+            write_failures(sdir / "label_failures.jsonl", e.failed)
             raise CycleFailed(f"{e} (which, and why: {sdir / 'label_failures.jsonl'})") from None
-        _write_failures(sdir / "label_failures.jsonl", failed)
+        write_failures(sdir / "label_failures.jsonl", failed)
         cost = {"teacher_cost_usd": sum(r["cost_usd"] for r in labeled),
                 "teacher_cached": sum(bool(r["cached"]) for r in labeled),
                 "teacher_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in labeled)}
@@ -269,14 +231,9 @@ class Cycle:
         if not trained:
             raise CycleFailed(f"the teacher labelled none of the {len(prompts)} training prompts "
                               f"(first error: {failed[0]['label_error'] if failed else 'none'}); check teacher.base_url")
-        path = sdir / "train.jsonl"
-        with open(path, "w") as f, open(sdir / "heldout.jsonl", "w") as h:
-            for r in good:
-                row = {"messages": json.loads(r["messages"]), "completion": r["completion"]}
-                if r.get("top_logprobs"):
-                    row["top_logprobs"] = json.loads(r["top_logprobs"])
-                (h if r["messages"] in heldout else f).write(json.dumps(row) + "\n")
-        replayed = self._replay(sdir / "replay.jsonl", round(self.cfg.training.replay_ratio * len(trained)))
+        path = write_split(sdir, good, heldout)
+        replayed = write_replay(self.dir.parent, self.number, sdir / "replay.jsonl",
+                                round(self.cfg.training.replay_ratio * len(trained)))
         digest = dir_digest(sdir)
         cost.update(replayed=replayed, **{f"selected_{k}": v for k, v in sel.counts.items()})
         self.lineage.log(run_id, params={"dataset_digest": digest, "since": since},
@@ -284,31 +241,8 @@ class Cycle:
         return {"dataset": str(path), "dataset_digest": digest, "selected": len(prompts), "labelled": len(good),
                 "label_failed": len(failed), "cutoff": cutoff, "replay": str(sdir / "replay.jsonl"), **cost}
 
-    def _replay(self, path: Path, n: int) -> int:
-        """Replay buffer: `n` examples drawn (seeded by the cycle) from this endpoint's earlier datasets,
-        except prompts this cycle relabelled (their old answers are stale)."""
-        earlier = []
-        for prev in range(1, self.number):
-            f = self.dir.parent / f"cycle-{prev:04d}" / "label" / "train.jsonl"
-            if f.exists():
-                earlier += [line for line in f.read_text().splitlines() if line.strip()]
-        current = [line for line in (path.parent / "train.jsonl").read_text().splitlines() if line.strip()]
-        picked = replay_rows(earlier, current, n, seed=self.number)
-        path.write_text("".join(line + "\n" for line in picked))
-        return len(picked)
-
-    def _replay_sources(self) -> str:
-        """The dataset digests of this endpoint's earlier cycles, which the replay buffer drew from."""
-        out = []
-        for prev in range(1, self.number):
-            f = self.dir.parent / f"cycle-{prev:04d}" / "label" / "result.json"
-            if f.exists():
-                out.append(f"cycle-{prev}:{json.loads(f.read_text())['dataset_digest']}")
-        return ",".join(out)
-
     def _previous_cutoff(self) -> float:
-        prev = self.dir.parent / f"cycle-{self.number - 1:04d}" / "label" / "result.json"
-        return json.loads(prev.read_text())["cutoff"] if prev.exists() else 0.0
+        return previous_cutoff(self.dir.parent, self.number)
 
     def _train(self, sdir: Path, run_id: str, data: dict) -> dict:
         from loop.train.sft import LoRADistiller, TrainingDiverged
@@ -320,7 +254,7 @@ class Cycle:
             metrics = distiller.run(self.cfg.model_path(self.cfg.student), Path(data["dataset"]), sdir / "adapter",
                                     init_adapter=champion["adapter_path"],
                                     replay=Path(data["replay"]) if data.get("replay") else None,
-                                    teacher_dir=self._teacher_dir(), teacher_gpus=self.cfg.teacher.num_gpus)
+                                    teacher_dir=teacher_dir(self.cfg), teacher_gpus=self.cfg.teacher.num_gpus)
         except TrainingDiverged as e:
             raise CycleFailed(f"{e}; nothing was registered or deployed") from None
         digest = dir_digest(sdir / "adapter")
@@ -449,7 +383,7 @@ class Cycle:
             "checkpoint_digest": train["adapter_digest"], "merged_digest": merge["merged_digest"],
             "draft_digest": draft["draft_digest"], "merged_path": merge["merged_dir"], "draft_path": draft["draft_path"],
             "validation_verdict": "pass", "candidate_acc": val["candidate_acc"], "champion_acc": val["champion_acc"],
-            "replay_sources": self._replay_sources() if data.get("replayed") else "", "artifact": artifact})
+            "replay_sources": replay_sources(self.dir.parent, self.number) if data.get("replayed") else "", "artifact": artifact})
         self.lineage.log(run_id, tags={"registered_version": info["version"]})
         return info
 

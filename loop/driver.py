@@ -148,14 +148,11 @@ def _forever(cfg, services, keys, endpoints) -> list[dict]:
 
 def new_traces(cfg: LoopConfig, endpoint: str) -> int:
     """Served requests of `endpoint` (evaluation traffic aside) since its last cycle read the log."""
-    import json as _json
-
+    from loop.data.label import previous_cutoff
     from loop.sim.traffic import EVAL_USER
     from loop.traces.log import read_traces
 
-    n = _next_cycle(cfg, endpoint) - 1
-    label = cfg.storage.path("cycles", endpoint, f"cycle-{n:04d}", "label", "result.json")
-    since = _json.loads(label.read_text())["cutoff"] if n and label.exists() else 0.0
+    since = previous_cutoff(cfg.storage.path("cycles", endpoint), _next_cycle(cfg, endpoint))
     return sum(1 for r in read_traces(cfg.storage.path("traces"))
                if r["endpoint"] == endpoint and r["ts"] > since and r["status"] == 200
                and not r["user"].startswith(EVAL_USER))

@@ -1,0 +1,63 @@
+"""The label stage's files: what the teacher failed on, the train / held-out split as written, the replay
+buffer drawn from an endpoint's earlier cycles, and where the last cycle stopped reading the trace log.
+
+`endpoint_dir` is `.loop/cycles/<endpoint>/`; cycle N's label outputs are in `cycle-NNNN/label/`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loop.data.select import replay_rows
+
+
+def _label_dir(endpoint_dir: Path, number: int) -> Path:
+    return endpoint_dir / f"cycle-{number:04d}" / "label"
+
+
+def previous_cutoff(endpoint_dir: Path, number: int) -> float:
+    """The newest trace timestamp cycle `number - 1` read (0 before any): cycle `number` reads after it."""
+    prev = _label_dir(endpoint_dir, number - 1) / "result.json"
+    return json.loads(prev.read_text())["cutoff"] if number > 1 and prev.exists() else 0.0
+
+
+def write_failures(path: Path, failed: list[dict]) -> None:
+    """What the teacher failed to label, and why, for the record."""
+    path.write_text("".join(json.dumps({"messages": json.loads(r["messages"]), "error": r["label_error"]}) + "\n"
+                            for r in failed))
+
+
+def write_split(sdir: Path, good: list[dict], heldout: set[str]) -> Path:
+    """Labelled rows to `train.jsonl`, or to `heldout.jsonl` when their prompt is held out; returns the former."""
+    path = sdir / "train.jsonl"
+    with open(path, "w") as f, open(sdir / "heldout.jsonl", "w") as h:
+        for r in good:
+            row = {"messages": json.loads(r["messages"]), "completion": r["completion"]}
+            if r.get("top_logprobs"):
+                row["top_logprobs"] = json.loads(r["top_logprobs"])
+            (h if r["messages"] in heldout else f).write(json.dumps(row) + "\n")
+    return path
+
+
+def write_replay(endpoint_dir: Path, number: int, path: Path, n: int) -> int:
+    """Replay buffer: `n` examples drawn (seeded by the cycle) from the endpoint's earlier datasets,
+    except prompts this cycle relabelled (their old answers are stale). Returns how many."""
+    earlier = []
+    for prev in range(1, number):
+        f = _label_dir(endpoint_dir, prev) / "train.jsonl"
+        if f.exists():
+            earlier += [line for line in f.read_text().splitlines() if line.strip()]
+    current = [line for line in (path.parent / "train.jsonl").read_text().splitlines() if line.strip()]
+    picked = replay_rows(earlier, current, n, seed=number)
+    path.write_text("".join(line + "\n" for line in picked))
+    return len(picked)
+
+
+def replay_sources(endpoint_dir: Path, number: int) -> str:
+    """The dataset digests of the endpoint's earlier cycles, which the replay buffer drew from."""
+    out = []
+    for prev in range(1, number):
+        f = _label_dir(endpoint_dir, prev) / "result.json"
+        if f.exists():
+            out.append(f"cycle-{prev}:{json.loads(f.read_text())['dataset_digest']}")
+    return ",".join(out)
