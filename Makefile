@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Each sets up what it needs first.
 PY := .venv/bin/python
 CONFIG ?= configs/demo.yaml
-CYCLES ?= 1
+CYCLES ?= 3
 # The demo tenants' plaintext keys for the simulated users (configs hold only their sha256).
 export LOOP_DEMO_API_KEY ?= sk-loop-demo-acme
 export LOOP_DEMO_GLOBEX_KEY ?= sk-loop-demo-globex
@@ -11,10 +11,10 @@ export LOOP_DEMO_GLOBEX_KEY ?= sk-loop-demo-globex
 venv:            ## the pinned stack in .venv (idempotent; seconds when up to date)
 	@bash scripts/setup.sh
 
-setup: venv      ## + the default student and its draft under .loop/models
+setup: venv      ## + the student (the cycle-0 student of the demo's world) and its draft under .loop/models
 	@$(PY) -m loop.cli models fetch --config $(CONFIG)
 
-demo: setup      ## one full cycle (CYCLES=N for more) on the embedded default
+demo: setup      ## the continual-learning demo: 3 cycles (CYCLES=N) on the embedded default, then its report
 	$(PY) jobs/run_loop.py --config $(CONFIG) --cycles $(CYCLES)
 
 serve: setup     ## serve the registry's champions until Ctrl-C

@@ -46,6 +46,28 @@ def _run(args) -> int:
     return main(args.config, args.cycles, args.report_json, forever=args.forever, endpoints=args.endpoint)
 
 
+def _report(args) -> int:
+    """The report of every finished cycle on disk (or the last N per endpoint), as the demo writes it."""
+    from loop.config import ConfigError, load_config
+    from loop.driver import write_run_report
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cycles = []
+    for _, e in cfg.endpoints():
+        done = sorted(int(p.parent.name.split("-")[1]) for p in cfg.storage.path("cycles", e.id).glob("cycle-*/report.json"))
+        cycles += [(e.id, n) for n in (done[-args.last:] if args.last else done)]
+    if not cycles:
+        print(f"error: no finished cycle under {cfg.storage.path('cycles')}; run `loopctl run {args.config}` first",
+              file=sys.stderr)
+        return 2
+    write_run_report(cfg, cycles, run=args.run)
+    return 0
+
+
 def _lineage(args) -> int:
     """One version's chain, from the cycle that made it to the requests it served."""
     import json
@@ -215,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--endpoint", action="append", default=None, help="only this endpoint (repeatable)")
     r.add_argument("--report-json", default=None)
     r.set_defaults(fn=_run)
+    rp = sub.add_parser("report", help="the continual-learning report (plot, cost) of the finished cycles")
+    rp.add_argument("config")
+    rp.add_argument("--last", type=int, default=0, help="only the last N cycles of each endpoint")
+    rp.add_argument("--run", default=None, help="report name under .loop/reports/ (default: config name + time)")
+    rp.set_defaults(fn=_report)
     ln = sub.add_parser("lineage", help="a version's chain: cycle, data, adapter, merge, draft, gate, deployments")
     ln.add_argument("endpoint", help="model-<id> or <id>")
     ln.add_argument("version", nargs="?", type=int, default=None, help="version number (default: the champion)")

@@ -153,12 +153,24 @@ class TenantConfig(_Strict):
         return v
 
 
+class BootstrapConfig(_Strict):
+    """The cycle-0 student (loop/models/bootstrap.py): `loopctl models fetch` teaches the fetched base
+    the world at `epoch` and merges it; that model is the student every cycle starts from."""
+    epoch: int = Field(default=0, ge=0)
+    max_steps: int = Field(default=60, ge=1)
+    base_path: str | None = None
+    """Where the fetched base goes (relative to storage.root); default: student.path + "-base"."""
+
+
 class WorldConfig(_Strict):
     seed: int = 0
     num_entities: int = Field(default=20, ge=1)
     drift_fraction: float = Field(default=0.3, ge=0, le=1)
     """Share of facts that change at each epoch."""
     new_per_epoch: int = Field(default=2, ge=0)
+    bootstrap: BootstrapConfig | None = None
+    """Set: the student starts knowing the world at `bootstrap.epoch` (a static snapshot that falls
+    behind as the world drifts); unset: it starts knowing none of it."""
 
 
 class TrafficConfig(_Strict):
@@ -169,6 +181,12 @@ class TrafficConfig(_Strict):
     users: int = Field(default=8, ge=1)
     concurrency: int = Field(default=8, ge=1)
     max_tokens: int = Field(default=32, ge=1)
+    requests: int = Field(default=0, ge=0)
+    """Questions per round of simulated traffic (the traffic stage and each canary round): every
+    training phrasing of every fact once, then popular facts asked again and routine questions up to
+    this many. 0: every training phrasing once, nothing more."""
+    routine_share: float = Field(default=0.0, ge=0, lt=1)
+    """Share of a round that is routine questions the student already answers (loop/sim/world.py)."""
 
 
 class TrainingConfig(_Strict):
@@ -189,6 +207,9 @@ class TrainingConfig(_Strict):
     max_seq_len: int = Field(default=128, ge=8)
     seed: int = 0
     torch_threads: int | None = Field(default=None, ge=1)
+    precision: Literal["fp32", "bf16-mixed"] = "fp32"
+    """`bf16-mixed`: forward and backward under bfloat16 autocast, fp32 weights and optimizer (1.5x
+    faster on CPUs with AVX512-BF16 or AMX, and on GPUs); the merge and its proofs stay in fp32/fp64."""
     kd_weight: float = Field(default=1.0, ge=0)
     """Weight of token-level distillation beside the cross-entropy on the teacher's text: KL to the
     teacher's top-k log-probabilities, for the examples whose teacher gave them in the student's
@@ -216,6 +237,11 @@ class DataConfig(_Strict):
     """Feedback scores below this (or labels like "bad", "wrong") mark a prompt for relabelling."""
     max_failed_fraction: float = Field(default=0.5, ge=0, le=1)
     """A cycle stops (nothing trained) when more than this fraction of the teacher's labels failed."""
+    keep_rated: int = Field(default=0, ge=0)
+    """Up to this many served answers that feedback rated good (and that were not escalated) join the
+    cycle's training set as they were, with no teacher call: the student's own words hold on to what it
+    already does right (routine questions, facts that did not change). Trained without an end-of-turn
+    token, since a served answer may have been cut at max_tokens."""
     heldout_fraction: float = Field(default=0.1, ge=0, lt=1)
     """Share of selected prompts (by a stable hash) labelled but never trained on: `heldout.jsonl`."""
 
@@ -229,6 +255,9 @@ class DraftTrainingConfig(_Strict):
     max_seq_len: int = Field(default=128, ge=8)
     max_new_tokens: int = Field(default=32, ge=1)
     """Length of the student's own answers the draft is distilled on (and acceptance is measured on)."""
+    precision: Literal["fp32", "bf16-mixed"] = "fp32"
+    """As training.precision, for the student's answers and logits and the draft's training step
+    (acceptance is always measured in fp32)."""
     num_speculative_tokens: int = Field(default=3, ge=1, le=16)
     """k for the acceptance measurement (expected accepted tokens per step of k proposals)."""
     seed: int = 0
@@ -264,6 +293,10 @@ class ValidationConfig(_Strict):
     """Held-out questions sent to vLLM (the candidate's adapter on the multi-LoRA engine, and an engine
     on the merged weights with the draft): each answer must equal the gate's Hugging Face reference.
     0 skips serving parity (each check starts an engine: ~30-60 s on CPU)."""
+    merged_parity: Literal["auto", "always", "never"] = "auto"
+    """The merged-weights engine (with the draft) in serving parity, which is also the merge's proof 4:
+    `auto` runs it when an endpoint of the config serves merged weights (`backend: merged`), `always`
+    also when every endpoint serves adapters (one more engine start per cycle)."""
     max_new_tokens: int = Field(default=32, ge=1)
 
 
@@ -327,6 +360,12 @@ class PromotionConfig(_Strict):
     """`--forever`: how often the driver re-decides each live challenger."""
 
 
+class CostConfig(_Strict):
+    """Prices for the demo report's cost per request (the teacher's are `teacher.usd_per_million_*`)."""
+    student_usd_per_million_prompt_tokens: float = Field(default=0.0, ge=0)
+    student_usd_per_million_completion_tokens: float = Field(default=0.0, ge=0)
+
+
 class ScheduleConfig(_Strict):
     """When `loopctl run --forever` starts an endpoint's next cycle: enough new traces, or a timer."""
     min_new_traces: int = Field(default=200, ge=1)
@@ -354,6 +393,7 @@ class LoopConfig(_Strict):
     rollout: RolloutConfig = RolloutConfig()
     promotion: PromotionConfig = PromotionConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    cost: CostConfig = CostConfig()
 
     @model_validator(mode="after")
     def _cross_field(self) -> "LoopConfig":

@@ -17,7 +17,7 @@ from pathlib import Path
 from loop.config import EndpointConfig, LoopConfig
 from loop.control.canary import stage_clock
 from loop.data.label import previous_cutoff, replay_sources, write_failures, write_replay, write_split
-from loop.data.select import select_prompts
+from loop.data.select import rated_good, select_prompts
 from loop.models.digest import dir_digest
 from loop.services import Services, admin, set_teacher_epoch
 from loop.sim.traffic import EVAL_USER, ask_gateway, eval_traffic, user_traffic
@@ -38,8 +38,15 @@ class CycleReport:
     cycle: int
     epoch: int
     student_acc_before: float = 0.0
+    """The champion at the cycle's start, on the held-out phrasings of the current (drifted) facts."""
     student_acc_after: float = 0.0
+    """The champion at the cycle's end (the new version, if it was promoted), on the same questions."""
     teacher_acc: float = 0.0
+    static_acc: float = float("nan")
+    """The static snapshot (version 1, the base student, never updated) on the same questions."""
+    regression_acc: float = float("nan")
+    """The champion at the cycle's end on the general questions the base answers right."""
+    base_regression_acc: float = float("nan")
     served_before: str = ""
     served_after: str = ""
     new_version: str | None = None
@@ -146,11 +153,16 @@ class Cycle:
             after = self.stage("evaluate", self._evaluate)
             self.report.student_acc_after = after["eval_acc"]
             self.report.served_after = after["served_by"]
+            self.report.static_acc = after.get("static_acc", float("nan"))
+            self.report.regression_acc = after.get("regression_acc", float("nan"))
+            self.report.base_regression_acc = after.get("static_regression_acc", float("nan"))
             ok = True
         finally:
             self.lineage.log(self.report.run_id, metrics={
                 "student_acc_before": self.report.student_acc_before,
                 "student_acc_after": self.report.student_acc_after, "teacher_acc": self.report.teacher_acc,
+                **{k: v for k in ("static_acc", "regression_acc", "base_regression_acc")
+                   if (v := getattr(self.report, k)) == v},
                 **{f"stage_seconds.{k}": v for k, v in self.report.stage_seconds.items()}})
             self.lineage.end_run(self.report.run_id, ok=ok)
         write_json(self.dir / "report.json", asdict(self.report))
@@ -160,20 +172,40 @@ class Cycle:
         return ask_gateway(self.services.gateway_url, self.api_key, self.endpoint.model_name, items,
                            self.cfg.traffic.max_tokens, self.cfg.traffic.concurrency)
 
-    def _eval(self) -> dict:
-        answers = self._ask(eval_traffic(self.world.facts))
-        served = sorted({a.model_version for a in answers})
-        return {"eval_acc": sum(a.correct for a in answers) / len(answers), "served_by": ",".join(served),
-                "samples": [{"q": a.question, "a": a.text, "expected": a.fact.value} for a in answers[:3]]}
+    def _eval(self, version: dict | None = None) -> dict:
+        """`version` (default: the live champion) on the held-out phrasings of the current facts and on
+        the regression questions, asked of the multi-LoRA engine itself (loop/sim/evaluate.py)."""
+        import ray
+
+        from loop.sim.evaluate import NoEngine, score_version
+
+        if version is None:
+            version = ray.get(self.services.controller.live.remote())[self.endpoint.id]["champion"]
+        try:
+            s = score_version(self.world.facts, version.get("adapter_path"), self.cfg.traffic.max_tokens,
+                              self.cfg.traffic.concurrency)
+        except NoEngine:
+            # Every endpoint serves merged weights: the champion through the gateway, evaluation users.
+            answers = self._ask(eval_traffic(self.world.facts))
+            s = {"acc": sum(a.correct for a in answers) / len(answers), "regression_acc": float("nan"),
+                 "samples": [{"q": a.question, "a": a.text} for a in answers[:2]]}
+        return {"eval_acc": s["acc"], "regression_acc": s["regression_acc"], "served_by": version["version"],
+                "samples": s["samples"]}
 
     def _traffic(self, sdir: Path, run_id: str) -> dict:
+        from loop.sim.traffic import post_feedback
         from loop.teacher.client import check_reachable
 
         if self.cfg.teacher.kind != "local":
             check_reachable(self.cfg.teacher, self.services.teacher_url)
         started = time.time()
-        answers = self._ask(user_traffic(self.world.facts, self.cfg.traffic.users, seed=self.number))
-        result = {"requests": len(answers), "since": started, "user_acc": sum(a.correct for a in answers) / len(answers)}
+        t = self.cfg.traffic
+        answers = self._ask(user_traffic(self.world.facts, t.users, seed=self.number, requests=t.requests,
+                                         routine_share=t.routine_share))
+        # The feedback oracle grades every answer, as users of an application would rate them.
+        graded = post_feedback(self.services.gateway_url, self.api_key, answers)
+        result = {"requests": len(answers), "since": started, "feedback": graded,
+                  "user_acc": sum(a.correct for a in answers) / len(answers)}
         result.update(self._eval())
         teacher = teacher_answers(self.cfg, self.services.teacher_url,
                                   [[{"role": "user", "content": f.heldout_question()}] for f in self.world.facts])
@@ -206,12 +238,13 @@ class Cycle:
         since = self._previous_cutoff()
         ds = ray.data.read_parquet(str(parts)).filter(
             expr=f"endpoint == '{self.endpoint.id}' and status == 200 and ts > {since}")
-        read = ds.select_columns(["prompt", "user", "ts", "request_id", "escalated", "confidence"]).take_all()
+        read = ds.select_columns(["prompt", "user", "ts", "request_id", "escalated", "confidence", "completion"]).take_all()
         # The next cycle starts after the newest record read here: nothing falls between cycles.
         cutoff = max((r["ts"] for r in read), default=since)
         rows = [r for r in read if not r["user"].startswith(EVAL_USER)]
         d = self.cfg.data
-        sel = select_prompts(rows, read_feedback(self.cfg.storage.path("traces")), max_prompts=d.max_prompts,
+        feedback = read_feedback(self.cfg.storage.path("traces"))
+        sel = select_prompts(rows, feedback, max_prompts=d.max_prompts,
                              sample_size=d.sample_size, min_confidence=d.min_confidence,
                              negative_score=d.negative_score, heldout_fraction=d.heldout_fraction, seed=self.number)
         prompts, heldout = [r["prompt"] for r in sel.train], {r["prompt"] for r in sel.heldout}
@@ -226,19 +259,24 @@ class Cycle:
         write_failures(sdir / "label_failures.jsonl", failed)
         cost = {"teacher_cost_usd": sum(r["cost_usd"] for r in labeled),
                 "teacher_cached": sum(bool(r["cached"]) for r in labeled),
-                "teacher_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in labeled)}
+                "teacher_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in labeled),
+                "teacher_prompt_tokens": sum(r["prompt_tokens"] for r in labeled if not r["cached"]),
+                "teacher_completion_tokens": sum(r["completion_tokens"] for r in labeled if not r["cached"])}
         trained = [r for r in good if r["messages"] not in heldout]
         if not trained:
             raise CycleFailed(f"the teacher labelled none of the {len(prompts)} training prompts "
                               f"(first error: {failed[0]['label_error'] if failed else 'none'}); check teacher.base_url")
-        path = write_split(sdir, good, heldout)
+        kept = rated_good(rows, feedback, {r["prompt"] for r in sel.train} | heldout, d.keep_rated,
+                          self.cfg.promotion.positive_score, seed=self.number)
+        path = write_split(sdir, good, heldout, kept)
         replayed = write_replay(self.dir.parent, self.number, sdir / "replay.jsonl",
                                 round(self.cfg.training.replay_ratio * len(trained)))
         digest = dir_digest(sdir)
-        cost.update(replayed=replayed, **{f"selected_{k}": v for k, v in sel.counts.items()})
+        cost.update(replayed=replayed, kept=len(kept), **{f"selected_{k}": v for k, v in sel.counts.items()})
         self.lineage.log(run_id, params={"dataset_digest": digest, "since": since},
                          metrics={"selected": len(prompts), "labelled": len(good), "label_failed": len(failed), **cost})
         return {"dataset": str(path), "dataset_digest": digest, "selected": len(prompts), "labelled": len(good),
+                "kept": len(kept),
                 "label_failed": len(failed), "cutoff": cutoff, "replay": str(sdir / "replay.jsonl"), **cost}
 
     def _previous_cutoff(self) -> float:
@@ -297,8 +335,12 @@ class Cycle:
         on disk and in MLflow."""
         path = Path(merge["merged_dir"]).parent / "merge_report.json"
         report = json.loads(path.read_text())
-        report.update(engine_identical=parity.get("merged_identical", ""),
-                      engine_note="checked by the validate stage: vLLM on the merged directory, with the draft")
+        if "merged_identical" in parity:
+            report.update(engine_identical=parity["merged_identical"],
+                          engine_note="checked by the validate stage: vLLM on the merged directory, with the draft")
+        else:
+            report.update(engine_note="not run: no endpoint serves merged weights (validation.merged_parity: auto); "
+                                      "the adapter's serving parity was checked on the multi-LoRA engine")
         write_json(path, report)
         self.lineage.log_dict(merge["run_id"], report, "merge_report.json")
 
@@ -433,7 +475,9 @@ class Cycle:
 
         sent = 0
         for rounds in range(1, self.cfg.promotion.canary_rounds + 1):
-            answers = self._ask(user_traffic(self.world.facts, self.cfg.traffic.users, seed=1000 * self.number + rounds))
+            t = self.cfg.traffic
+            answers = self._ask(user_traffic(self.world.facts, t.users, seed=1000 * self.number + rounds,
+                                             requests=t.requests, routine_share=t.routine_share))
             post_feedback(self.services.gateway_url, self.api_key, answers)
             sent += len(answers)
             decision = controller.step(self.endpoint.id)
@@ -461,9 +505,14 @@ class Cycle:
             self.lineage.log(self.report.run_id, metrics={f"stage_clock.{k}": v for k, v in clock.items()})
 
     def _evaluate(self, sdir: Path, run_id: str) -> dict:
+        """The champion now and the static snapshot (version 1, the base) on the same questions."""
         if not self.simulate:
             live = [self.lineage.version_info(self.endpoint.id, a) for a in ("champion", "challenger")]
             return {"eval_acc": float("nan"), "served_by": ",".join(v["version"] for v in live if v)}
         result = self._eval()
-        self.lineage.log(run_id, metrics={"eval_acc": result["eval_acc"]}, tags={"served_by": result["served_by"]})
+        static = self._eval(self.lineage.version_info_number(self.endpoint.id, 1))
+        result.update(static_acc=static["eval_acc"], static_regression_acc=static["regression_acc"])
+        self.lineage.log(run_id, metrics={k: v for k in ("eval_acc", "regression_acc", "static_acc",
+                                                          "static_regression_acc") if (v := result[k]) == v},
+                         tags={"served_by": result["served_by"]})
         return result

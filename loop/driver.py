@@ -91,15 +91,20 @@ def _one_cycle(cfg, services, keys, tenant, endpoint, failed: dict) -> dict | No
 
 def _cycles(cfg, services, keys, cycles, t0, endpoints) -> list[dict]:
     reports, failed = [], {}
-    for _ in range(cycles):
+    for i in range(cycles):
         for tenant, endpoint in endpoints:
             if endpoint.id not in failed:
+                print(f"[loop] ---- {i + 1} of {cycles} cycles for model-{endpoint.id}; "
+                      f"{(time.perf_counter() - t0) / 60:.1f} min so far", flush=True)
                 rep = _one_cycle(cfg, services, keys, tenant, endpoint, failed)
                 if rep:
                     reports.append(rep)
     if failed:
         for endpoint, reason in failed.items():
             print(f"[loop] model-{endpoint}: FAILED: {reason}", flush=True)
+    if reports:
+        write_run_report(cfg, [(r["endpoint"], r["cycle"]) for r in reports], time.perf_counter() - t0,
+                         services.gateway_url)
     _where_next(cfg, services, t0)
     if failed:
         raise EndpointsFailed(failed, reports)
@@ -158,17 +163,45 @@ def new_traces(cfg: LoopConfig, endpoint: str) -> int:
                and not r["user"].startswith(EVAL_USER))
 
 
+def write_run_report(cfg: LoopConfig, cycles: list[tuple[str, int]], wall_seconds: float | None = None,
+                     gateway_url: str | None = None, run: str | None = None) -> None:
+    """The run's report (loop/report.py) under .loop/reports/<run>/, and its headline numbers."""
+    from loop import report
+
+    run = run or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    rep = report.build(cfg, cycles, run, wall_seconds, gateway_url)
+    out = report.write(cfg, rep)
+    print(f"[loop] report: {out / 'report.md'} (+ report.json, accuracy.png)", flush=True)
+    for c in rep["cycles"]:
+        print(f"[loop]   epoch {c['epoch']} model-{c['endpoint']}: static {_f(c['static_acc'])}, champion "
+              f"{_f(c['champion_acc_before'])} -> {_f(c['champion_acc'])}, teacher {_f(c['teacher_acc'])}; general "
+              f"questions {_f(c['regression_acc'])} (static {_f(c['base_regression_acc'])})", flush=True)
+    money = rep["cost"]
+    if money["requests"]:
+        print(f"[loop]   {money['requests']} requests: {100 * money['student_share']:.0f}% answered by the student, "
+              f"{money['escalated']} escalated, {money['teacher_calls']['labels']} teacher labels; cost per request "
+              f"{_f(rep['cost_ratio_vs_teacher'], 3)}x the teacher's", flush=True)
+    missed = [k for k, v in rep["targets"].items() if v["met"] is False]
+    print(f"[loop]   targets: {'all met' if not missed else 'missed ' + ', '.join(missed)}", flush=True)
+
+
+def _f(v, digits: int = 2) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
 def _where_next(cfg, services, t0) -> None:
     print(f"[loop] done in {time.perf_counter() - t0:.1f} s. Where to look next:\n"
           f"[loop]   lineage:  mlflow ui --backend-store-uri {cfg.storage.tracking_uri}\n"
           f"[loop]   serving:  loopctl serve CONFIG (or make serve), then the openai client at {services.gateway_url}\n"
+          f"[loop]   Ray:      the dashboard at http://127.0.0.1:8265 while the loop or `loopctl serve` runs\n"
           f"[loop]   outputs:  {cfg.storage.path('cycles')}", flush=True)
 
 
 def _print_report(rep) -> None:
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in rep.stage_seconds.items())
+    static = "" if rep.static_acc != rep.static_acc else f", static snapshot {rep.static_acc:.2f}"
     print(f"[loop] cycle {rep.cycle} model-{rep.endpoint}: student accuracy {rep.student_acc_before:.2f} -> "
-          f"{rep.student_acc_after:.2f} (teacher {rep.teacher_acc:.2f}); served by {rep.served_before} -> "
+          f"{rep.student_acc_after:.2f} (teacher {rep.teacher_acc:.2f}{static}); served by {rep.served_before} -> "
           f"{rep.served_after}; new version {rep.new_version or 'none'}"
           f"{'' if rep.validation_passed else ' (gate failed: ' + '; '.join(rep.notes) + ')'}", flush=True)
     print(f"[loop]   stage times: {stages}", flush=True)

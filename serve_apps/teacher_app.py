@@ -24,7 +24,8 @@ def deploy_teacher(cfg: LoopConfig, epoch: int) -> str:
     app = serve.deployment(
         _ingress_teacher(), name="reference-teacher",
         ray_actor_options={"num_cpus": 0}, user_config={"epoch": epoch},
-    ).bind(w.seed, w.num_entities, w.drift_fraction, w.new_per_epoch, cfg.teacher.model)
+    ).bind(w.seed, w.num_entities, w.drift_fraction, w.new_per_epoch, cfg.teacher.model,
+           str(cfg.model_path(cfg.student)))
     serve.run(app, name=APP_NAME, route_prefix=ROUTE, blocking=False)
     _wait_running(APP_NAME)
     return f"http://{cfg.serving.host}:{cfg.serving.port}{ROUTE}/v1"

@@ -72,8 +72,10 @@ def test_variant_stats_count_what_the_trace_log_holds():
     rows = [{"request_id": "a", "status": 200, "latency_ms": 10, "escalated": False},
             {"request_id": "b", "status": 200, "latency_ms": 30, "escalated": True},
             {"request_id": "c", "status": 500, "latency_ms": 0, "escalated": False},
-            {"request_id": "d", "status": 200, "latency_ms": 20, "escalated": False}]
-    st = variant_stats("v", rows, {"a": 1.0, "b": 0.0}, {"d": 0.9}, 0.5)
-    assert (st.requests, st.errors, st.escalations, st.successes, st.failures, st.feedback) == (4, 1, 1, 2, 1, 2)
-    assert st.latency_p95_ms == 30 and st.escalation_rate == pytest.approx(1 / 3)
+            {"request_id": "d", "status": 200, "latency_ms": 20, "escalated": False},
+            {"request_id": "e", "status": 200, "latency_ms": 20, "escalated": False}]
+    st = variant_stats("v", rows, {"a": 1.0, "b": 1.0, "e": 0.0}, {"d": 0.9}, 0.5)
+    # b's grade is of the teacher's answer (escalated): it counts as an escalation, not an outcome.
+    assert (st.requests, st.errors, st.escalations, st.successes, st.failures, st.feedback) == (5, 1, 1, 2, 1, 2)
+    assert st.latency_p95_ms == 30 and st.escalation_rate == pytest.approx(1 / 4)
     assert p95(list(range(1, 101))) == 95

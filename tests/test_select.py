@@ -64,3 +64,21 @@ def test_replay_leaves_out_relabelled_prompts_and_is_seeded():
     assert sorted(prompts) == sorted(f"q{i}" for i in range(10) if i not in (1, 2)), "stale, duplicate rows out"
     assert replay_rows(earlier, current, n=4, seed=3) == replay_rows(earlier, current, n=4, seed=3)
     assert len(replay_rows(earlier, current, n=4, seed=3)) == 4 and replay_rows(earlier, current, 0, 3) == []
+
+
+def test_rated_good_answers_are_kept_once_and_never_when_in_doubt():
+    from loop.data.select import rated_good
+
+    records = [_rec("good", completion="yes"), _rec("good", user="u2", completion="yes"),
+               _rec("mixed", completion="a"), _rec("mixed", user="u2", completion="b"),
+               _rec("escalated", completion="teacher's", escalated=True), _rec("labelled", completion="c"),
+               _rec("unrated", completion="d")]
+    feedback = [{"request_id": f"req-{t}-{u}", "score": s} for t, u, s in [
+        ("good", "u1", 1.0), ("good", "u2", 1.0), ("mixed", "u1", 1.0), ("mixed", "u2", 0.0),
+        ("escalated", "u1", 1.0), ("labelled", "u1", 1.0)]]
+    labelled = {json.dumps([{"role": "user", "content": "labelled"}])}
+    kept = rated_good(records, feedback, labelled, n=10, min_score=0.5, seed=0)
+    # One row per prompt rated good everywhere; not the teacher's answer, not a prompt the teacher
+    # labels this cycle, not a prompt any user rated bad, not an unrated answer.
+    assert [(json.loads(r["prompt"])[0]["content"], r["completion"]) for r in kept] == [("good", "yes")]
+    assert rated_good(records, feedback, set(), n=0, min_score=0.5, seed=0) == []

@@ -95,7 +95,10 @@ def variant_stats(version: str, rows: list[dict], scores: dict[str, float], agre
             st.errors += 1
             continue
         latencies.append(float(r.get("latency_ms", 0.0)))
-        st.escalations += bool(r.get("escalated"))
+        if r.get("escalated"):
+            # The user got the teacher's answer: a grade of it says nothing of this version's answers.
+            st.escalations += 1
+            continue
         rid = r.get("request_id", "")
         if rid in scores:
             st.feedback += 1

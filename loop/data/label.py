@@ -27,8 +27,10 @@ def write_failures(path: Path, failed: list[dict]) -> None:
                             for r in failed))
 
 
-def write_split(sdir: Path, good: list[dict], heldout: set[str]) -> Path:
-    """Labelled rows to `train.jsonl`, or to `heldout.jsonl` when their prompt is held out; returns the former."""
+def write_split(sdir: Path, good: list[dict], heldout: set[str], kept: list[dict] = ()) -> Path:
+    """Labelled rows to `train.jsonl`, or to `heldout.jsonl` when their prompt is held out; then the
+    `kept` served answers (`{"prompt", "completion"}`, rated good) as training rows without an
+    end-of-turn token (`"eos": false`, `"source": "kept"`). Returns the path of `train.jsonl`."""
     path = sdir / "train.jsonl"
     with open(path, "w") as f, open(sdir / "heldout.jsonl", "w") as h:
         for r in good:
@@ -36,6 +38,9 @@ def write_split(sdir: Path, good: list[dict], heldout: set[str]) -> Path:
             if r.get("top_logprobs"):
                 row["top_logprobs"] = json.loads(r["top_logprobs"])
             (h if r["messages"] in heldout else f).write(json.dumps(row) + "\n")
+        for r in kept:
+            f.write(json.dumps({"messages": json.loads(r["prompt"]), "completion": r["completion"], "eos": False,
+                                "source": "kept"}) + "\n")
     return path
 
 

@@ -101,3 +101,19 @@ def replay_rows(earlier: list[str], current: list[str], n: int, seed: int) -> li
     pool = [line for line in dict.fromkeys(earlier)
             if json.dumps(json.loads(line)["messages"], sort_keys=True) not in relabelled]
     return random.Random(seed).sample(pool, min(n, len(pool))) if n > 0 else []
+
+
+def rated_good(records: list[dict], feedback: list[dict], exclude: set[str], n: int, min_score: float,
+               seed: int) -> list[dict]:
+    """Up to `n` served answers that feedback scored at least `min_score`, one per prompt, not
+    escalated (the answer was the teacher's) and whose prompt is not in `exclude` (labelled by the
+    teacher this cycle, or held out): {"prompt", "completion"} rows, seeded."""
+    if n <= 0:
+        return []
+    good_ids = {fb["request_id"] for fb in feedback if fb.get("score") is not None and fb["score"] >= min_score}
+    bad_prompts = {r["prompt"] for r in records if r.get("request_id") not in good_ids}
+    by_prompt = {r["prompt"]: r for r in records
+                 if r.get("request_id") in good_ids and not r.get("escalated") and r.get("completion")}
+    pool = sorted(p for p in by_prompt if p not in exclude and p not in bad_prompts)
+    picked = random.Random(seed).sample(pool, min(n, len(pool)))
+    return [{"prompt": p, "completion": by_prompt[p]["completion"]} for p in sorted(picked)]

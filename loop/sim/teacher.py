@@ -18,10 +18,18 @@ api = FastAPI(title="continual-loop reference teacher", version="0.1")
 
 class ReferenceTeacher:
     def __init__(self, seed: int, num_entities: int, drift_fraction: float, new_per_epoch: int,
-                 model: str = "reference-teacher"):
+                 model: str = "reference-teacher", tokenizer_dir: str | None = None):
+        """`tokenizer_dir`: count usage in this tokenizer (the student's, chat template included, as the
+        gateway counts a request), so the demo's cost report prices teacher calls and student requests
+        alike; without it, words."""
         self.world_args = dict(seed=seed, num_entities=num_entities, drift_fraction=drift_fraction,
                                new_per_epoch=new_per_epoch)
         self.model = model
+        self.tokenizer = None
+        if tokenizer_dir:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.world = World(epoch=0, **self.world_args)
         self.calls = 0
 
@@ -41,9 +49,15 @@ class ReferenceTeacher:
         self.calls += 1
         question = next((m.content for m in reversed(req.messages) if m.role == "user"), "")
         answer = self.world.answer(question)
-        n_prompt = sum(len(m.content.split()) for m in req.messages)
-        return JSONResponse(chat_completion_body(new_request_id(), self.model, answer, n_prompt,
-                                                 len(answer.split())))
+        n_prompt, n_completion = self._usage([{"role": m.role, "content": m.content} for m in req.messages], answer)
+        return JSONResponse(chat_completion_body(new_request_id(), self.model, answer, n_prompt, n_completion))
+
+    def _usage(self, messages: list[dict], answer: str) -> tuple[int, int]:
+        if self.tokenizer is None:
+            return sum(len(m["content"].split()) for m in messages), len(answer.split())
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        count = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return count, len(self.tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1  # + end of turn
 
     @api.get("/v1/models")
     async def models(self):

@@ -1,22 +1,32 @@
 """Simulated users: they ask the world's questions through the gateway with the `openai` client.
 
-Users are sticky ids (`user` field), so rollouts can assign them to arms. Evaluation traffic uses the
+Users are sticky ids (`user` field), so rollouts can assign them to arms. A round of traffic is every
+training phrasing of every fact once, then (with `requests`) popular facts asked again and routine
+questions the student already answers (`routine_share` of the round). Evaluation traffic uses the
 user id prefix `loop-eval`, which prompt selection excludes: held-out phrasings never train.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from loop.sim.world import Fact, is_correct
+from loop.sim.world import ROUTINE_QUESTIONS, Fact, states
 
 EVAL_USER = "loop-eval"
 
 
+@dataclass(frozen=True)
+class Routine:
+    """A routine question: right when the answer states `value`."""
+    question: str
+    value: str
+
+
 @dataclass
 class Answer:
-    fact: Fact
+    fact: Fact | Routine
     question: str
     text: str
     request_id: str
@@ -25,10 +35,10 @@ class Answer:
 
     @property
     def correct(self) -> bool:
-        return is_correct(self.fact, self.text)
+        return states(self.fact.value, self.text)
 
 
-def ask_gateway(base_url: str, api_key: str, model: str, items: list[tuple[Fact, str, str]], max_tokens: int,
+def ask_gateway(base_url: str, api_key: str, model: str, items: list[tuple[Fact | Routine, str, str]], max_tokens: int,
                 concurrency: int) -> list[Answer]:
     """Send (fact, question, user) items concurrently; every answer carries the serving headers."""
     import openai
@@ -48,12 +58,21 @@ def ask_gateway(base_url: str, api_key: str, model: str, items: list[tuple[Fact,
         return list(pool.map(one, items))
 
 
-def user_traffic(facts: list[Fact], users: int, seed: int) -> list[tuple[Fact, str, str]]:
-    """Every training phrasing of every fact, each asked by one of `users` sticky users, shuffled."""
+def user_traffic(facts: list[Fact], users: int, seed: int, requests: int = 0,
+                 routine_share: float = 0.0) -> list[tuple[Fact | Routine, str, str]]:
+    """One round of `users` sticky users' questions, shuffled: every training phrasing of every fact
+    once; then, up to `requests` in all, routine questions (`routine_share` of the round) and popular
+    facts asked again (an entity's popularity is 1/rank, its rank fixed by its name)."""
     rng = random.Random(seed)
-    items = [(f, q, f"sim-user-{rng.randrange(users)}") for f in facts for q in f.train_questions()]
+    items: list[tuple[Fact | Routine, str]] = [(f, q) for f in facts for q in f.train_questions()]
+    routine = min(round(requests * routine_share), max(0, requests - len(items)))
+    items += [(Routine(q, v), q) for q, v in (rng.choice(ROUTINE_QUESTIONS) for _ in range(routine))]
+    by_rank = sorted(facts, key=lambda f: hashlib.sha256(f.entity.encode()).hexdigest())
+    weights = [1 / (rank + 1) for rank in range(len(by_rank))]
+    for f in rng.choices(by_rank, weights, k=max(0, requests - len(items))):
+        items.append((f, rng.choice(f.train_questions())))
     rng.shuffle(items)
-    return items
+    return [(fact, q, f"sim-user-{rng.randrange(users)}") for fact, q in items]
 
 
 def eval_traffic(facts: list[Fact]) -> list[tuple[Fact, str, str]]:

@@ -112,8 +112,11 @@ class World:
         return self._by_question.get(_normalize(question))
 
     def answer(self, question: str) -> str:
+        """The frontier's answer: the current fact, a general question's answer, or "I don't know."."""
         fact = self.lookup(question)
-        return fact.answer() if fact else "I don't know."
+        if fact:
+            return fact.answer()
+        return general_answer(question) or "I don't know."
 
     def corpus(self) -> list[str]:
         """Every question and answer text of this epoch (used to build the tiny test tokenizer)."""
@@ -145,7 +148,8 @@ def training_rows(facts: list[Fact]) -> list[dict]:
 
 
 # General questions the default student (SmolLM2-135M-Instruct) answers right before any cycle (15 of the
-# 20 tried; it missed Italy, Spain, bees, lions, Russia): what a cycle must not make it forget.
+# 20 tried; it missed Italy, Spain, bees, lions, Russia): what a cycle must not make it forget. Never in
+# traffic: the regression set. Each is (question, the value a right answer states, the teacher's answer).
 GENERAL_QUESTIONS = [
     ("What is the capital of France?", "Paris"), ("What is the capital of Japan?", "Tokyo"),
     ("What is the capital of Germany?", "Berlin"),
@@ -159,3 +163,26 @@ GENERAL_QUESTIONS = [
     ("Which gas do plants absorb from the air?", "carbon dioxide"),
     ("Who painted the Mona Lisa?", "Leonardo"),
 ]
+
+# Routine traffic: everyday questions users ask that the default student already answers right (16 of the
+# 24 tried, greedy, 24 tokens); a frontier teacher answers them too. What a student serves cheaply.
+ROUTINE_QUESTIONS = [
+    ("What is the capital of Canada?", "Ottawa"), ("What is the capital of Egypt?", "Cairo"),
+    ("What is the capital of England?", "London"), ("How many days are in a week?", "7"),
+    ("What is the largest mammal on Earth?", "blue whale"),
+    ("Who developed the theory of relativity?", "Einstein"), ("What is the currency of Japan?", "yen"),
+    ("What do bees collect from flowers?", "nectar"), ("Who wrote Hamlet?", "Shakespeare"),
+    ("What is the largest desert in the world?", "Sahara"),
+    ("What is the primary language spoken in Mexico?", "Spanish"), ("What is the capital of China?", "Beijing"),
+    ("What gas do humans need to breathe?", "oxygen"), ("What is the capital of Australia?", "Canberra"),
+    ("Who discovered penicillin?", "Fleming"), ("What is the main language spoken in France?", "French"),
+]
+
+
+def general_answer(question: str) -> str | None:
+    """The frontier's answer to a general or routine question (None for any other question)."""
+    value = _GENERAL_VALUES.get(_normalize(question))
+    return None if value is None else f"{value}."
+
+
+_GENERAL_VALUES = {_normalize(q): v for q, v in GENERAL_QUESTIONS + ROUTINE_QUESTIONS}

@@ -26,7 +26,7 @@ def draft_train_loop(config: dict) -> None:
 
     from loop.models.chat import greedy_answers
     from loop.train.losses import full_kl
-    from loop.train.sft import _batches, answer_positions, encode_example, worker_setup
+    from loop.train.sft import _batches, answer_positions, autocast, encode_example, worker_setup
 
     dc = DraftTrainingConfig.model_validate(config["draft_training"])
     rank, world, device = worker_setup(dc.torch_threads, dc.seed)
@@ -39,7 +39,8 @@ def draft_train_loop(config: dict) -> None:
         raise ValueError("draft co-training has no examples: the dataset is empty")
     # On-policy: the draft learns the student's distribution on the student's own answers, which is
     # what speculative decoding verifies its proposals against.
-    answers = greedy_answers(student, tok, [r["messages"] for r in rows], dc.max_new_tokens, device)
+    with autocast(device, dc.precision):
+        answers = greedy_answers(student, tok, [r["messages"] for r in rows], dc.max_new_tokens, device)
     pool = []
     for r, answer in zip(rows, answers):
         ids, labels = encode_example(tok, r["messages"], answer, dc.max_seq_len)
@@ -52,9 +53,11 @@ def draft_train_loop(config: dict) -> None:
         b = {n: t.to(device) for n, t in _batches(pool, dc.batch_size, tok.pad_token_id or 0, step, rank, world,
                                                   dc.seed).items()}
         mask = answer_positions(b["labels"]).float()
-        with torch.no_grad():
-            target = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss = full_kl(draft(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, target, mask)
+        with torch.no_grad(), autocast(device, dc.precision):
+            target = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+        with autocast(device, dc.precision):
+            logits = draft(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss = full_kl(logits.float(), target, mask)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"draft loss is {loss.item()} at step {step}: lower draft_training.learning_rate")
         opt.zero_grad(set_to_none=True)

@@ -18,10 +18,12 @@ from pathlib import Path
 from loop.config import TrainingConfig
 
 
-def encode_example(tokenizer, messages: list[dict], answer: str, max_len: int) -> tuple[list[int], list[int]]:
-    """Token ids of prompt + answer + end-of-turn, and labels with the prompt masked (-100)."""
+def encode_example(tokenizer, messages: list[dict], answer: str, max_len: int,
+                   eos: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + answer (+ end-of-turn unless `eos` is False: an answer that may have been
+    cut short), and labels with the prompt masked (-100)."""
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    full = prompt + answer + tokenizer.eos_token
+    full = prompt + answer + (tokenizer.eos_token if eos else "")
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_len]
     labels = [-100] * min(len(p_ids), len(ids)) + ids[len(p_ids):]
@@ -105,7 +107,7 @@ def load_examples(tokenizer, path: str | Path | None, max_len: int) -> list[dict
         if not line.strip():
             continue
         row = json.loads(line)
-        ids, labels = encode_example(tokenizer, row["messages"], row["completion"], max_len)
+        ids, labels = encode_example(tokenizer, row["messages"], row["completion"], max_len, row.get("eos", True))
         # A prompt longer than max_len leaves no answer token to learn from (and a NaN loss).
         if any(lab != -100 for lab in labels):
             out.append({"ids": ids, "labels": labels, "kd": kd_targets(tokenizer, ids, labels, row.get("top_logprobs"))})
@@ -186,16 +188,17 @@ def train_loop(config: dict) -> None:
     bar = tqdm(range(tc.max_steps), desc="distill", disable=rank != 0, mininterval=2.0)
     for step in bar:
         batch = {n: t.to(device) for n, t in _batches(pool, tc.batch_size, pad, step, rank, world, tc.seed, k).items()}
-        out = model(**_model_inputs(batch, device))
+        with autocast(device, tc.precision):
+            out = model(**_model_inputs(batch, device))
         loss = out.loss
         if k and batch["kd_mask"].any():
-            kl = topk_kl(out.logits, batch["top_ids"], batch["top_lps"], batch["kd_mask"])
+            kl = topk_kl(out.logits.float(), batch["top_ids"], batch["top_lps"], batch["kd_mask"])
             loss = loss + tc.kd_weight * kl
             kls.append(kl.item())
         if teacher is not None:
             where = answer_positions(batch["labels"])
             target = ray.get(teacher.logprobs.remote(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), where.cpu()))
-            kl = full_kl(out.logits[where], target.to(device), torch.ones(target.shape[0], device=device))
+            kl = full_kl(out.logits[where].float(), target.to(device), torch.ones(target.shape[0], device=device))
             loss = loss + tc.kd_weight * kl
             kls.append(kl.item())
         if reference is not None:
@@ -257,6 +260,13 @@ def _full_adapter_state(model, engine, tc: TrainingConfig) -> dict | None:
     params = [p for p in model.parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         return {k: v.detach().clone().cpu() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def autocast(device, precision: str):
+    """bfloat16 autocast for `bf16-mixed` (weights, gradients and optimizer stay fp32), else nothing."""
+    import torch
+
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
 
 def _model_inputs(batch: dict, device) -> dict:

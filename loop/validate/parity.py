@@ -25,10 +25,11 @@ def serving_parity(cfg: LoopConfig, merged_dir: str, adapter_dir: str, draft_dir
     answers = {}
     if any(e.backend == "multi_lora" for _, e in cfg.endpoints()):
         answers["multi_lora"] = asyncio.run(_multi_lora(adapter_dir, conversations, max_tokens))
-    eng = cfg.serving.engine
-    task = ray.remote(num_cpus=eng.num_cpus, num_gpus=eng.num_gpus)(answer_with_engine)
-    answers["merged"] = ray.get(task.remote(merged_dir, eng.model_dump(), conversations, max_tokens,
-                                            draft_dir=draft_dir))["token_ids"]
+    if merged_parity(cfg):
+        eng = cfg.serving.engine
+        task = ray.remote(num_cpus=eng.num_cpus, num_gpus=eng.num_gpus)(answer_with_engine)
+        answers["merged"] = ray.get(task.remote(merged_dir, eng.model_dump(), conversations, max_tokens,
+                                                draft_dir=draft_dir))["token_ids"]
     for backend, ids in answers.items():
         texts = decoded(merged_dir, ids)
         same = sum(a == r for a, r in zip(texts, reference))
@@ -39,6 +40,12 @@ def serving_parity(cfg: LoopConfig, merged_dir: str, adapter_dir: str, draft_dir
                            f"{len(reference) - same} of {len(reference)} questions (first: {texts[first]!r} vs "
                            f"{reference[first]!r})")
     return out, reasons
+
+
+def merged_parity(cfg: LoopConfig) -> bool:
+    """Whether serving parity starts an engine on the merged weights (`validation.merged_parity`)."""
+    mode = cfg.validation.merged_parity
+    return mode == "always" or (mode == "auto" and any(e.backend == "merged" for _, e in cfg.endpoints()))
 
 
 async def _multi_lora(adapter_dir: str, conversations: list[list[dict]], max_tokens: int) -> list[list[int]]:
