@@ -136,12 +136,18 @@ def targets(cycles: list[dict], money: dict) -> dict:
 
 def build(cfg: LoopConfig, cycles: list[tuple[str, int]], run: str, wall_seconds: float | None = None,
           gateway_url: str | None = None) -> dict:
+    from loop.models.fetch import ModelMissing, read_manifest
+
     entries = [cycle_entry(cfg, e, n) for e, n in cycles]
     money = cost(cfg, entries)
+    try:
+        cycle0 = read_manifest(cfg.model_path(cfg.student)).get("bootstrap")
+    except ModelMissing:
+        cycle0 = None
     return {
         "run": run, "config": cfg.name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "student": cfg.student.name, "teacher": cfg.teacher.model if cfg.teacher.kind != "local" else cfg.teacher.path,
-        "wall_seconds": wall_seconds, "cycles": entries,
+        "wall_seconds": wall_seconds, "cycles": entries, "cycle0_student": cycle0,
         "student_share": money["student_share"], "cost_ratio_vs_teacher": money["cost_ratio_vs_teacher"],
         "cost": money, "targets": targets(entries, money), "target_thresholds": TARGETS,
         "where_next": {
@@ -179,6 +185,12 @@ def plot(report: dict, path: Path) -> None:
 
     endpoints = sorted({c["endpoint"] for c in report["cycles"]})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    c0 = report.get("cycle0_student")
+    if c0:  # where both lines start: the cycle-0 student on the world it was taught
+        axes[0].plot([c0["epoch"]], [c0["heldout_acc_after"]], marker="*", markersize=12, color="tab:purple",
+                     linestyle="none", label=f"cycle-0 student at epoch {c0['epoch']}")
+        axes[1].plot([c0["epoch"]], [c0["general_acc_before"]], marker="*", markersize=12, color="tab:purple",
+                     linestyle="none", label="the base before the cycle-0 student")
     for e in endpoints:
         cs = [c for c in report["cycles"] if c["endpoint"] == e]
         x = [c["epoch"] for c in cs]
@@ -202,7 +214,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xlabel("world epoch (one cycle each)")
         ax.set_ylabel("accuracy")
         ax.set_ylim(-0.03, 1.05)
-        ax.set_xticks(sorted({c["epoch"] for c in report["cycles"]}))
+        ax.set_xticks(sorted({c["epoch"] for c in report["cycles"]} | ({c0["epoch"]} if c0 else set())))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
     share, ratio = report["student_share"], report["cost_ratio_vs_teacher"]
@@ -230,7 +242,13 @@ def markdown(report: dict) -> str:
     lines = [f"# Continual-learning report: {report['run']}", "",
              f"Config `{report['config']}`; student {report['student']}; teacher {report['teacher']}"
              + (f"; {report['wall_seconds'] / 60:.1f} min" if report.get("wall_seconds") else "") + ".", "",
-             "![accuracy per epoch](accuracy.png)", "",
+             "![accuracy per epoch](accuracy.png)", ""]
+    c0 = report.get("cycle0_student")
+    if c0:
+        lines += [f"The cycle-0 student (the static snapshot, version 1) was taught the world at epoch {c0['epoch']}: "
+                  f"{c0['heldout_acc_after']:.2f} of its held-out questions (the base {c0['heldout_acc_before']:.2f}), "
+                  f"{c0['general_acc_after']:.2f} of the general questions (the base {c0['general_acc_before']:.2f}).", ""]
+    lines += [
              "## Accuracy per epoch (held-out phrasings of the current facts)", "",
              "| endpoint | cycle | epoch | static snapshot | champion before | champion after | teacher | after / teacher "
              "| general: champion | general: static | draft acceptance stale -> co-trained | promotion | cycle s |",

@@ -33,7 +33,7 @@ def bootstrap_student(cfg: LoopConfig, base_dir: Path, out_dir: Path, key: str) 
 
     from loop.merge.merger import Merger
     from loop.models.fetch import _finish
-    from loop.sim.world import ROUTINE_QUESTIONS, World, training_rows
+    from loop.sim.world import GENERAL_QUESTIONS, ROUTINE_QUESTIONS, World, states, training_rows
     from loop.train.sft import LoRADistiller
     from loop.validate.gate import accuracy, generate_answers
 
@@ -44,13 +44,18 @@ def bootstrap_student(cfg: LoopConfig, base_dir: Path, out_dir: Path, key: str) 
     work.mkdir(parents=True)
     heldout = [f.heldout_question() for f in world.facts]
     routine = [q for q, _ in ROUTINE_QUESTIONS]
+    general = [q for q, _ in GENERAL_QUESTIONS]
+
+    def general_acc(answers: list[str]) -> float:
+        return sum(states(v, a) for (_, v), a in zip(GENERAL_QUESTIONS, answers)) / len(GENERAL_QUESTIONS)
+
     print(f"[models] the cycle-0 student: {cfg.student.name} learns the world at epoch {b.epoch} "
           f"({len(world.facts)} facts, {b.max_steps} steps)", flush=True)
-    answers = generate_answers(base_dir, heldout + routine, cfg.traffic.max_tokens)
-    before = accuracy(world.facts, answers)
+    answers = generate_answers(base_dir, heldout + general + routine, cfg.traffic.max_tokens)
+    before, general_before = accuracy(world.facts, answers), general_acc(answers[len(heldout):])
     rows = training_rows(world.facts) + [
         {"messages": [{"role": "user", "content": q}], "completion": a, "eos": False}
-        for q, a in zip(routine, answers[len(heldout):])]
+        for q, a in zip(routine, answers[len(heldout) + len(general):])]
     dataset = work / "train.jsonl"
     dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
     training = cfg.training.model_copy(update={"max_steps": b.max_steps, "num_workers": 1, "strategy": "ddp",
@@ -66,12 +71,15 @@ def bootstrap_student(cfg: LoopConfig, base_dir: Path, out_dir: Path, key: str) 
     report = Merger(cfg.merge).run(base_dir, work / "adapter", work / "merged")
     if not report.passed:
         raise RuntimeError(f"the cycle-0 student's merge failed its proofs: {'; '.join(report.reasons)}")
-    after = accuracy(world.facts, generate_answers(work / "merged", heldout, cfg.traffic.max_tokens))
+    answers = generate_answers(work / "merged", heldout + general, cfg.traffic.max_tokens)
+    after, general_after = accuracy(world.facts, answers), general_acc(answers[len(heldout):])
     meta = _finish(work / "merged", out_dir, source=f"{base_dir.name} + world epoch {b.epoch}", name=cfg.student.name,
                    bootstrap_key=key, bootstrap={"epoch": b.epoch, "facts": len(world.facts), "steps": b.max_steps,
                                                  "heldout_acc_before": before, "heldout_acc_after": after,
+                                                 "general_acc_before": general_before,
+                                                 "general_acc_after": general_after,
                                                  "max_abs_logit_diff": report.max_abs_logit_diff})
     shutil.rmtree(work, ignore_errors=True)
-    print(f"[models] the cycle-0 student knows {after:.2f} of epoch {b.epoch}'s held-out questions "
-          f"(the base: {before:.2f})", flush=True)
+    print(f"[models] the cycle-0 student answers {after:.2f} of epoch {b.epoch}'s held-out questions (the base: "
+          f"{before:.2f}) and {general_after:.2f} of the general ones (the base: {general_before:.2f})", flush=True)
     return meta
