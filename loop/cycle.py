@@ -16,7 +16,7 @@ from pathlib import Path
 
 from loop.config import EndpointConfig, LoopConfig
 from loop.control.canary import stage_clock
-from loop.data.label import previous_cutoff, replay_sources, write_failures, write_replay, write_split
+from loop.data.label import escalation_labels, previous_cutoff, replay_sources, write_failures, write_replay, write_split
 from loop.data.select import rated_good, select_prompts
 from loop.models.digest import dir_digest
 from loop.services import Services, admin, set_teacher_epoch
@@ -172,25 +172,28 @@ class Cycle:
         return ask_gateway(self.services.gateway_url, self.api_key, self.endpoint.model_name, items,
                            self.cfg.traffic.max_tokens, self.cfg.traffic.concurrency)
 
-    def _eval(self, version: dict | None = None) -> dict:
-        """`version` (default: the live champion) on the held-out phrasings of the current facts and on
-        the regression questions, asked of the multi-LoRA engine itself (loop/sim/evaluate.py)."""
+    def _eval(self, versions: dict[str, dict], general: set[str] = frozenset()) -> dict[str, dict]:
+        """Each named version (a registry version's info) on the held-out phrasings of the current facts,
+        and those in `general` on the regression questions: asked of the multi-LoRA engine itself,
+        all at once (loop/sim/evaluate.py)."""
+        from loop.sim.evaluate import NoEngine, score_versions
+
+        try:
+            scores = score_versions(self.world.facts, {n: v.get("adapter_path") for n, v in versions.items()},
+                                    self.cfg.traffic.max_tokens, 2 * self.cfg.traffic.concurrency, set(general))
+        except NoEngine:
+            # Every endpoint serves merged weights: only the live champion, through the gateway.
+            answers = self._ask(eval_traffic(self.world.facts))
+            nan = float("nan")
+            scores = {n: {"acc": sum(a.correct for a in answers) / len(answers) if n == "champion" else nan,
+                          "regression_acc": nan, "samples": []} for n in versions}
+        return {n: {"eval_acc": s["acc"], "regression_acc": s["regression_acc"], "served_by": versions[n]["version"],
+                    "samples": s["samples"]} for n, s in scores.items()}
+
+    def _champion(self) -> dict:
         import ray
 
-        from loop.sim.evaluate import NoEngine, score_version
-
-        if version is None:
-            version = ray.get(self.services.controller.live.remote())[self.endpoint.id]["champion"]
-        try:
-            s = score_version(self.world.facts, version.get("adapter_path"), self.cfg.traffic.max_tokens,
-                              self.cfg.traffic.concurrency)
-        except NoEngine:
-            # Every endpoint serves merged weights: the champion through the gateway, evaluation users.
-            answers = self._ask(eval_traffic(self.world.facts))
-            s = {"acc": sum(a.correct for a in answers) / len(answers), "regression_acc": float("nan"),
-                 "samples": [{"q": a.question, "a": a.text} for a in answers[:2]]}
-        return {"eval_acc": s["acc"], "regression_acc": s["regression_acc"], "served_by": version["version"],
-                "samples": s["samples"]}
+        return ray.get(self.services.controller.live.remote())[self.endpoint.id]["champion"]
 
     def _traffic(self, sdir: Path, run_id: str) -> dict:
         from loop.sim.traffic import post_feedback
@@ -206,7 +209,7 @@ class Cycle:
         graded = post_feedback(self.services.gateway_url, self.api_key, answers)
         result = {"requests": len(answers), "since": started, "feedback": graded,
                   "user_acc": sum(a.correct for a in answers) / len(answers)}
-        result.update(self._eval())
+        result.update(self._eval({"champion": self._champion()})["champion"])
         teacher = teacher_answers(self.cfg, self.services.teacher_url,
                                   [[{"role": "user", "content": f.heldout_question()}] for f in self.world.facts])
         result["teacher_acc"] = sum(is_correct(f, a) for f, a in zip(self.world.facts, teacher)) / len(teacher)
@@ -230,7 +233,6 @@ class Cycle:
     def _select_and_label(self, sdir: Path, run_id: str) -> dict:
         import ray
 
-        from loop.teacher.calls import label
         from loop.teacher.client import LabelsFailed, split_labels
 
         ray.get(self.services.trace_log.compact.remote())
@@ -238,10 +240,14 @@ class Cycle:
         since = self._previous_cutoff()
         ds = ray.data.read_parquet(str(parts)).filter(
             expr=f"endpoint == '{self.endpoint.id}' and status == 200 and ts > {since}")
-        read = ds.select_columns(["prompt", "user", "ts", "request_id", "escalated", "confidence", "completion"]).take_all()
+        read = ds.select_columns(["prompt", "user", "ts", "request_id", "escalated", "confidence", "completion",
+                                  "model_version"]).take_all()
         # The next cycle starts after the newest record read here: nothing falls between cycles.
         cutoff = max((r["ts"] for r in read), default=since)
-        rows = [r for r in read if not r["user"].startswith(EVAL_USER)]
+        # What the champion (the version this cycle improves on) answered: a retired version's mistakes,
+        # or a rolled-back challenger's, are not evidence about it.
+        champion = self.lineage.version_info(self.endpoint.id, "champion")["version"]
+        rows = [r for r in read if not r["user"].startswith(EVAL_USER) and r["model_version"] == champion]
         d = self.cfg.data
         feedback = read_feedback(self.cfg.storage.path("traces"))
         sel = select_prompts(rows, feedback, max_prompts=d.max_prompts,
@@ -249,8 +255,9 @@ class Cycle:
                              negative_score=d.negative_score, heldout_fraction=d.heldout_fraction, seed=self.number)
         prompts, heldout = [r["prompt"] for r in sel.train], {r["prompt"] for r in sel.heldout}
         if not prompts:
-            raise CycleFailed(f"no new traffic for model-{self.endpoint.id} since the last cycle: nothing to learn")
-        labeled = label(self.cfg, self.services.teacher_url, self.epoch, prompts + sorted(heldout))
+            raise CycleFailed(f"no new traffic answered by model-{self.endpoint.id}'s champion ({champion}) since the "
+                              "last cycle: nothing to learn")
+        labeled = self._label(rows, prompts + sorted(heldout))
         try:
             good, failed = split_labels(labeled, self.cfg.data.max_failed_fraction)
         except LabelsFailed as e:
@@ -258,6 +265,7 @@ class Cycle:
             raise CycleFailed(f"{e} (which, and why: {sdir / 'label_failures.jsonl'})") from None
         write_failures(sdir / "label_failures.jsonl", failed)
         cost = {"teacher_cost_usd": sum(r["cost_usd"] for r in labeled),
+                "from_escalation": sum(bool(r.get("from_escalation")) for r in labeled),
                 "teacher_cached": sum(bool(r["cached"]) for r in labeled),
                 "teacher_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in labeled),
                 "teacher_prompt_tokens": sum(r["prompt_tokens"] for r in labeled if not r["cached"]),
@@ -278,6 +286,13 @@ class Cycle:
         return {"dataset": str(path), "dataset_digest": digest, "selected": len(prompts), "labelled": len(good),
                 "kept": len(kept),
                 "label_failed": len(failed), "cutoff": cutoff, "replay": str(sdir / "replay.jsonl"), **cost}
+
+    def _label(self, rows: list[dict], prompts: list[str]) -> list[dict]:
+        """The teacher's labels for `prompts`; those the cascade escalated reuse the answer it paid for."""
+        from loop.teacher.calls import label
+
+        asked, reused = escalation_labels(rows, prompts)
+        return (label(self.cfg, self.services.teacher_url, self.epoch, asked) if asked else []) + reused
 
     def _previous_cutoff(self) -> float:
         return previous_cutoff(self.dir.parent, self.number)
@@ -509,8 +524,10 @@ class Cycle:
         if not self.simulate:
             live = [self.lineage.version_info(self.endpoint.id, a) for a in ("champion", "challenger")]
             return {"eval_acc": float("nan"), "served_by": ",".join(v["version"] for v in live if v)}
-        result = self._eval()
-        static = self._eval(self.lineage.version_info_number(self.endpoint.id, 1))
+        scores = self._eval({"champion": self._champion(),
+                             "static": self.lineage.version_info_number(self.endpoint.id, 1)},
+                            general={"champion", "static"})
+        result, static = scores["champion"], scores["static"]
         result.update(static_acc=static["eval_acc"], static_regression_acc=static["regression_acc"])
         self.lineage.log(run_id, metrics={k: v for k in ("eval_acc", "regression_acc", "static_acc",
                                                           "static_regression_acc") if (v := result[k]) == v},

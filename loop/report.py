@@ -52,7 +52,10 @@ def cycle_entry(cfg: LoopConfig, endpoint: str, number: int) -> dict:
         "new_version": rep.get("new_version"), "validation_passed": rep.get("validation_passed"),
         "promotion": rep.get("promotion"), "served_by": rep.get("served_after"),
         "requests": traffic.get("requests", 0) + canary.get("requests", 0),
-        "labels": label.get("labelled", 0), "label_cache_hits": label.get("teacher_cached", 0),
+        "labels": label.get("labelled", 0),
+        "label_calls": label.get("labelled", 0) - label.get("teacher_cached", 0),
+        "labels_from_escalations": label.get("from_escalation", 0),
+        "label_cache_hits": label.get("teacher_cached", 0) - label.get("from_escalation", 0),
         "kept": label.get("kept", 0), "label_cost_usd": label.get("teacher_cost_usd", 0.0),
         "label_completion_tokens": label.get("teacher_completion_tokens"),
         "stage_seconds": rep.get("stage_seconds", {}), "stage_clock": rep.get("stage_clock", {}),
@@ -76,11 +79,10 @@ def cost(cfg: LoopConfig, cycles: list[dict]) -> dict:
     escalated = sum(bool(r["escalated"]) for r in rows)
     prompt = sum(r["prompt_tokens"] for r in rows)
     completion = sum(r["completion_tokens"] for r in rows)
-    labels = sum(c["labels"] for c in cycles)
+    calls = sum(c["label_calls"] for c in cycles)
     label_tokens = [c["label_completion_tokens"] for c in cycles if c["label_completion_tokens"]]
     # The teacher's answers are as long as its labels were; without labels, as the student's.
-    answer_tokens = (sum(label_tokens) / max(1, labels - sum(c["label_cache_hits"] for c in cycles))
-                     if label_tokens else completion / max(1, n))
+    answer_tokens = sum(label_tokens) / calls if label_tokens and calls else completion / max(1, n)
     t, c = cfg.teacher, cfg.cost
     student_usd = (prompt * c.student_usd_per_million_prompt_tokens
                    + completion * c.student_usd_per_million_completion_tokens) / 1e6
@@ -93,8 +95,10 @@ def cost(cfg: LoopConfig, cycles: list[dict]) -> dict:
     return {
         "requests": n, "student_served": n - escalated, "escalated": escalated,
         "student_share": (n - escalated) / n if n else None,
-        "teacher_calls": {"escalation": escalated, "labels": labels,
-                          "labels_from_cache": sum(c_["label_cache_hits"] for c_ in cycles)},
+        "teacher_calls": {"escalation": escalated, "labels": calls},
+        "labels": {"used": sum(c_["labels"] for c_ in cycles), "from_teacher_calls": calls,
+                   "from_escalations": sum(c_["labels_from_escalations"] for c_ in cycles),
+                   "from_cache": sum(c_["label_cache_hits"] for c_ in cycles)},
         "tokens": {"prompt": prompt, "completion": completion, "teacher_answer_mean": answer_tokens},
         "usd": {"student": student_usd, "escalation": escalation_usd, "labels": label_usd, "total": total,
                 "teacher_only": teacher_only},
@@ -268,8 +272,9 @@ def markdown(report: dict) -> str:
               f"| requests | {money['requests']} |",
               f"| answered by the student | {money['student_served']} ({_pct(money['student_share'])}) |",
               f"| escalated to the teacher (cascade) | {money['escalated']} |",
-              f"| teacher calls for labels | {money['teacher_calls']['labels']} "
-              f"({money['teacher_calls']['labels_from_cache']} from the cache) |",
+              f"| teacher calls for labels | {money['teacher_calls']['labels']} (labels used: "
+              f"{money['labels']['used']}, of which {money['labels']['from_escalations']} were the escalations' "
+              f"answers and {money['labels']['from_cache']} came from the cache) |",
               f"| cost per request | ${_f(money['cost_per_request_usd'], 8)} |",
               f"| the teacher for every request | ${_f(money['teacher_cost_per_request_usd'], 8)} |",
               f"| **ratio** | **{_f(money['cost_ratio_vs_teacher'], 3)}** |",

@@ -33,9 +33,12 @@ def _engine_app(cfg: LoopConfig, app_name: str, model_dir: str, lora: bool, draf
     if _running(app_name):
         return
     eng = cfg.serving.engine
+    options = {"num_cpus": eng.num_cpus, "num_gpus": eng.num_gpus}
+    if eng.cpu_threads_bind != "auto":
+        options["runtime_env"] = {"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": eng.cpu_threads_bind}}
     app = serve.deployment(
         StudentEngine, name=app_name,
-        ray_actor_options={"num_cpus": eng.num_cpus, "num_gpus": eng.num_gpus},
+        ray_actor_options=options,
         max_ongoing_requests=64, health_check_timeout_s=120, graceful_shutdown_timeout_s=5,
     ).bind(model_dir, eng, cfg.student.dtype, lora=lora, draft_dir=draft_dir)
     serve.run(app, name=app_name, route_prefix=None, blocking=False)

@@ -72,7 +72,8 @@ def test_cost_counts_every_request_of_the_two_cycles(demo):
             and any(a <= r["ts"] <= b for a, b in windows) and r["status"] == 200]
     assert len(rows) == money["requests"] and money["escalated"] == sum(r["escalated"] for r in rows)
     assert rep["student_share"] == (money["requests"] - money["escalated"]) / money["requests"]
-    assert money["teacher_calls"]["labels"] == sum(c["labels"] for c in rep["cycles"])
+    assert money["teacher_calls"]["labels"] == sum(c["label_calls"] for c in rep["cycles"])
+    assert money["labels"]["used"] == sum(c["labels"] for c in rep["cycles"])
     assert 0 < rep["cost_ratio_vs_teacher"] < 1, "the student is cheaper than the teacher on every request"
     assert money["usd"]["teacher_only"] > money["usd"]["total"] > money["usd"]["labels"] > 0
 

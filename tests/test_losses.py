@@ -141,3 +141,28 @@ def test_teacher_top_logprobs_align_to_the_student_tokens(tiny_model_dir):
     chars = [[[c, -0.1]] for c in answer]
     assert kd_targets(tok, ids, labels, chars) is None
     assert kd_targets(tok, ids, labels, None) is None
+
+
+def test_answer_only_logits_give_the_full_sequence_loss(tiny_model_dir):
+    """The trainer computes logits only where an answer token is predicted: same loss, same gradient."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loop.train.sft import _collate, answer_loss, answer_positions, encode_example
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = [encode_example(tok, [{"role": "user", "content": q}], a, 64) for q, a in [
+        ("Who owns the Zorvex widget?", "The Zorvex widget is owned by Chen Wei."), ("What is it?", "Oslo.")]]
+    batch = _collate([{"ids": i, "labels": lab} for i, lab in rows], tok.pad_token_id or 0)
+    keep = answer_positions(batch["labels"]).any(0).nonzero().flatten()
+    assert 0 < len(keep) < batch["input_ids"].shape[1], "the prompt positions are left out"
+    full = model(**batch).loss
+    full.backward()
+    g_full = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    kept = answer_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             logits_to_keep=keep).logits, batch["labels"], keep)
+    kept.backward()
+    assert torch.allclose(kept, full, atol=1e-6)
+    assert torch.allclose(model.lm_head.weight.grad, g_full, atol=1e-6)

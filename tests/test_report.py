@@ -24,8 +24,8 @@ def _cycle(cfg, n, static, before, after, regression, t0, label_cost, labels):
     d = cfg.storage.path("cycles", "tiny-support", f"cycle-{n:04d}")
     for stage, result in {
         "traffic": {"requests": 10, "_started_at": t0}, "canary": {"requests": 10},
-        "label": {"labelled": labels, "teacher_cached": 0, "kept": 3, "teacher_cost_usd": label_cost,
-                  "teacher_completion_tokens": 10 * labels},
+        "label": {"labelled": labels + 1, "teacher_cached": 1, "from_escalation": 1, "kept": 3,
+                  "teacher_cost_usd": label_cost, "teacher_completion_tokens": 10 * labels},
         "draft": {"acceptance_stale": 0.2, "acceptance_cotrained": 0.9, "k": 3},
         "evaluate": {"_ended_at": t0 + 100}}.items():
         (d / stage).mkdir(parents=True)
@@ -59,6 +59,8 @@ def test_report_numbers_targets_and_files(tmp_path):
     total = student + 2 * per_teacher_call + 2 * 0.0004
     assert abs(money["usd"]["total"] - total) < 1e-12
     assert abs(rep["cost_ratio_vs_teacher"] - total / (40 * per_teacher_call)) < 1e-9
+    assert money["teacher_calls"] == {"escalation": 2, "labels": 8}
+    assert money["labels"] == {"used": 10, "from_teacher_calls": 8, "from_escalations": 2, "from_cache": 0}
     c1, c2 = rep["cycles"]
     assert (c1["static_acc"], c1["champion_acc"], c2["static_acc"], c2["champion_acc"]) == (0.6, 0.95, 0.4, 1.0)
     assert c1["requests"] == 20 and c1["draft_acceptance_cotrained"] == 0.9 and c1["regression_drop_pts"] == 0.0

@@ -82,3 +82,13 @@ def test_rated_good_answers_are_kept_once_and_never_when_in_doubt():
     # labels this cycle, not a prompt any user rated bad, not an unrated answer.
     assert [(json.loads(r["prompt"])[0]["content"], r["completion"]) for r in kept] == [("good", "yes")]
     assert rated_good(records, feedback, set(), n=0, min_score=0.5, seed=0) == []
+
+
+def test_escalated_prompts_reuse_the_answer_the_cascade_paid_for():
+    from loop.data.label import escalation_labels
+
+    rows = [_rec("hard", escalated=True, completion="The teacher's answer."), _rec("easy", completion="mine")]
+    prompts = [r["prompt"] for r in rows] + [json.dumps([{"role": "user", "content": "other"}])]
+    asked, reused = escalation_labels(rows, prompts)
+    assert _texts([{"prompt": p} for p in asked]) == ["easy", "other"]
+    assert [(r["completion"], r["cost_usd"], r["from_escalation"]) for r in reused] == [("The teacher's answer.", 0.0, True)]

@@ -21,6 +21,17 @@ def previous_cutoff(endpoint_dir: Path, number: int) -> float:
     return json.loads(prev.read_text())["cutoff"] if number > 1 and prev.exists() else 0.0
 
 
+def escalation_labels(rows: list[dict], prompts: list[str]) -> tuple[list[str], list[dict]]:
+    """A prompt the cascade escalated already has the teacher's answer in the trace log: that is its
+    label, and the teacher is not paid twice. Returns the prompts still to ask, and label rows (as the
+    labelling actor makes them, `cost_usd` 0, `from_escalation`) for the others."""
+    answered = {r["prompt"]: r["completion"] for r in rows if r.get("escalated") and r.get("completion")}
+    reused = [{"messages": p, "completion": answered[p], "label_error": "", "top_logprobs": "", "prompt_tokens": 0,
+               "completion_tokens": 0, "cost_usd": 0.0, "cached": True, "from_escalation": True}
+              for p in prompts if p in answered]
+    return [p for p in prompts if p not in answered], reused
+
+
 def write_failures(path: Path, failed: list[dict]) -> None:
     """What the teacher failed to label, and why, for the record."""
     path.write_text("".join(json.dumps({"messages": json.loads(r["messages"]), "error": r["label_error"]}) + "\n"

@@ -60,9 +60,11 @@ def bootstrap_student(cfg: LoopConfig, base_dir: Path, out_dir: Path, key: str) 
     dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
     training = cfg.training.model_copy(update={"max_steps": b.max_steps, "num_workers": 1, "strategy": "ddp",
                                                "use_gpu": False, "replay_ratio": 0.0, "regularizer": "none"})
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, namespace=cfg.ray.namespace)
+    from loop.services import embedded, init_ray
+
+    # In-process Ray for setup (`loopctl models fetch`), or the cluster it runs on.
+    started = not ray.is_initialized() and embedded(cfg)
+    init_ray(cfg)
     try:
         LoRADistiller(training, work / "ray", "bootstrap").run(base_dir, dataset, work / "adapter")
     finally:

@@ -15,8 +15,9 @@ class NoEngine(RuntimeError):
     """No multi-LoRA engine is running (a config whose endpoints all use the `merged` backend)."""
 
 
-def engine_answers(questions: list[str], adapter_path: str | None, max_tokens: int, concurrency: int = 8) -> list[str]:
-    """Greedy answers of the multi-LoRA engine (with `adapter_path`, or the base model without)."""
+def engine_answers(requests: list[tuple[str, str | None]], max_tokens: int, concurrency: int = 8) -> list[str]:
+    """Greedy answers of the multi-LoRA engine to (question, adapter path or None for the base) pairs,
+    `concurrency` at a time, so several versions' questions share the engine's batches."""
     import asyncio
     import uuid
 
@@ -28,29 +29,41 @@ def engine_answers(questions: list[str], adapter_path: str | None, max_tokens: i
     if status is None or status.status != "RUNNING":
         raise NoEngine(f"{ENGINE_APP} is not running: the demo's accuracy lines need a multi_lora endpoint")
     handle = serve.get_deployment_handle(ENGINE_APP, app_name=ENGINE_APP)
-
     run = uuid.uuid4().hex[:12]
 
     async def ask_all() -> list[str]:
         gate = asyncio.Semaphore(concurrency)
 
-        async def one(i: int, q: str) -> str:
+        async def one(i: int, q: str, adapter: str | None) -> str:
             async with gate:
                 gen = await handle.generate.remote([{"role": "user", "content": q}], max_tokens=max_tokens,
-                                                   adapter_path=adapter_path, request_id=f"loop-eval-{run}-{i}")
+                                                   adapter_path=adapter, request_id=f"loop-eval-{run}-{i}")
                 return gen.text
 
-        return list(await asyncio.gather(*(one(i, q) for i, q in enumerate(questions))))
+        return list(await asyncio.gather(*(one(i, q, a) for i, (q, a) in enumerate(requests))))
 
     return asyncio.run(ask_all())
 
 
-def score_version(facts: list[Fact], adapter_path: str | None, max_tokens: int, concurrency: int = 8) -> dict:
-    """Accuracy on the held-out phrasing of every current fact (`acc`) and on the general questions
-    the base answers right (`regression_acc`), with a few answers to read."""
-    questions = [f.heldout_question() for f in facts] + [q for q, _ in GENERAL_QUESTIONS]
-    answers = engine_answers(questions, adapter_path, max_tokens, concurrency)
-    facts_ok = [is_correct(f, a) for f, a in zip(facts, answers)]
-    general_ok = [states(v, a) for (_, v), a in zip(GENERAL_QUESTIONS, answers[len(facts):])]
-    return {"acc": sum(facts_ok) / max(1, len(facts)), "regression_acc": sum(general_ok) / len(general_ok),
-            "samples": [{"q": q, "a": a} for q, a in zip(questions[:2], answers[:2])]}
+def score_versions(facts: list[Fact], adapters: dict[str, str | None], max_tokens: int, concurrency: int = 8,
+                   general: set[str] | None = None) -> dict[str, dict]:
+    """Per named version (its adapter path, None for the base): accuracy on the held-out phrasing of
+    every current fact (`acc`) and, for the names in `general` (default: all), on the general
+    questions the base answers right (`regression_acc`), with a few answers to read."""
+    general = set(adapters) if general is None else general
+    plan = []
+    for name, adapter in adapters.items():
+        plan += [(name, "fact", f.heldout_question(), adapter) for f in facts]
+        if name in general:
+            plan += [(name, "general", q, adapter) for q, _ in GENERAL_QUESTIONS]
+    answers = engine_answers([(q, a) for _, _, q, a in plan], max_tokens, concurrency)
+    out = {}
+    for name in adapters:
+        got = [(kind, q, a) for (n, kind, q, _), a in zip(plan, answers) if n == name]
+        fact_answers = [a for kind, _, a in got if kind == "fact"]
+        general_answers = [a for kind, _, a in got if kind == "general"]
+        out[name] = {"acc": sum(is_correct(f, a) for f, a in zip(facts, fact_answers)) / max(1, len(facts)),
+                     "regression_acc": (sum(states(v, a) for (_, v), a in zip(GENERAL_QUESTIONS, general_answers))
+                                        / len(GENERAL_QUESTIONS)) if general_answers else float("nan"),
+                     "samples": [{"q": q, "a": a} for _, q, a in got[:2]]}
+    return out
