@@ -69,7 +69,8 @@ def test_replay_leaves_out_relabelled_prompts_and_is_seeded():
 def test_rated_good_answers_are_kept_once_and_never_when_in_doubt():
     from loop.data.select import rated_good
 
-    records = [_rec("good", completion="yes"), _rec("good", user="u2", completion="yes"),
+    records = [_rec("good", completion="Yes. It is 3.5 m tall, more or"),
+               _rec("good", user="u2", completion="Yes. It is 3.5 m tall, more or"),
                _rec("mixed", completion="a"), _rec("mixed", user="u2", completion="b"),
                _rec("escalated", completion="teacher's", escalated=True), _rec("labelled", completion="c"),
                _rec("unrated", completion="d")]
@@ -80,8 +81,12 @@ def test_rated_good_answers_are_kept_once_and_never_when_in_doubt():
     kept = rated_good(records, feedback, labelled, n=10, min_score=0.5, seed=0)
     # One row per prompt rated good everywhere; not the teacher's answer, not a prompt the teacher
     # labels this cycle, not a prompt any user rated bad, not an unrated answer.
-    assert [(json.loads(r["prompt"])[0]["content"], r["completion"]) for r in kept] == [("good", "yes")]
+    assert [(json.loads(r["prompt"])[0]["content"], r["completion"]) for r in kept] == [("good", "Yes.")]
     assert rated_good(records, feedback, set(), n=0, min_score=0.5, seed=0) == []
+    from loop.data.select import first_sentence
+
+    assert first_sentence("The version is 3.5. It was") == "The version is 3.5."
+    assert first_sentence("It costs $3.50 and more") == "It costs $3.50 and more", "no sentence end: whole"
 
 
 def test_escalated_prompts_reuse_the_answer_the_cascade_paid_for():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -107,7 +108,7 @@ def rated_good(records: list[dict], feedback: list[dict], exclude: set[str], n: 
                seed: int) -> list[dict]:
     """Up to `n` served answers that feedback scored at least `min_score`, one per prompt, not
     escalated (the answer was the teacher's) and whose prompt is not in `exclude` (labelled by the
-    teacher this cycle, or held out): {"prompt", "completion"} rows, seeded."""
+    teacher this cycle, or held out): {"prompt", "completion"} rows (its first sentence), seeded."""
     if n <= 0:
         return []
     good_ids = {fb["request_id"] for fb in feedback if fb.get("score") is not None and fb["score"] >= min_score}
@@ -116,4 +117,11 @@ def rated_good(records: list[dict], feedback: list[dict], exclude: set[str], n: 
                  if r.get("request_id") in good_ids and not r.get("escalated") and r.get("completion")}
     pool = sorted(p for p in by_prompt if p not in exclude and p not in bad_prompts)
     picked = random.Random(seed).sample(pool, min(n, len(pool)))
-    return [{"prompt": p, "completion": by_prompt[p]["completion"]} for p in sorted(picked)]
+    return [{"prompt": p, "completion": first_sentence(by_prompt[p]["completion"])} for p in sorted(picked)]
+
+
+def first_sentence(text: str) -> str:
+    """The answer up to its first sentence's end: a prefix of what was said (it is trained without an
+    end-of-turn token), which carries the answer at a fraction of a rambling answer's tokens."""
+    found = re.search(r"[.!?](\s|$)", text)
+    return text[:found.start() + 1] if found else text
