@@ -190,28 +190,32 @@ def plot(report: dict, path: Path) -> None:
     endpoints = sorted({c["endpoint"] for c in report["cycles"]})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     c0 = report.get("cycle0_student")
-    if c0:  # where both lines start: the cycle-0 student on the world it was taught
-        axes[0].plot([c0["epoch"]], [c0["heldout_acc_after"]], marker="*", markersize=12, color="tab:purple",
-                     linestyle="none", label=f"cycle-0 student at epoch {c0['epoch']}")
+    if c0:
         axes[1].plot([c0["epoch"]], [c0["general_acc_before"]], marker="*", markersize=12, color="tab:purple",
-                     linestyle="none", label="the base before the cycle-0 student")
+                     linestyle="none", label="the base model, before it became the cycle-0 student")
+
+    def line(cs: list[dict], key: str, start: float | None = None) -> list[float]:
+        """A line's values per epoch; with a cycle-0 student, starting from it at its epoch."""
+        values = [c[key] if c[key] is not None else float("nan") for c in cs]
+        return ([start] if c0 and start is not None else []) + values
+
     for e in endpoints:
         cs = [c for c in report["cycles"] if c["endpoint"] == e]
-        x = [c["epoch"] for c in cs]
+        x = ([c0["epoch"]] if c0 else []) + [c["epoch"] for c in cs]
+        known = c0["heldout_acc_after"] if c0 else None
+        general = c0["general_acc_after"] if c0 else None
         tag = f" ({e})" if len(endpoints) > 1 else ""
-        ax = axes[0]
-        ax.plot(x, [c["teacher_acc"] for c in cs], "k--", marker="s", label=f"teacher (frontier){tag}")
-        ax.plot(x, [c["champion_acc"] for c in cs], "-", marker="o", color="tab:green",
-                label=f"continual student (champion after the cycle){tag}")
-        ax.plot(x, [c["champion_acc_before"] for c in cs], ":", marker="x", color="tab:olive",
-                label=f"champion before the cycle (world moved){tag}")
-        ax.plot(x, [c["static_acc"] if c["static_acc"] is not None else float("nan") for c in cs], "-",
-                marker="v", color="tab:red", label=f"static snapshot (cycle-0 student){tag}")
-        ax2 = axes[1]
-        ax2.plot(x, [c["regression_acc"] if c["regression_acc"] is not None else float("nan") for c in cs], "-",
-                 marker="o", color="tab:green", label=f"champion{tag}")
-        ax2.plot(x, [c["base_regression_acc"] if c["base_regression_acc"] is not None else float("nan")
-                     for c in cs], "-", marker="v", color="tab:red", label=f"static snapshot{tag}")
+        ax, ax2 = axes
+        ax.plot(x, line(cs, "teacher_acc", 1.0 if c0 else None), "k--", marker="s", label=f"teacher (frontier){tag}")
+        ax.plot(x, line(cs, "champion_acc", known), "-", marker="o", color="tab:green",
+                label=f"continual student (champion after each cycle){tag}")
+        ax.plot(x[len(x) - len(cs):], line(cs, "champion_acc_before"), ":", marker="x", color="tab:olive",
+                label=f"champion before the cycle (the world moved){tag}")
+        ax.plot(x, line(cs, "static_acc", known), "-", marker="v", color="tab:red",
+                label=f"static snapshot (the cycle-0 student, never updated){tag}")
+        ax2.plot(x, line(cs, "regression_acc", general), "-", marker="o", color="tab:green", label=f"champion{tag}")
+        ax2.plot(x, line(cs, "base_regression_acc", general), "-", marker="v", color="tab:red",
+                 label=f"static snapshot{tag}")
     axes[0].set_title("Held-out questions on the current facts")
     axes[1].set_title("General questions (regression set)")
     for ax in axes:
