@@ -102,9 +102,14 @@ def _cycles(cfg, services, keys, cycles, t0, endpoints) -> list[dict]:
     if failed:
         for endpoint, reason in failed.items():
             print(f"[loop] model-{endpoint}: FAILED: {reason}", flush=True)
-    if reports:
-        write_run_report(cfg, [(r["endpoint"], r["cycle"]) for r in reports], time.perf_counter() - t0,
-                         services.gateway_url)
+    finished = [(r["endpoint"], r["cycle"]) for r in reports
+                if cfg.storage.path("cycles", r["endpoint"], f"cycle-{r['cycle']:04d}", "report.json").exists()]
+    if finished:
+        try:
+            write_run_report(cfg, finished, time.perf_counter() - t0, services.gateway_url)
+        except Exception as e:  # noqa: BLE001 - the cycles are done and on disk; `loopctl report` can retry
+            print(f"[loop] the run's report was not written ({type(e).__name__}: {e}); "
+                  "`loopctl report CONFIG` builds it from the finished cycles", flush=True)
     _where_next(cfg, services, t0)
     if failed:
         raise EndpointsFailed(failed, reports)
