@@ -30,3 +30,22 @@ def test_routine_answers_are_graded_and_the_teacher_knows_them():
     assert Answer(Routine(q, v), q, f"The answer is {v}.", "r", "v", "champion").correct
     assert not Answer(Routine(q, v), q, "I am not sure.", "r", "v", "champion").correct
     assert WORLD.answer(q) == general_answer(q) == f"{v}."
+
+
+def test_each_version_is_scored_on_its_own_answers(monkeypatch):
+    """score_versions asks the engine one version at a time and gives each its own answers back."""
+    from loop.sim import evaluate
+    from loop.sim.world import GENERAL_QUESTIONS
+
+    calls = []
+
+    def fake(requests, max_tokens, concurrency):
+        calls.append({a for _, a in requests})
+        return [f"It is {WORLD.lookup(q).value}." if a == "good" and WORLD.lookup(q) else "No idea." for q, a in requests]
+
+    monkeypatch.setattr(evaluate, "engine_answers", fake)
+    out = evaluate.score_versions(WORLD.facts, {"champion": "good", "static": None}, 24, general={"static"})
+    assert calls == [{"good"}, {None}], "never two versions in one batch"
+    assert out["champion"]["acc"] == 1.0 and out["static"]["acc"] == 0.0
+    assert out["champion"]["regression_acc"] != out["champion"]["regression_acc"], "not asked: NaN"
+    assert out["static"]["regression_acc"] == 0.0 and len(GENERAL_QUESTIONS) == 15
