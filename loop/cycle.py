@@ -147,6 +147,8 @@ class Cycle:
                 if self.cfg.promotion.mode == "canary":
                     canary = self.stage("canary", lambda d, r: self._canary(d, r, reg))
                     self.report.promotion = canary["decision"]
+                    if canary["decision"] != "promote":
+                        self.report.notes.append(f"canary {canary['decision']}: {'; '.join(canary['reasons'])}")
                     self._stage_clock(train, canary)
             else:
                 self.report.notes += val["reasons"]
