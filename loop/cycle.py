@@ -20,10 +20,10 @@ from loop.data.label import escalation_labels, previous_cutoff, replay_sources, 
 from loop.data.select import rated_good, select_prompts
 from loop.models.digest import dir_digest
 from loop.services import Services, admin, set_teacher_epoch
-from loop.sim.traffic import EVAL_USER, ask_gateway, eval_traffic, user_traffic
-from loop.sim.world import World, is_correct
+from loop.sim.traffic import EVAL_USER
+from loop.sim.users import SimulatedUsers
+from loop.sim.world import World
 from loop.stages import fault_point, manifest, output_digest, write_json
-from loop.teacher.calls import answers as teacher_answers
 from loop.teacher.calls import teacher_dir
 from loop.traces.log import read_feedback
 
@@ -75,6 +75,7 @@ class Cycle:
         self.lineage = services.lineage
         self._redo = False
         self.simulate = cfg.traffic.simulate
+        self.users = SimulatedUsers(cfg, services, endpoint, self.world, number, api_key, progress)
 
     # --- stage bookkeeping ------------------------------------------------------------------
     def stage(self, name: str, fn):
@@ -170,51 +171,12 @@ class Cycle:
         write_json(self.dir / "report.json", asdict(self.report))
         return self.report
 
-    def _ask(self, items):
-        return ask_gateway(self.services.gateway_url, self.api_key, self.endpoint.model_name, items,
-                           self.cfg.traffic.max_tokens, self.cfg.traffic.concurrency)
-
-    def _eval(self, versions: dict[str, dict], general: set[str] = frozenset()) -> dict[str, dict]:
-        """Each named version (a registry version's info) on the held-out phrasings of the current facts,
-        and those in `general` on the regression questions: asked of the multi-LoRA engine itself,
-        all at once (loop/sim/evaluate.py)."""
-        from loop.sim.evaluate import NoEngine, score_versions
-
-        try:
-            scores = score_versions(self.world.facts, {n: v.get("adapter_path") for n, v in versions.items()},
-                                    self.cfg.traffic.max_tokens, 2 * self.cfg.traffic.concurrency, set(general))
-        except NoEngine:
-            # Every endpoint serves merged weights: only the live champion, through the gateway.
-            answers = self._ask(eval_traffic(self.world.facts))
-            nan = float("nan")
-            scores = {n: {"acc": sum(a.correct for a in answers) / len(answers) if n == "champion" else nan,
-                          "regression_acc": nan, "samples": []} for n in versions}
-        return {n: {"eval_acc": s["acc"], "regression_acc": s["regression_acc"], "served_by": versions[n]["version"],
-                    "samples": s["samples"]} for n, s in scores.items()}
-
-    def _champion(self) -> dict:
-        import ray
-
-        return ray.get(self.services.controller.live.remote())[self.endpoint.id]["champion"]
-
     def _traffic(self, sdir: Path, run_id: str) -> dict:
-        from loop.sim.traffic import post_feedback
         from loop.teacher.client import check_reachable
 
         if self.cfg.teacher.kind != "local":
             check_reachable(self.cfg.teacher, self.services.teacher_url)
-        started = time.time()
-        t = self.cfg.traffic
-        answers = self._ask(user_traffic(self.world.facts, t.users, seed=self.number, requests=t.requests,
-                                         routine_share=t.routine_share))
-        # The feedback oracle grades every answer, as users of an application would rate them.
-        graded = post_feedback(self.services.gateway_url, self.api_key, answers)
-        result = {"requests": len(answers), "since": started, "feedback": graded,
-                  "user_acc": sum(a.correct for a in answers) / len(answers)}
-        result.update(self._eval({"champion": self._champion()})["champion"])
-        teacher = teacher_answers(self.cfg, self.services.teacher_url,
-                                  [[{"role": "user", "content": f.heldout_question()}] for f in self.world.facts])
-        result["teacher_acc"] = sum(is_correct(f, a) for f, a in zip(self.world.facts, teacher)) / len(teacher)
+        result = self.users.traffic()
         self.lineage.log(run_id, metrics={k: result[k] for k in ("requests", "user_acc", "eval_acc", "teacher_acc")})
         return result
 
@@ -475,7 +437,7 @@ class Cycle:
         if settled:  # decided before a crash: the verdict stands, nothing is sent or decided again
             return settled
         controller = PromotionController(self.services)
-        decision, rounds, sent = (self._simulated_canary if self.simulate else self._live_canary)(controller)
+        decision, rounds, sent = (self.users.canary if self.simulate else self._live_canary)(controller)
         first = first_served(traces, self.endpoint.id, reg["version"])
         result = {"decision": decision.action, "reasons": decision.reasons, "p_better": decision.p_better,
                   "rounds": rounds, "requests": sent, "champion": decision.champion,
@@ -484,24 +446,6 @@ class Cycle:
                                           "p_better": decision.p_better if decision.p_better == decision.p_better else None},
                          tags={"decision": decision.action})
         return result
-
-    def _simulated_canary(self, controller) -> tuple:
-        """Rounds of simulated users, each answer graded by the feedback oracle and posted to
-        /v1/feedback, with a decision after each (at most `promotion.canary_rounds`)."""
-        from loop.sim.traffic import post_feedback
-
-        sent = 0
-        for rounds in range(1, self.cfg.promotion.canary_rounds + 1):
-            t = self.cfg.traffic
-            answers = self._ask(user_traffic(self.world.facts, t.users, seed=1000 * self.number + rounds,
-                                             requests=t.requests, routine_share=t.routine_share))
-            post_feedback(self.services.gateway_url, self.api_key, answers)
-            sent += len(answers)
-            decision = controller.step(self.endpoint.id)
-            self.progress(f"  [canary] round {rounds}: {sent} requests; {decision.action}: {decision.reasons[-1]}")
-            if decision.action != "continue":
-                break
-        return decision, rounds, sent
 
     def _live_canary(self, controller) -> tuple:
         """Real users: a decision every `promotion.check_interval_s` until `canary_wait_s`; an undecided
@@ -526,11 +470,10 @@ class Cycle:
         if not self.simulate:
             live = [self.lineage.version_info(self.endpoint.id, a) for a in ("champion", "challenger")]
             return {"eval_acc": float("nan"), "served_by": ",".join(v["version"] for v in live if v)}
-        scores = self._eval({"champion": self._champion(),
-                             "static": self.lineage.version_info_number(self.endpoint.id, 1)},
-                            general={"champion", "static"})
-        result, static = scores["champion"], scores["static"]
-        result.update(static_acc=static["eval_acc"], static_regression_acc=static["regression_acc"])
+        earlier = self.dir.parent / f"cycle-{self.number - 1:04d}" / "evaluate" / "result.json"
+        known = json.loads(earlier.read_text()).get("static_regression_acc") if earlier.exists() else None
+        result = self.users.evaluate(self.lineage.version_info_number(self.endpoint.id, 1),
+                                     known if known == known else None)
         self.lineage.log(run_id, metrics={k: v for k in ("eval_acc", "regression_acc", "static_acc",
                                                           "static_regression_acc") if (v := result[k]) == v},
                          tags={"served_by": result["served_by"]})

@@ -49,3 +49,56 @@ def test_each_version_is_scored_on_its_own_answers(monkeypatch):
     assert out["champion"]["acc"] == 1.0 and out["static"]["acc"] == 0.0
     assert out["champion"]["regression_acc"] != out["champion"]["regression_acc"], "not asked: NaN"
     assert out["static"]["regression_acc"] == 0.0 and len(GENERAL_QUESTIONS) == 15
+
+
+def _users(monkeypatch, champion):
+    from types import SimpleNamespace
+
+    from loop.config import load_config
+    from loop.sim.users import SimulatedUsers
+
+    cfg = load_config("configs/tiny.yaml")
+    users = SimulatedUsers(cfg, SimpleNamespace(), cfg.tenants[0].endpoints[0], WORLD, 1, "unused")
+    monkeypatch.setattr(users, "champion", lambda: champion)
+    return users
+
+
+def test_the_static_snapshots_regression_is_asked_once(monkeypatch):
+    """The snapshot never changes: an earlier cycle's regression figure is reused, not asked again."""
+    from loop.sim import evaluate
+
+    asked = []
+
+    def fake(facts, adapters, max_tokens, concurrency, general):
+        asked.append(set(general))
+        return {n: {"acc": 1.0 if a else 0.25, "regression_acc": 0.9 if n in general else float("nan"),
+                    "samples": []} for n, a in adapters.items()}
+
+    monkeypatch.setattr(evaluate, "score_versions", fake)
+    users = _users(monkeypatch, {"version": "v/3", "adapter_path": "a3"})
+    static = {"version": "v/1", "adapter_path": None}
+    first = users.evaluate(static)
+    again = users.evaluate(static, static_regression=0.8)
+    assert asked == [{"champion", "static"}, {"champion"}]
+    assert (first["static_regression_acc"], again["static_regression_acc"]) == (0.9, 0.8)
+    assert (again["eval_acc"], again["static_acc"], again["served_by"]) == (1.0, 0.25, "v/3")
+
+
+def test_without_a_multi_lora_engine_the_champion_is_asked_through_the_gateway(monkeypatch):
+    """Every endpoint on merged weights: the champion's figure comes from the gateway, the rest is NaN."""
+    from loop.sim import evaluate
+    from loop.sim.traffic import eval_traffic
+
+    def no_engine(*a, **k):
+        raise evaluate.NoEngine("merged only")
+
+    monkeypatch.setattr(evaluate, "score_versions", no_engine)
+    users = _users(monkeypatch, {"version": "v/2", "adapter_path": None})
+    items = eval_traffic(WORLD.facts)
+    right = len(items) // 2
+    monkeypatch.setattr(users, "ask", lambda got: [
+        Answer(fact, q, f"It is {fact.value}." if i < right else "No idea.", "r", "v/2", "champion")
+        for i, (fact, q, _) in enumerate(got)])
+    out = users.evaluate({"version": "v/1", "adapter_path": None})
+    assert out["eval_acc"] == right / len(items) and out["served_by"] == "v/2"
+    assert out["static_acc"] != out["static_acc"] and out["regression_acc"] != out["regression_acc"]

@@ -33,6 +33,7 @@ def bootstrap_student(cfg: LoopConfig, base_dir: Path, out_dir: Path, key: str) 
 
     from loop.merge.merger import Merger
     from loop.models.fetch import _finish
+    from loop.services import embedded, init_ray
     from loop.sim.world import GENERAL_QUESTIONS, ROUTINE_QUESTIONS, World, states, training_rows
     from loop.train.sft import LoRADistiller
     from loop.validate.gate import accuracy, generate_answers
@@ -60,8 +61,6 @@ def bootstrap_student(cfg: LoopConfig, base_dir: Path, out_dir: Path, key: str) 
     dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
     training = cfg.training.model_copy(update={"max_steps": b.max_steps, "num_workers": 1, "strategy": "ddp",
                                                "use_gpu": False, "replay_ratio": 0.0, "regularizer": "none"})
-    from loop.services import embedded, init_ray
-
     # In-process Ray for setup (`loopctl models fetch`), or the cluster it runs on.
     started = not ray.is_initialized() and embedded(cfg)
     init_ray(cfg)
