@@ -260,6 +260,9 @@ class DraftTrainingConfig(_Strict):
     (acceptance is always measured in fp32)."""
     num_speculative_tokens: int = Field(default=3, ge=1, le=16)
     """k for the acceptance measurement (expected accepted tokens per step of k proposals)."""
+    acceptance_questions: int = Field(default=32, ge=1)
+    """Held-out questions the stale and co-trained drafts' acceptance is measured on (each a short
+    assisted generation with the new student; fewer is faster and noisier)."""
     seed: int = 0
     torch_threads: int | None = Field(default=None, ge=1)
 

@@ -369,9 +369,9 @@ class Cycle:
         result = {"draft_path": parent, "draft_digest": dir_digest(parent), "cotrained": False}
         if not dc.enabled:
             return result
-        questions = [f.heldout_question() for f in self.world.facts] if self.simulate else [
+        questions = ([f.heldout_question() for f in self.world.facts] if self.simulate else [
             json.loads(line)["messages"][-1]["content"]
-            for line in Path(data["dataset"]).read_text().splitlines()[:32] if line.strip()]
+            for line in Path(data["dataset"]).read_text().splitlines() if line.strip()])[:dc.acceptance_questions]
         measure = ray.remote(num_cpus=1)(measure_acceptance)
         threads = self.cfg.training.torch_threads or 2
         stale = ray.get(measure.remote(merge["merged_dir"], parent, questions, dc.num_speculative_tokens,
