@@ -155,7 +155,7 @@ def _status(args) -> int:
     return _admin_call(args, "GET", "/admin/status")
 
 
-BENCHMARKS = ("serving", "draft", "distill", "merge", "rollout")
+BENCHMARKS = ("serving", "draft", "distill", "merge", "rollout", "reliability")
 
 
 def _bench(args) -> int:

@@ -42,6 +42,9 @@ class StorageConfig(_Strict):
     it (a `ray job submit` runs in a temporary copy of the working dir, so set it there)."""
     mlflow_tracking_uri: str | None = None
     """Defaults to sqlite under `root`. A server URI (http://...) in production."""
+    tracking_wait_s: float = Field(default=300, ge=0)
+    """Before each cycle the loop waits up to this long for an unreachable MLflow, then stops with one
+    line naming it (serving goes on: the gateway never needs MLflow to answer)."""
 
     def path(self, *parts: str) -> Path:
         return Path(self.root).resolve().joinpath(*parts)

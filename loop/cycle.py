@@ -262,7 +262,7 @@ class Cycle:
         return previous_cutoff(self.dir.parent, self.number)
 
     def _train(self, sdir: Path, run_id: str, data: dict) -> dict:
-        from loop.train.sft import LoRADistiller, TrainingDiverged
+        from loop.train.sft import CheckpointNotWritten, LoRADistiller, TrainingDiverged
 
         champion = self.lineage.version_info(self.endpoint.id, "champion")
         distiller = LoRADistiller(self.cfg.training, self.cfg.storage.path("ray_train"),
@@ -272,7 +272,7 @@ class Cycle:
                                     init_adapter=champion["adapter_path"],
                                     replay=Path(data["replay"]) if data.get("replay") else None,
                                     teacher_dir=teacher_dir(self.cfg), teacher_gpus=self.cfg.teacher.num_gpus)
-        except TrainingDiverged as e:
+        except (TrainingDiverged, CheckpointNotWritten) as e:
             raise CycleFailed(f"{e}; nothing was registered or deployed") from None
         digest = dir_digest(sdir / "adapter")
         self.lineage.log(run_id, params={**self.cfg.training.model_dump(), "warm_start": champion["version"]},

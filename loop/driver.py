@@ -71,12 +71,14 @@ def _one_cycle(cfg, services, keys, tenant, endpoint, failed: dict) -> dict | No
     import traceback
 
     from loop.cycle import Cycle, CycleFailed
+    from loop.lineage.registry import LineageUnavailable
 
     n = _next_cycle(cfg, endpoint.id)
     print(f"[loop] cycle {n} of model-{endpoint.id} (world epoch {n})", flush=True)
     try:
+        services.lineage.wait_reachable(cfg.storage.tracking_wait_s)
         rep = Cycle(cfg, services, endpoint, n, keys[tenant.id], progress=lambda m: print(m, flush=True)).run()
-    except CycleFailed as e:
+    except (CycleFailed, LineageUnavailable) as e:
         failed[endpoint.id] = str(e)
         print(f"[loop] cycle {n} of model-{endpoint.id} stopped: {e}", flush=True)
         return None

@@ -77,12 +77,9 @@ def ray_cluster(tmp_path_factory):
 
 
 def _kill_orphaned_engines() -> None:
-    """vLLM engine processes whose replica was killed are re-parented to init; end those only."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid=,comm="], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        pid, ppid, comm = line.split(None, 2)
-        if comm.startswith("VLLM::") and ppid == "1":
-            subprocess.run(["kill", "-9", pid], capture_output=True)
+    from loop.serving.engine import kill_orphaned_engines
+
+    kill_orphaned_engines()
 
 
 @pytest.fixture(scope="session")
@@ -105,5 +102,7 @@ def cycle_job(ray_cluster, tiny_config_path):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `last` (they move the shared loop on to its next cycle) run after every other."""
-    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+    """Tests marked `last` (they move the shared loop on to its next cycle) run after every other, and
+    the reliability suite (it replaces the cluster's gateway and kills its parts) after those."""
+    items.sort(key=lambda item: 2 if item.get_closest_marker("reliability") else
+               1 if item.get_closest_marker("last") else 0)

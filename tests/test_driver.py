@@ -38,6 +38,9 @@ class FakeCycle:
         return CycleReport(self.endpoint.id, self.number, self.number)
 
 
+REACHABLE = SimpleNamespace(wait_reachable=lambda timeout_s: 0.0)
+
+
 @pytest.fixture
 def fake_cycles(monkeypatch):
     import loop.cycle
@@ -50,13 +53,34 @@ def fake_cycles(monkeypatch):
 def test_one_endpoint_failing_does_not_stop_the_others(tmp_path, fake_cycles, capsys):
     cfg = _cfg(tmp_path)
     fake_cycles.failing = {"tiny-support"}
-    services = SimpleNamespace(gateway_url="http://127.0.0.1:1/v1")
+    services = SimpleNamespace(gateway_url="http://127.0.0.1:1/v1", lineage=REACHABLE)
     with pytest.raises(driver.EndpointsFailed) as e:
         driver._cycles(cfg, services, {"acme": "k", "globex": "k"}, 2, 0.0, cfg.endpoints())
     # tiny-support failed once and was not retried within the run; globex-chat ran both cycles.
     assert fake_cycles.ran == [("tiny-support", 1), ("globex-chat", 1), ("globex-chat", 2)]
     assert set(e.value.failed) == {"tiny-support"} and len(e.value.reports) == 2
     assert "model-tiny-support: FAILED: no new traffic" in capsys.readouterr().out
+
+
+def test_an_unreachable_mlflow_stops_the_run_with_one_line_and_runs_no_stage(tmp_path, fake_cycles, capsys):
+    from loop.lineage.registry import Lineage, LineageUnavailable
+
+    lineage = Lineage.__new__(Lineage)
+    lineage.tracking_uri, lineage.experiment_id = "http://127.0.0.1:9/", "0"
+
+    def refuse(experiment_id):
+        raise ConnectionError("connection refused")
+
+    lineage.client = SimpleNamespace(get_experiment=refuse)
+    cfg = _cfg(tmp_path, storage={"root": str(tmp_path), "tracking_wait_s": 0.3})
+    with pytest.raises(driver.EndpointsFailed) as e:
+        driver._cycles(cfg, SimpleNamespace(lineage=lineage, gateway_url="http://127.0.0.1:1/v1"), {"acme": "k", "globex": "k"}, 1, 0.0, cfg.endpoints())
+    assert fake_cycles.ran == [], "no stage ran against a registry that does not answer"
+    assert all("MLflow at http://127.0.0.1:9/ has not answered" in m and "storage.mlflow_tracking_uri" in m
+               for m in e.value.failed.values()) and len(e.value.failed) == 2
+    with pytest.raises(LineageUnavailable):
+        lineage.wait_reachable(0.0)
+    assert "has not answered" in capsys.readouterr().out
 
 
 def test_forever_runs_cycles_on_schedule_and_decides_in_between(tmp_path, fake_cycles, monkeypatch):
@@ -87,7 +111,7 @@ def test_forever_runs_cycles_on_schedule_and_decides_in_between(tmp_path, fake_c
 
     monkeypatch.setattr(driver.time, "sleep", sleep)
     with pytest.raises(KeyboardInterrupt):
-        driver._forever(cfg, SimpleNamespace(), {"acme": "k", "globex": "k"}, cfg.endpoints())
+        driver._forever(cfg, SimpleNamespace(lineage=REACHABLE), {"acme": "k", "globex": "k"}, cfg.endpoints())
     # Only tiny-support reached 50 new traces (on the third poll); nobody had a timer.
     assert fake_cycles.ran == [("tiny-support", 1)]
     assert steps.count("tiny-support") == 5 and steps.count("globex-chat") == 5

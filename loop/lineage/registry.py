@@ -8,6 +8,7 @@ is created only after validation passed and carries all its tags from birth: not
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -24,12 +25,16 @@ def version_label(endpoint: str, version: str | int) -> str:
     return f"{registered_name(endpoint)}/{version}"
 
 
+class LineageUnavailable(RuntimeError):
+    """MLflow did not answer within the wait; the message names the tracking URI and the fix."""
+
+
 class Lineage:
     def __init__(self, tracking_uri: str, artifact_root: str | Path, experiment: str = "continual-loop"):
         import mlflow
         from mlflow import MlflowClient
 
-        self.mlflow = mlflow
+        self.mlflow, self.tracking_uri = mlflow, tracking_uri
         mlflow.set_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
@@ -39,6 +44,37 @@ class Lineage:
         else:
             self.experiment_id = exp.experiment_id
         mlflow.set_experiment(experiment_id=self.experiment_id)
+
+    def wait_reachable(self, timeout_s: float) -> float:
+        """Return (seconds waited) once MLflow answers; after `timeout_s` raise LineageUnavailable.
+        Each probe is one short request (MLflow's own retries would wait minutes per call)."""
+        started = time.monotonic()
+        knobs = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+        saved = {k: os.environ.get(k) for k in knobs}
+        os.environ.update(knobs)
+        try:
+            while True:
+                try:
+                    self.client.get_experiment(self.experiment_id)
+                    return time.monotonic() - started
+                except Exception as e:  # noqa: BLE001 - any failure to answer is "unreachable"
+                    waited = time.monotonic() - started
+                    if waited >= timeout_s:
+                        raise LineageUnavailable(
+                            f"MLflow at {self.tracking_uri} has not answered for {waited:.1f} s "
+                            f"({type(e).__name__}); start the tracking server or fix storage.mlflow_tracking_uri, "
+                            "then run again: the loop resumes where it stopped") from None
+                    time.sleep(min(2.0, max(0.1, timeout_s - waited)))
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def versions(self, endpoint: str) -> list[int]:
+        """Every registered version number of `endpoint`'s model, ascending."""
+        return sorted(int(mv.version) for mv in self.client.search_model_versions(f"name = '{registered_name(endpoint)}'"))
 
     # --- runs -------------------------------------------------------------------------------
     def start_run(self, name: str, parent_run_id: str | None = None, tags: dict | None = None) -> str:

@@ -169,3 +169,17 @@ def answer_with_engine(model_dir: str, engine_cfg: dict, conversations: list[lis
         return asyncio.run(answer_all())
     finally:
         engine.shutdown()
+
+
+def kill_orphaned_engines() -> int:
+    """vLLM engine processes whose replica was killed are re-parented to init: end those only.
+    Returns how many."""
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,comm="], capture_output=True, text=True).stdout
+    killed = 0
+    for line in out.splitlines():
+        pid, ppid, comm = line.split(None, 2)
+        if comm.startswith("VLLM::") and ppid == "1":
+            killed += subprocess.run(["kill", "-9", pid], capture_output=True).returncode == 0
+    return killed

@@ -9,6 +9,7 @@ numerics here know nothing about Ray beyond `ray.train.report` and the teacher a
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import shutil
@@ -328,6 +329,10 @@ class TrainingDiverged(RuntimeError):
     """The loss went NaN or infinite; the message says at which step and which knob to turn."""
 
 
+class CheckpointNotWritten(RuntimeError):
+    """The disk filled while the checkpoint was written; nothing partial was kept."""
+
+
 def fit_to_dir(trainer, run_name: str, out_dir: Path) -> dict:
     """Run a Ray Train trainer; its final checkpoint becomes `out_dir` whole or not at all. A
     diverged run (a worker's FloatingPointError) raises TrainingDiverged with the worker's line."""
@@ -341,13 +346,23 @@ def fit_to_dir(trainer, run_name: str, out_dir: Path) -> dict:
         found = re.search(r"FloatingPointError: (.+)", text)
         if found:
             raise TrainingDiverged(f"training run {run_name} diverged: {found.group(1).strip()}") from None
+        if "No space left on device" in text:
+            raise CheckpointNotWritten(f"no space left on the disk writing the checkpoint of {run_name} "
+                                       "(training.storage under storage.root); free space and run again") from None
         raise
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} finished without a checkpoint: {result.error}")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    with result.checkpoint.as_directory() as ckpt:
-        shutil.copytree(ckpt, tmp)
+    try:
+        with result.checkpoint.as_directory() as ckpt:
+            shutil.copytree(ckpt, tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing partial stays behind
+        if e.errno == errno.ENOSPC or "No space left" in str(e):
+            raise CheckpointNotWritten(f"no space left on the disk of {out_dir.parent} writing the checkpoint of "
+                                       f"{run_name}; free space there and run again (nothing was kept)") from None
+        raise
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return dict(result.metrics)
