@@ -157,14 +157,16 @@ def cfg_path(resumed):
 
 
 def test_a_worse_challenger_is_rolled_back_on_live_evidence(resumed, cycle_job):
-    """The base (version 1, which knows none of the facts) deployed against the cycle-2 champion: the
-    simulated users' graded answers make the promotion controller roll it back."""
+    """A broken version (an adapter of noise: every answer garbage) deployed against the champion: the
+    simulated users' graded answers make the promotion controller roll it back. (Not the base: the
+    tiny base was built knowing epoch 0, and can answer as well as a champion of a few cycles.)"""
     from types import SimpleNamespace
 
     import ray
 
     from loop.control.controller import PromotionController
     from loop.lineage.registry import Lineage
+    from loop.models.digest import dir_digest
     from loop.services import admin, helper_actors
     from loop.sim.traffic import ask_gateway, post_feedback, user_traffic
     from loop.sim.world import World
@@ -175,7 +177,12 @@ def test_a_worse_challenger_is_rolled_back_on_live_evidence(resumed, cycle_job):
     _, _, controller = helper_actors(cfg, lineage)
     services = SimpleNamespace(cfg=cfg, lineage=lineage, controller=controller, teacher_url="")
     champion = lineage.version_info(ENDPOINT, "champion")
-    admin(services, "deploy", ENDPOINT, version=1, weight=0.5)
+    noise = _noise_adapter(cfg.model_path(cfg.student), cfg.storage.path("noise-adapter"))
+    run = lineage.start_run("noise-adapter")
+    lineage.log_artifacts(run, noise, "adapter")
+    broken = lineage.register_version(ENDPOINT, run, "adapter", {
+        "adapter_digest": dir_digest(noise), "training_run_id": run, "validation_verdict": "pass"})
+    admin(services, "deploy", ENDPOINT, version=broken["number"], weight=0.5)
     w = cfg.world
     world = World(w.seed, 2, w.num_entities, w.drift_fraction, w.new_per_epoch)
     url = f"http://127.0.0.1:{cfg.serving.port}/v1"
@@ -192,8 +199,24 @@ def test_a_worse_challenger_is_rolled_back_on_live_evidence(resumed, cycle_job):
     assert d.challenger["success_rate"] < d.champion["success_rate"]
     assert lineage.version_info(ENDPOINT, "challenger") is None
     assert lineage.version_info(ENDPOINT, "champion")["number"] == champion["number"], "the champion stayed"
-    tags = resumed["client"].get_model_version(f"student-{ENDPOINT}", "1").tags
+    tags = resumed["client"].get_model_version(f"student-{ENDPOINT}", str(broken["number"])).tags
     assert tags["promotion_decision"] == "rollback" and tags["rolled_back_by"] == "controller"
+
+
+def _noise_adapter(base_dir, out):
+    """A LoRA adapter whose weights are noise on every linear layer: the model it makes answers garbage."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.normal_(p, std=1.0)
+    model.save_pretrained(out)
+    return out
 
 
 def test_loopctl_status_promote_rollback_through_the_admin_api(resumed):
