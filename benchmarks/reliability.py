@@ -317,8 +317,9 @@ def scenario_teacher_faults(cfg, services, keys, n_labels, concurrency, max_toke
     lcfg = cfg.model_copy(update={"teacher": t})
     w = cfg.world
     facts = World(w.seed, 1, w.num_entities, w.drift_fraction, w.new_per_epoch).facts
-    prompts = [json.dumps([{"role": "user", "content": f"{q} (#{i})"}])
-               for i, q in enumerate(q for f in facts for q in f.train_questions())][:n_labels]
+    questions = [q for f in facts for q in f.train_questions()]
+    prompts = [json.dumps([{"role": "user", "content": f"{questions[i % len(questions)]} (#{i})"}])
+               for i in range(n_labels)]
     box: dict = {}
 
     def labelling():
@@ -544,7 +545,8 @@ def scenario_isolation(cfg, services, keys, admin) -> dict:
         for route, method, admin_ok in (("/admin/status", "GET", 200), ("/admin/promote", "POST", 409)):
             r = httpx.request(method, root + route, headers=headers, timeout=60,
                               json={"model": list(owner)[-1]} if method == "POST" else None)
-            row[f"{method} {route}"] = (r.status_code, admin_ok if who == "admin" else 401)
+            # No key: 401. A key that is not the admin's (a tenant's, a forged one): 403.
+            row[f"{method} {route}"] = (r.status_code, admin_ok if who == "admin" else 401 if key is None else 403)
         r = httpx.get(f"{root}/v1/models", headers=headers, timeout=60)
         listed = sorted(m["id"] for m in r.json().get("data", [])) if r.status_code == 200 else []
         mine = sorted(m for m, t in owner.items() if who == f"tenant:{t}")
@@ -671,7 +673,7 @@ def _register_challenger(cfg, services) -> str:
 
 # --- the bench ------------------------------------------------------------------------------------
 def run(cfg: LoopConfig, requests: int = 1000, concurrency: int = 32, max_tokens: int = 8,
-        fault_requests: int = 300, label_prompts: int = 40, fuzz_examples: int = 300,
+        fault_requests: int = 300, label_prompts: int = 80, fuzz_examples: int = 300,
         root: Path | None = None, dashboard: str = "http://127.0.0.1:8265") -> dict:
     from loop.services import stop_services
 
