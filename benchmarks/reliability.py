@@ -74,7 +74,11 @@ class Outcome:
 
     def __init__(self, status, request_id, latency_s, stream, clean, answered, at):
         self.status, self.request_id, self.latency_s, self.stream = status, request_id, latency_s, stream
-        self.clean, self.answered, self.at = clean, answered, at
+        self.clean, self.answered, self.at = clean, answered, at  # `at`: when the answer came back
+
+    @property
+    def started(self) -> float:
+        return self.at - self.latency_s
 
 
 def _openai_error(body: dict) -> bool:
@@ -151,7 +155,8 @@ def mixed_plan(keys: dict[str, str], cfg: LoopConfig, n: int, seed: int = 0) -> 
 def tally(outcomes: list[Outcome], traced_ids: set[str], fault_at: float | None = None) -> dict:
     answered = [o for o in outcomes if o.answered]
     lat = sorted(o.latency_s * 1000 for o in answered)
-    after = [o.at for o in answered if fault_at is not None and o.at > fault_at]
+    # Recovered: the first answer to a request sent after the fault (in-flight ones may finish anyway).
+    after = [o.at for o in answered if fault_at is not None and o.started > fault_at]
     return {
         "sent": len(outcomes), "answered": len(answered), "failed": len(outcomes) - len(answered),
         "status_5xx": sum(500 <= o.status < 600 for o in outcomes),
@@ -502,6 +507,24 @@ def bad_requests(keys: dict[str, str], models: dict[str, str]) -> list[tuple[str
     ]
 
 
+def scenario_mixed_batches(cfg, services, adapter_path: str) -> dict:
+    """The base (the champion) and an adapter (the challenger) in the same engine batches, as an A/B
+    rollout serves them: every greedy answer must equal the one it gets alone."""
+    from loop.sim.evaluate import engine_answers
+    from loop.sim.world import World
+
+    w = cfg.world
+    qs = [q for f in World(w.seed, 1, w.num_entities, w.drift_fraction, w.new_per_epoch).facts
+          for q in f.train_questions()][:24]
+    base_alone = engine_answers([(q, None) for q in qs], 8, 8)
+    adapter_alone = engine_answers([(q, adapter_path) for q in qs], 8, 8)
+    mixed = engine_answers([(q, a) for q in qs for a in (None, adapter_path)], 8, 16)
+    changed = sum(x != y for x, y in zip(base_alone, mixed[0::2])) + sum(
+        x != y for x, y in zip(adapter_alone, mixed[1::2]))
+    return {"sent": len(mixed), "failed": changed, "status_5xx": 0, "lost": 0, "recover_s": 0.0,
+            "base_vs_adapter_differ_alone": sum(x != y for x, y in zip(base_alone, adapter_alone))}
+
+
 def scenario_bad_input(cfg, services, keys, admin) -> dict:
     import httpx
 
@@ -651,7 +674,7 @@ def _json(r):
         return {}
 
 
-def _register_challenger(cfg, services) -> str:
+def _register_challenger(cfg, services) -> dict:
     """A second, randomly initialised adapter for the first endpoint, registered and deployed as the
     challenger at half the users: the load runs over an A/B rollout."""
     from benchmarks.serving import make_adapter
@@ -660,7 +683,7 @@ def _register_challenger(cfg, services) -> str:
 
     endpoint = cfg.tenants[0].endpoints[0].id
     adapter = make_adapter(cfg.model_path(cfg.student), cfg.storage.path("bench-challenger"),
-                           cfg.training.lora_rank, seed=11)
+                           cfg.training.lora_rank, seed=11, std=0.2)  # answers visibly unlike the base's
     lineage = services.lineage
     run = lineage.start_run("reliability-challenger")
     artifact = lineage.log_artifacts(run, str(adapter), "adapter")
@@ -668,7 +691,7 @@ def _register_challenger(cfg, services) -> str:
         "adapter_digest": dir_digest(adapter), "checkpoint_digest": dir_digest(adapter), "training_run_id": run,
         "validation_verdict": "pass", "artifact": artifact})
     admin(services, "deploy", endpoint, version=info["number"], role="challenger", weight=0.5, by="bench")
-    return info["version"]
+    return lineage.version_info(endpoint, "challenger")
 
 
 # --- the bench ------------------------------------------------------------------------------------
@@ -695,8 +718,10 @@ def run(cfg: LoopConfig, requests: int = 1000, concurrency: int = 32, max_tokens
               f"recover {s['recover_s'] if s['recover_s'] is None else round(s['recover_s'], 1)} s", flush=True)
 
     try:
-        out["challenger"] = _register_challenger(cfg, services)
+        challenger = _register_challenger(cfg, services)
+        out["challenger"] = challenger["version"]
         step("load", scenario_load, cfg, services, keys, requests, concurrency, max_tokens)
+        step("mixed_batches", scenario_mixed_batches, cfg, services, challenger["adapter_path"])
         step("bad_input", scenario_bad_input, cfg, services, keys, admin_key)
         step("isolation", scenario_isolation, cfg, services, keys, admin_key)
         step("fuzz", scenario_fuzz, cfg, services, keys, fuzz_examples)

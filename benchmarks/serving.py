@@ -30,7 +30,7 @@ def _prompts(n: int) -> list[str]:
             for i in range(n)]
 
 
-def make_adapter(base_dir: Path, out_dir: Path, rank: int, seed: int) -> Path:
+def make_adapter(base_dir: Path, out_dir: Path, rank: int, seed: int, std: float = 0.01) -> Path:
     """A random LoRA adapter on every linear layer (what a training step would leave on disk)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -41,7 +41,7 @@ def make_adapter(base_dir: Path, out_dir: Path, rank: int, seed: int) -> Path:
                            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
     for name, p in model.named_parameters():
         if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.01)
+            torch.nn.init.normal_(p, std=std)
     model.save_pretrained(out_dir)
     return out_dir
 

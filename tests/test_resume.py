@@ -166,6 +166,7 @@ def test_a_worse_challenger_is_rolled_back_on_live_evidence(resumed, cycle_job):
 
     from loop.control.controller import PromotionController
     from loop.lineage.registry import Lineage
+    from benchmarks.serving import make_adapter
     from loop.models.digest import dir_digest
     from loop.services import admin, helper_actors
     from loop.sim.traffic import ask_gateway, post_feedback, user_traffic
@@ -177,7 +178,8 @@ def test_a_worse_challenger_is_rolled_back_on_live_evidence(resumed, cycle_job):
     _, _, controller = helper_actors(cfg, lineage)
     services = SimpleNamespace(cfg=cfg, lineage=lineage, controller=controller, teacher_url="")
     champion = lineage.version_info(ENDPOINT, "champion")
-    noise = _noise_adapter(cfg.model_path(cfg.student), cfg.storage.path("noise-adapter"))
+    # Noise on every linear layer: the model it makes answers garbage.
+    noise = make_adapter(cfg.model_path(cfg.student), cfg.storage.path("noise-adapter"), 8, seed=0, std=1.0)
     run = lineage.start_run("noise-adapter")
     lineage.log_artifacts(run, noise, "adapter")
     broken = lineage.register_version(ENDPOINT, run, "adapter", {
@@ -202,48 +204,3 @@ def test_a_worse_challenger_is_rolled_back_on_live_evidence(resumed, cycle_job):
     tags = resumed["client"].get_model_version(f"student-{ENDPOINT}", str(broken["number"])).tags
     assert tags["promotion_decision"] == "rollback" and tags["rolled_back_by"] == "controller"
 
-
-def _noise_adapter(base_dir, out):
-    """A LoRA adapter whose weights are noise on every linear layer: the model it makes answers garbage."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            torch.nn.init.normal_(p, std=1.0)
-    model.save_pretrained(out)
-    return out
-
-
-def test_loopctl_status_promote_rollback_through_the_admin_api(resumed):
-    import os
-
-    cfg = resumed["cfg"]
-    url = f"http://127.0.0.1:{cfg.serving.port}"
-    env = dict(os.environ, LOOP_ADMIN_KEY="sk-loop-demo-admin")
-
-    def loopctl(*args):
-        return subprocess.run([sys.executable, "-m", "loop.cli", *args, "--url", url], capture_output=True,
-                              text=True, cwd=ROOT, timeout=300, env=env)
-
-    aliases = {k: int(v) for k, v in resumed["client"].get_registered_model(f"student-{ENDPOINT}").aliases.items()}
-    status = loopctl("status")
-    assert status.returncode == 0, status.stderr
-    live = json.loads(status.stdout)["endpoints"][ENDPOINT]
-    assert live["champion"]["version"] == f"student-{ENDPOINT}/{aliases['champion']}"
-    if "challenger" in aliases:  # cycle 3's version, still undecided: the operator decides instead
-        assert loopctl("rollback", f"model-{ENDPOINT}").returncode == 0
-    nothing = loopctl("promote", f"model-{ENDPOINT}")
-    assert nothing.returncode == 1 and "no challenger" in json.loads(nothing.stdout)["error"]["message"]
-    back = loopctl("rollback", f"model-{ENDPOINT}")
-    assert back.returncode == 0
-    assert json.loads(back.stdout)["champion"]["version"] == f"student-{ENDPOINT}/{aliases['previous']}"
-    tags = resumed["client"].get_model_version(f"student-{ENDPOINT}", str(aliases["champion"])).tags
-    assert tags["rolled_back_by"] == "admin"
-    refused = subprocess.run([sys.executable, "-m", "loop.cli", "status", "--url", url], capture_output=True,
-                             text=True, cwd=ROOT, timeout=60, env=dict(env, LOOP_ADMIN_KEY="sk-wrong"))
-    assert refused.returncode == 1 and json.loads(refused.stdout)["error"]["type"] == "permission_error"

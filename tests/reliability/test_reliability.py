@@ -29,7 +29,7 @@ def report(ray_cluster, cycle_job, tmp_path_factory):
 
 
 def test_every_scenario_reports_the_figures(report):
-    want = {"load", "bad_input", "isolation", "fuzz", "trace_writer_killed", "teacher_faults",
+    want = {"load", "mixed_batches", "bad_input", "isolation", "fuzz", "trace_writer_killed", "teacher_faults",
             "mlflow_unreachable", "disk_full_checkpoint", "engine_replica_killed", "secrets_and_binding"}
     assert set(report["scenarios"]) == want
     for name, s in report["scenarios"].items():
@@ -47,6 +47,12 @@ def test_load_of_1000_mixed_requests_over_two_tenants_and_an_ab_rollout(report):
     assert {k.split(":")[1] for k in served} == {"champion", "challenger"}, served
     assert len({k.split(":")[0] for k in served}) == 2, "both tenants' endpoints"
     assert 0 < s["p50_ms"] <= s["p99_ms"], s
+
+
+def test_base_and_adapter_requests_sharing_batches_answer_as_alone(report):
+    s = report["scenarios"]["mixed_batches"]
+    assert s["base_vs_adapter_differ_alone"] >= 6, ("the adapter must answer unlike the base to tell", s)
+    assert s["failed"] == 0 and s["sent"] == 48, s
 
 
 def test_a_killed_engine_replica_fails_cleanly_and_recovers(report):
