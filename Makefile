@@ -21,7 +21,7 @@ serve: setup     ## serve the registry's champions until Ctrl-C
 	$(PY) -m loop.cli serve $(CONFIG)
 
 test: venv       ## the test suite (tiny models built from config; no downloads)
-	$(PY) -m pytest tests -x -q --timeout 1500
+	$(PY) -m pytest tests -x -q --timeout 1500 --durations=25
 
 clean:
 	rm -rf .loop .loop-tiny

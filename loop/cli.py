@@ -90,13 +90,13 @@ def _serve(args) -> int:
 
     from loop.config import ConfigError, load_config
     from loop.driver import latest_epoch
-    from loop.models.fetch import ModelMissing, read_manifest
+    from loop.models.fetch import ModelMissing, verify_model
     from loop.services import start_services, stop_services
 
     try:
         cfg = load_config(args.config)
         for model in (cfg.student, cfg.draft):
-            read_manifest(cfg.model_path(model))
+            verify_model(cfg.model_path(model))
     except (ConfigError, ModelMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -284,9 +284,7 @@ class Cycle:
     def _merge(self, sdir: Path, run_id: str, train: dict) -> dict:
         import ray
 
-        from loop.merge.merger import Merger
-
-        from loop.merge.merger import MergeFailed
+        from loop.merge.merger import MergeFailed, Merger
 
         actor = ray.remote(num_cpus=1)(Merger).remote(self.cfg.merge)
         try:

@@ -27,7 +27,7 @@ def latest_epoch(cfg: LoopConfig) -> int:
 
 
 def run(cfg: LoopConfig, cycles: int, forever: bool = False, only: list[str] | None = None) -> list[dict]:
-    from loop.models.fetch import read_manifest
+    from loop.models.fetch import verify_model
     from loop.services import start_services, stop_services
     from loop.teacher.client import check_reachable
     from loop.teacher.local import check_same_tokenizer
@@ -40,7 +40,7 @@ def run(cfg: LoopConfig, cycles: int, forever: bool = False, only: list[str] | N
         keys[tenant.id] = os.environ[tenant.sim_api_key_env]
     # Fail fast, before anything starts or is written: models present, external teacher reachable.
     for model in (cfg.student, cfg.draft):
-        read_manifest(cfg.model_path(model))
+        verify_model(cfg.model_path(model))
     if cfg.teacher.kind == "openai":
         check_reachable(cfg.teacher, cfg.teacher.base_url)
     if cfg.teacher.kind == "local":

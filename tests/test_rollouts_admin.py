@@ -13,6 +13,7 @@ from fakes import fake_engine, serve_gateway
 
 from loop.config import LoopConfig, hash_api_key
 from loop.lineage.registry import Lineage, registered_name
+from loop.models.digest import dir_digest
 from loop.models.fetch import read_manifest
 from loop.serving.admin import WEIGHT_TAG, RolloutController
 from loop.serving.rollouts import RolloutStore
@@ -40,10 +41,16 @@ def rollouts(ray_cluster, cycle_job, tmp_path_factory):
     lineage = Lineage(cfg.storage.tracking_uri, cfg.storage.path("mlartifacts"))
     for e in ("e1", "e2"):
         lineage.ensure_base_version(e, base_dir, read_manifest(base_dir))
-    for n, verdict in ((2, "pass"), (3, "fail")):
+    for n, verdict in ((2, "pass"), (3, "fail"), (4, "pass")):  # 4 is damaged on disk after registration
+        files = state / f"adapter-{n}"
+        files.mkdir()
+        (files / "adapter_model.safetensors").write_bytes(bytes(range(256)) * n)
         run = lineage.start_run(f"train-{n}")
-        lineage.register_version("e1", run, "adapter", {"adapter_digest": f"digest-{n}", "training_run_id": run,
-                                                        "validation_verdict": verdict})
+        lineage.log_artifacts(run, files, "adapter")
+        info = lineage.register_version("e1", run, "adapter", {"adapter_digest": dir_digest(files),
+                                                               "training_run_id": run, "validation_verdict": verdict})
+    with open(f"{info['adapter_path']}/adapter_model.safetensors", "r+b") as f:
+        f.write(b"\xff")
 
     ray.init(address=ray_cluster["RAY_ADDRESS"], namespace="loop-tests", ignore_reinit_error=True)
     import fakes
@@ -175,6 +182,17 @@ def test_bad_admin_requests_are_4xx_and_change_nothing(rollouts, action, body, s
     err = resp.json()["error"]
     assert err["message"] and err["param"] == param
     assert (_aliases(rollouts, "e1"), _aliases(rollouts, "e2")) == before
+
+
+def test_an_adapter_damaged_since_registration_is_refused_with_the_reason_in_mlflow(rollouts):
+    before = _aliases(rollouts)
+    resp = _admin(rollouts, "deploy", {"model": "model-e1", "version": 4, "challenger_weight": 0.5})
+    assert resp.status_code == 409, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == "version" and "do not match the digest registered" in err["message"]
+    assert _aliases(rollouts) == before, "nothing deployed"
+    tags = rollouts["lineage"].client.get_model_version(registered_name("e1"), "4").tags
+    assert "damaged or changed on disk" in tags["deploy_refused"] and "deployed_at" not in tags
 
 
 def test_malformed_admin_body(rollouts):

@@ -147,6 +147,7 @@ class Lineage:
                 "checkpoint_digest": tags.get("checkpoint_digest", ""), "training_run_id": tags.get("training_run_id", ""),
                 "deployed_at": tags.get("deployed_at", ""), "kind": tags.get(BASE_TAG, "adapter"),
                 "verdict": tags.get("validation_verdict", ""), "merged_path": tags.get("merged_path") or None,
+                "merged_digest": tags.get("merged_digest", ""),
                 "draft_path": tags.get("draft_path") or None}
 
     def version_info_number(self, endpoint: str, number: int) -> dict | None:

@@ -35,6 +35,18 @@ def read_manifest(model_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def verify_model(model_dir: str | Path) -> dict:
+    """The manifest, once the directory's files are proven to be the ones it recorded (a base or
+    draft damaged or edited on disk is refused before anything serves or trains on it)."""
+    meta = read_manifest(model_dir)
+    now = dir_digest(model_dir)
+    if meta.get("digest") and now != meta["digest"]:
+        raise ModelMissing(f"{model_dir}: its files do not match the digest its manifest recorded ({meta['digest'][:19]}, "
+                           f"now {now[:19]}): damaged or changed on disk; remove the directory and run "
+                           "`loopctl models fetch --config CONFIG`")
+    return meta
+
+
 def _finish(tmp: Path, final: Path, **meta) -> dict:
     """Record the digest, write the manifest last, and move the directory into place atomically."""
     meta["digest"] = dir_digest(tmp)

@@ -135,7 +135,31 @@ class RolloutController:
         if info.get("verdict") == "fail":
             raise AdminError(f"version {version} failed validation; it cannot be deployed", status=409,
                              param="version")
+        self._check_files(endpoint, info)
         return info
+
+    def _check_files(self, endpoint: str, info: dict) -> None:
+        """The files an engine would load are the ones registered: an adapter (or merged model) damaged or
+        changed on disk since is refused before it is served, and the reason is tagged on the version."""
+        from loop.models.digest import dir_digest, short
+
+        wanted = [("adapter", info["adapter_path"], info["adapter_digest"])]
+        if self.endpoints[endpoint].backend == "merged" and info.get("merged_digest"):
+            wanted.append(("merged model", info["merged_path"], info["merged_digest"]))
+        for what, path, digest in wanted:
+            if path is None or not digest:
+                continue
+            try:
+                now = short(dir_digest(path))
+            except FileNotFoundError:
+                now = "no files"
+            if now != short(digest):
+                reason = (f"its {what} files at {path} do not match the digest registered ({short(digest)}, now "
+                          f"{now}): damaged or changed on disk since registration")
+                self.lineage.tag_version(endpoint, info["number"], {"deploy_refused": reason,
+                                                                    "deploy_refused_at": _now()})
+                raise AdminError(f"version {info['number']} refused: {reason}; register it again from its training "
+                                 "run", status=409, param="version")
 
     def _deploy(self, endpoint, version, weight, role) -> None:
         info = self._version(endpoint, version)
