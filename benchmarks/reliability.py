@@ -439,6 +439,103 @@ def scenario_disk_full(cfg, services, keys) -> dict:
             "partial_files": partial, "versions_registered": registered}
 
 
+def _corrupt_adapter(base: Path, out: Path, how: str) -> Path:
+    """A LoRA adapter for `base` damaged as `how`: NaN weights, a truncated file, or shapes of another model."""
+    from safetensors.torch import load_file, save_file
+
+    from benchmarks.serving import make_adapter
+
+    make_adapter(base, out, 8, seed=3, std=0.05)
+    f = out / "adapter_model.safetensors"
+    if how == "truncated":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        return out
+    tensors = load_file(f)
+    if how == "nan":
+        tensors[next(k for k in tensors if "lora_B" in k)][:] = float("nan")
+    else:  # other-model: lora_A of twice the base's hidden size
+        tensors = {k: v.repeat(1, 2) if "lora_A" in k else v for k, v in tensors.items()}
+    save_file(tensors, f)
+    return out
+
+
+def _flip_a_byte(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-3, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def scenario_corrupt_artifacts(cfg, services, keys) -> dict:
+    """Corrupt models never reach an engine. A base whose files changed since `loopctl models fetch` is
+    refused by the start check; adapters of NaNs, truncated, or shaped for another model fail the merge
+    stage's proofs (verdict and reasons in MLflow, nothing registered); an adapter damaged on disk after
+    registration is refused at deploy (409, the reason tagged on the version in MLflow)."""
+    from benchmarks.serving import make_adapter
+    from loop.cycle import Cycle
+    from loop.lineage.registry import registered_name
+    from loop.models.digest import dir_digest
+    from loop.driver import check_models
+    from loop.models.fetch import ModelDamaged
+    from loop.serving.admin import AdminError
+    from loop.services import admin
+
+    endpoint, lineage = cfg.tenants[0].endpoints[0], services.lineage
+    base, work = cfg.model_path(cfg.student), cfg.storage.path("corrupt")
+    before = lineage.versions(endpoint.id)
+    aliases = lineage.client.get_registered_model(registered_name(endpoint.id)).aliases
+    cases = []
+
+    damaged = work / "base"
+    shutil.copytree(base, damaged)
+    _flip_a_byte(next(damaged.glob("*.safetensors")))
+    student = cfg.student.model_copy(update={"path": str(damaged)})
+    try:
+        check_models(cfg.model_copy(update={"student": student}))
+        cases.append({"kind": "base-bytes-changed", "refused": False})
+    except ModelDamaged as e:
+        runs = lineage.client.search_runs([lineage.experiment_id], "tags.`loop.stage` = 'preflight'")
+        cases.append({"kind": "base-bytes-changed", "refused": True, "at": "start check", "reason": str(e),
+                      "in_mlflow": any(r.data.tags.get("refused") == str(e) for r in runs)})
+
+    for i, how in enumerate(("nan", "truncated", "other-model")):
+        cycle = Cycle(cfg, services, endpoint, 80 + i, keys[cfg.tenants[0].id], progress=lambda m: None)
+        cycle.report.run_id = lineage.start_run(f"corrupt-adapter-{how}")
+        adapter = _corrupt_adapter(base, work / f"adapter-{how}", how)
+        result = cycle.stage("merge", lambda d, r: cycle._merge(d, r, {"adapter_dir": str(adapter)}))
+        run = lineage.client.search_runs([lineage.experiment_id],
+                                         f"tags.`mlflow.parentRunId` = '{cycle.report.run_id}'")[0]
+        logged = json.loads(open(lineage.client.download_artifacts(run.info.run_id, "merge_report.json",
+                                                                   str(cycle.dir))).read())
+        lineage.end_run(cycle.report.run_id, ok=False)
+        cases.append({"kind": f"adapter-{how}", "refused": result["passed"] is False, "at": "merge proofs",
+                      "reason": "; ".join(result["reasons"]),
+                      "in_mlflow": run.data.tags.get("verdict") == "fail" and logged["reasons"] == result["reasons"],
+                      "merged_left": (cycle.dir / "merge" / "merged").exists()})
+
+    adapter = make_adapter(base, work / "adapter-registered", cfg.training.lora_rank, seed=4)
+    run = lineage.start_run("corrupt-after-registration")
+    lineage.log_artifacts(run, adapter, "adapter")
+    info = lineage.register_version(endpoint.id, run, "adapter", {
+        "adapter_digest": dir_digest(adapter), "training_run_id": run, "validation_verdict": "pass"})
+    _flip_a_byte(Path(info["adapter_path"]) / "adapter_model.safetensors")
+    try:
+        admin(services, "deploy", endpoint.id, version=info["number"], role="challenger", weight=0.5, by="bench")
+        cases.append({"kind": "adapter-changed-after-registration", "refused": False})
+    except AdminError as e:
+        tags = lineage.client.get_model_version(registered_name(endpoint.id), str(info["number"])).tags
+        cases.append({"kind": "adapter-changed-after-registration", "refused": e.status == 409, "at": "deploy",
+                      "reason": e.message, "in_mlflow": bool(tags.get("deploy_refused"))})
+    registered = len(lineage.versions(endpoint.id)) - len(before) - 1  # the one damaged after registration
+    served = lineage.client.get_registered_model(registered_name(endpoint.id)).aliases != aliases
+    refused = sum(c["refused"] for c in cases)
+    return {"sent": len(cases), "failed": refused, "status_5xx": 0,
+            "lost": (len(cases) - refused) + registered + int(served), "recover_s": 0.0, "refused": refused,
+            "reasons_in_mlflow": sum(c.get("in_mlflow", False) for c in cases), "versions_registered": registered,
+            "aliases_changed": served, "cases": cases}
+
+
 def _fill(path: Path, keep_bytes: int) -> None:
     st = os.statvfs(path)
     free = st.f_bavail * st.f_frsize
@@ -731,6 +828,7 @@ def run(cfg: LoopConfig, requests: int = 1000, concurrency: int = 32, max_tokens
         step("mlflow_unreachable", scenario_mlflow_unreachable, cfg, services, keys, fault_requests // 2,
              concurrency, max_tokens)
         step("disk_full_checkpoint", scenario_disk_full, cfg, services, keys)
+        step("corrupt_artifacts", scenario_corrupt_artifacts, cfg, services, keys)
         step("engine_replica_killed", scenario_engine_killed, cfg, services, keys, fault_requests, concurrency,
              max_tokens)
         step("secrets_and_binding", scenario_secrets, cfg, services, keys, admin_key, dashboard)

@@ -89,14 +89,13 @@ def _serve(args) -> int:
     import time
 
     from loop.config import ConfigError, load_config
-    from loop.driver import latest_epoch
-    from loop.models.fetch import ModelMissing, verify_model
+    from loop.driver import check_models, latest_epoch
+    from loop.models.fetch import ModelMissing
     from loop.services import start_services, stop_services
 
     try:
         cfg = load_config(args.config)
-        for model in (cfg.student, cfg.draft):
-            verify_model(cfg.model_path(model))
+        check_models(cfg)
     except (ConfigError, ModelMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

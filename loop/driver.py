@@ -26,8 +26,29 @@ def latest_epoch(cfg: LoopConfig) -> int:
     return max((_next_cycle(cfg, e.id) - 1 for _, e in cfg.endpoints()), default=0)
 
 
+def check_models(cfg: LoopConfig) -> None:
+    """The student and draft are present and are the files their manifests recorded. A damaged one stops
+    everything before it starts; the reason also goes to MLflow (a failed `preflight` run), so the
+    lineage UI shows why no cycle ran."""
+    from loop.lineage.registry import Lineage
+    from loop.models.fetch import ModelDamaged, verify_model
+
+    try:
+        for model in (cfg.student, cfg.draft):
+            verify_model(cfg.model_path(model))
+    except ModelDamaged as e:
+        try:
+            lineage = Lineage(cfg.storage.tracking_uri, cfg.storage.path("mlartifacts"))
+            run_id = lineage.start_run("preflight", tags={"loop.stage": "preflight", "verdict": "fail",
+                                                          "refused": str(e)[:4000]})
+            lineage.end_run(run_id, ok=False)
+        except Exception as record_error:  # noqa: BLE001 - the refusal itself must still reach the user
+            print(f"[loop] the refusal below could not be recorded in MLflow ({type(record_error).__name__})",
+                  file=sys.stderr)
+        raise
+
+
 def run(cfg: LoopConfig, cycles: int, forever: bool = False, only: list[str] | None = None) -> list[dict]:
-    from loop.models.fetch import verify_model
     from loop.services import start_services, stop_services
     from loop.teacher.client import check_reachable
     from loop.teacher.local import check_same_tokenizer
@@ -39,8 +60,7 @@ def run(cfg: LoopConfig, cycles: int, forever: bool = False, only: list[str] | N
                               f"set the field and export that variable (the Makefile exports the demo keys)")
         keys[tenant.id] = os.environ[tenant.sim_api_key_env]
     # Fail fast, before anything starts or is written: models present, external teacher reachable.
-    for model in (cfg.student, cfg.draft):
-        verify_model(cfg.model_path(model))
+    check_models(cfg)
     if cfg.teacher.kind == "openai":
         check_reachable(cfg.teacher, cfg.teacher.base_url)
     if cfg.teacher.kind == "local":

@@ -28,6 +28,10 @@ class ModelMissing(RuntimeError):
     """A model directory a stage needs is absent or incomplete."""
 
 
+class ModelDamaged(ModelMissing):
+    """A model directory whose files are no longer the ones its manifest recorded."""
+
+
 def read_manifest(model_dir: str | Path) -> dict:
     path = Path(model_dir) / MANIFEST
     if not path.exists():
@@ -41,7 +45,7 @@ def verify_model(model_dir: str | Path) -> dict:
     meta = read_manifest(model_dir)
     now = dir_digest(model_dir)
     if meta.get("digest") and now != meta["digest"]:
-        raise ModelMissing(f"{model_dir}: its files do not match the digest its manifest recorded ({meta['digest'][:19]}, "
+        raise ModelDamaged(f"{model_dir}: its files do not match the digest its manifest recorded ({meta['digest'][:19]}, "
                            f"now {now[:19]}): damaged or changed on disk; remove the directory and run "
                            "`loopctl models fetch --config CONFIG`")
     return meta

@@ -30,7 +30,7 @@ def report(ray_cluster, cycle_job, tmp_path_factory):
 
 def test_every_scenario_reports_the_figures(report):
     want = {"load", "mixed_batches", "bad_input", "isolation", "fuzz", "trace_writer_killed", "teacher_faults",
-            "mlflow_unreachable", "disk_full_checkpoint", "engine_replica_killed", "secrets_and_binding"}
+            "mlflow_unreachable", "disk_full_checkpoint", "corrupt_artifacts", "engine_replica_killed", "secrets_and_binding"}
     assert set(report["scenarios"]) == want
     for name, s in report["scenarios"].items():
         assert {"sent", "failed", "status_5xx", "lost", "recover_s"} <= set(s), name
@@ -91,6 +91,21 @@ def test_disk_full_during_the_checkpoint_fails_the_stage_and_registers_nothing(r
         pytest.skip(s["skipped"])
     assert s["failed"] == 1 and "no space left" in s["error"], s
     assert s["partial_files"] == [] and s["versions_registered"] == 0, s
+
+
+def test_corrupt_bases_and_adapters_are_refused_before_serving_with_the_reason_in_mlflow(report):
+    s = report["scenarios"]["corrupt_artifacts"]
+    kinds = {c["kind"]: c for c in s["cases"]}
+    assert set(kinds) == {"base-bytes-changed", "adapter-nan", "adapter-truncated", "adapter-other-model",
+                          "adapter-changed-after-registration"}
+    assert s["refused"] == s["sent"] == 5 and s["lost"] == 0, s
+    assert "do not match the digest" in kinds["base-bytes-changed"]["reason"]
+    assert kinds["base-bytes-changed"]["in_mlflow"], "a failed preflight run names the reason"
+    assert "do not match the digest registered" in kinds["adapter-changed-after-registration"]["reason"]
+    for kind in ("adapter-nan", "adapter-truncated", "adapter-other-model"):
+        assert kinds[kind]["in_mlflow"] and kinds[kind]["reason"] and not kinds[kind]["merged_left"], kinds[kind]
+    assert kinds["adapter-changed-after-registration"]["in_mlflow"], "the refusal is tagged on the version"
+    assert s["versions_registered"] == 0 and not s["aliases_changed"], s
 
 
 def test_at_least_25_kinds_of_bad_input_are_4xx_in_openai_format(report):
