@@ -13,7 +13,7 @@ import time
 from loop.config import ConfigError, LoopConfig, load_config
 
 
-def _next_cycle(cfg: LoopConfig, endpoint: str) -> int:
+def next_cycle(cfg: LoopConfig, endpoint: str) -> int:
     """The first cycle without a finished report: a crashed cycle is resumed, not restarted."""
     n = 1
     while cfg.storage.path("cycles", endpoint, f"cycle-{n:04d}", "report.json").exists():
@@ -23,7 +23,7 @@ def _next_cycle(cfg: LoopConfig, endpoint: str) -> int:
 
 def latest_epoch(cfg: LoopConfig) -> int:
     """The world epoch of the newest finished cycle (0 before any)."""
-    return max((_next_cycle(cfg, e.id) - 1 for _, e in cfg.endpoints()), default=0)
+    return max((next_cycle(cfg, e.id) - 1 for _, e in cfg.endpoints()), default=0)
 
 
 def check_models(cfg: LoopConfig) -> None:
@@ -70,7 +70,7 @@ def run(cfg: LoopConfig, cycles: int, forever: bool = False, only: list[str] | N
                               "download or save the teacher there")
         check_same_tokenizer(cfg.model_path(cfg.student), teacher_dir)
     t0 = time.perf_counter()
-    first = min(_next_cycle(cfg, e.id) for _, e in cfg.endpoints())
+    first = min(next_cycle(cfg, e.id) for _, e in cfg.endpoints())
     print(f"[loop] {cfg.name}: starting Ray, MLflow ({cfg.storage.tracking_uri}), teacher and gateway", flush=True)
     services = start_services(cfg, epoch=first)
     print(f"[loop] services up in {time.perf_counter() - t0:.1f} s; gateway {services.gateway_url}", flush=True)
@@ -93,7 +93,7 @@ def _one_cycle(cfg, services, keys, tenant, endpoint, failed: dict) -> dict | No
     from loop.cycle import Cycle, CycleFailed
     from loop.lineage.registry import LineageUnavailable
 
-    n = _next_cycle(cfg, endpoint.id)
+    n = next_cycle(cfg, endpoint.id)
     print(f"[loop] cycle {n} of model-{endpoint.id} (world epoch {n})", flush=True)
     try:
         services.lineage.wait_reachable(cfg.storage.tracking_wait_s)
@@ -153,7 +153,7 @@ def _forever(cfg, services, keys, endpoints) -> list[dict]:
     from loop.control.controller import PromotionController
 
     controller = PromotionController(services)
-    last_cycle = {e.id: time.time() if _next_cycle(cfg, e.id) > 1 else 0.0 for _, e in endpoints}
+    last_cycle = {e.id: time.time() if next_cycle(cfg, e.id) > 1 else 0.0 for _, e in endpoints}
     last_check: dict[str, float] = {}
     reports, failed = [], {}
     sc = cfg.schedule
@@ -184,7 +184,7 @@ def new_traces(cfg: LoopConfig, endpoint: str) -> int:
     from loop.sim.traffic import EVAL_USER
     from loop.traces.log import read_traces
 
-    since = previous_cutoff(cfg.storage.path("cycles", endpoint), _next_cycle(cfg, endpoint))
+    since = previous_cutoff(cfg.storage.path("cycles", endpoint), next_cycle(cfg, endpoint))
     return sum(1 for r in read_traces(cfg.storage.path("traces"))
                if r["endpoint"] == endpoint and r["ts"] > since and r["status"] == 200
                and not r["user"].startswith(EVAL_USER))

@@ -121,9 +121,7 @@ def reconcile(services: Services) -> dict:
     the rollout store (replicas pick them up in place); the gateway app is created if it is not up."""
     import ray
 
-    from serve_apps.gateway_app import deploy_gateway
-
-    from serve_apps.gateway_app import APP_NAME, _running
+    from serve_apps.gateway_app import APP_NAME, _running, deploy_gateway
 
     rollouts = ray.get(services.controller.publish.remote())
     if _running(APP_NAME):

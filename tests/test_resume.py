@@ -18,13 +18,13 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from benchmarks.reliability.lifecycle import DRIVER_KILLS, kill_driver_in_each_stage
 from conftest import BIN, ROOT
 from loop.config import load_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.last]
 ENDPOINT = "tiny-support"
-KILLS = ["traffic@after", "label@after", "train@before", "merge@before", "draft@before", "validate@before",
-         "register@after", "deploy@after", "canary@after", "evaluate@before"]
+KILLS = DRIVER_KILLS
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +45,7 @@ def resumed(cycle_job):
     cfg = load_config(config)
     client = MlflowClient(cfg.storage.tracking_uri, registry_uri=cfg.storage.tracking_uri)
     globex = sorted(int(v.version) for v in client.search_model_versions("name = 'student-globex-chat'"))
-    runs = []
-    for kill in KILLS:
-        proc = subprocess.run([sys.executable, "jobs/run_loop.py", "--config", str(config), "--cycles", "1",
-                               "--endpoint", ENDPOINT], env=dict(cycle_job["env"], LOOP_FAULT_KILL=f"{ENDPOINT}:{kill}"),
-                              capture_output=True, text=True, cwd=ROOT, timeout=900)
-        stage = kill.split("@")[0]
-        aliases = client.get_registered_model(f"student-{ENDPOINT}").aliases
-        runs.append({"kill": kill, "proc": proc, "aliases": {k: int(v) for k, v in aliases.items()},
-                     "done": (cfg.storage.path("cycles", ENDPOINT, "cycle-0002", stage, "result.json")).exists()})
+    runs = kill_driver_in_each_stage(config, cycle_job["env"], ENDPOINT)
     final = _forever_job(cycle_job["env"], config, cfg.storage.path("cycles", ENDPOINT, "cycle-0003", "report.json"))
     return {"cfg": cfg, "client": client, "runs": runs, "final": final, "globex_versions": globex}
 

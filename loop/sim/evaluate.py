@@ -57,7 +57,7 @@ def score_versions(facts: list[Fact], adapters: dict[str, str | None], max_token
         if name in general:
             plan += [(name, "general", q, adapter) for q, _ in GENERAL_QUESTIONS]
     # One version at a time: a run that asked them together once scored the static snapshot above what
-    # it can know. Shared batches did not reproduce it (benchmarks/reliability.py: mixed_batches), but
+    # it can know. Shared batches did not reproduce it (benchmarks/reliability/api.py: mixed_batches), but
     # keeping the versions apart costs a few seconds and rules it out.
     answers = []
     for name in adapters:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from benchmarks.reliability import _flip_a_byte
+from benchmarks.reliability.lifecycle import flip_a_byte
 from conftest import ROOT
 
 
@@ -27,7 +27,7 @@ def test_a_damaged_base_is_refused_with_the_fix(fetched, tmp_path):
     from loop.models.fetch import ModelMissing, verify_model
 
     assert verify_model(fetched)["digest"].startswith("sha256:")
-    _flip_a_byte(next(fetched.glob("*.safetensors")))
+    flip_a_byte(next(fetched.glob("*.safetensors")))
     with pytest.raises(ModelMissing, match="do not match the digest its manifest recorded.*loopctl models fetch"):
         verify_model(fetched)
     raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())

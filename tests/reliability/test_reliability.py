@@ -1,4 +1,4 @@
-"""The reliability suite: `benchmarks/reliability.py` run against the shared cluster's tiny stack (the
+"""The reliability suite: `benchmarks/reliability/` run against the shared cluster's tiny stack (the
 real gateway, vLLM engine, trace writer, teacher and MLflow), then every figure checked. It runs last:
 it replaces the cluster's gateway with its own (fresh keys) and kills parts of it on purpose.
 The same run, as `loopctl bench reliability --config configs/tiny.yaml`, writes reliability.json."""
@@ -22,8 +22,11 @@ def report(ray_cluster, cycle_job, tmp_path_factory):
     raw["ray"]["address"] = ray_cluster["RAY_ADDRESS"]
     cfg = LoopConfig.model_validate(raw)
     ray.init(address=ray_cluster["RAY_ADDRESS"], namespace=cfg.ray.namespace, ignore_reinit_error=True)
+    # The driver killed in each stage (the bench's driver_killed) runs in CI as test_resume.py, on the
+    # shared loop's second cycle; here it would only repeat it.
     out = reliability.run(cfg, requests=1000, concurrency=32, fault_requests=300, fuzz_examples=300,
-                          root=tmp_path_factory.mktemp("reliability"), dashboard=ray_cluster["LOOP_DASHBOARD"])
+                          root=tmp_path_factory.mktemp("reliability"), dashboard=ray_cluster["LOOP_DASHBOARD"],
+                          skip=("driver_killed",))
     (tmp_path_factory.getbasetemp() / "reliability.json").write_text(json.dumps(out, indent=2, default=str))
     return out
 
