@@ -1,0 +1,122 @@
+"""The cycle's data stages: the traffic a cycle learns from (simulated users, or the real users' traces),
+selection and teacher labels, and the evaluation at its end."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loop.cycle.report import CycleFailed
+from loop.data.label import escalation_labels, previous_cutoff, write_failures, write_replay, write_split
+from loop.data.select import rated_good, select_prompts
+from loop.models.digest import dir_digest
+from loop.sim.traffic import EVAL_USER
+from loop.traces.log import read_feedback
+
+
+class DataStages:
+    """Stages of `Cycle` (loop.cycle) that gather and grade data; they use its cfg, services, endpoint,
+    dir, world, users and report."""
+
+    def _traffic(self, sdir: Path, run_id: str) -> dict:
+        from loop.teacher.client import check_reachable
+
+        if self.cfg.teacher.kind != "local":
+            check_reachable(self.cfg.teacher, self.services.teacher_url)
+        result = self.users.traffic()
+        self.lineage.log(run_id, metrics={k: result[k] for k in ("requests", "user_acc", "eval_acc", "teacher_acc")})
+        return result
+
+    def _observe(self, sdir: Path, run_id: str) -> dict:
+        """Real traffic (`traffic.simulate: false`): nothing is sent; how many requests arrived since the
+        last cycle, and who served them. Accuracy is the gate's business (held-out teacher labels)."""
+        from loop.traces.log import read_traces
+
+        since = self._previous_cutoff()
+        rows = [r for r in read_traces(self.cfg.storage.path("traces"))
+                if r["endpoint"] == self.endpoint.id and r["ts"] > since and r["status"] == 200]
+        nan = float("nan")
+        result = {"requests": len(rows), "since": since, "eval_acc": nan, "teacher_acc": nan,
+                  "served_by": ",".join(sorted({r["model_version"] for r in rows}))}
+        self.lineage.log(run_id, metrics={"requests": len(rows)})
+        return result
+
+    def _select_and_label(self, sdir: Path, run_id: str) -> dict:
+        import ray
+
+        from loop.teacher.client import LabelsFailed, split_labels
+
+        ray.get(self.services.trace_log.compact.remote())
+        parts = self.cfg.storage.path("traces", "parquet")
+        since = self._previous_cutoff()
+        ds = ray.data.read_parquet(str(parts)).filter(
+            expr=f"endpoint == '{self.endpoint.id}' and status == 200 and ts > {since}")
+        read = ds.select_columns(["prompt", "user", "ts", "request_id", "escalated", "confidence", "completion",
+                                  "model_version"]).take_all()
+        # The next cycle starts after the newest record read here: nothing falls between cycles.
+        cutoff = max((r["ts"] for r in read), default=since)
+        # What the champion (the version this cycle improves on) answered: a retired version's mistakes,
+        # or a rolled-back challenger's, are not evidence about it.
+        champion = self.lineage.version_info(self.endpoint.id, "champion")["version"]
+        rows = [r for r in read if not r["user"].startswith(EVAL_USER) and r["model_version"] == champion]
+        d = self.cfg.data
+        feedback = read_feedback(self.cfg.storage.path("traces"))
+        sel = select_prompts(rows, feedback, max_prompts=d.max_prompts,
+                             sample_size=d.sample_size, min_confidence=d.min_confidence,
+                             negative_score=d.negative_score, heldout_fraction=d.heldout_fraction, seed=self.number)
+        prompts, heldout = [r["prompt"] for r in sel.train], {r["prompt"] for r in sel.heldout}
+        if not prompts:
+            raise CycleFailed(f"no new traffic answered by model-{self.endpoint.id}'s champion ({champion}) since the "
+                              "last cycle: nothing to learn")
+        labeled = self._label(rows, prompts + sorted(heldout))
+        try:
+            good, failed = split_labels(labeled, self.cfg.data.max_failed_fraction)
+        except LabelsFailed as e:
+            write_failures(sdir / "label_failures.jsonl", e.failed)
+            raise CycleFailed(f"{e} (which, and why: {sdir / 'label_failures.jsonl'})") from None
+        write_failures(sdir / "label_failures.jsonl", failed)
+        cost = {"teacher_cost_usd": sum(r["cost_usd"] for r in labeled),
+                "from_escalation": sum(bool(r.get("from_escalation")) for r in labeled),
+                "teacher_cached": sum(bool(r["cached"]) for r in labeled),
+                "teacher_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in labeled),
+                "teacher_prompt_tokens": sum(r["prompt_tokens"] for r in labeled if not r["cached"]),
+                "teacher_completion_tokens": sum(r["completion_tokens"] for r in labeled if not r["cached"])}
+        trained = [r for r in good if r["messages"] not in heldout]
+        if not trained:
+            raise CycleFailed(f"the teacher labelled none of the {len(prompts)} training prompts "
+                              f"(first error: {failed[0]['label_error'] if failed else 'none'}); check teacher.base_url")
+        kept = rated_good(rows, feedback, {r["prompt"] for r in sel.train} | heldout, d.keep_rated,
+                          self.cfg.promotion.positive_score, seed=self.number)
+        path = write_split(sdir, good, heldout, kept)
+        replayed = write_replay(self.dir.parent, self.number, sdir / "replay.jsonl",
+                                round(self.cfg.training.replay_ratio * len(trained)))
+        digest = dir_digest(sdir)
+        cost.update(replayed=replayed, kept=len(kept), **{f"selected_{k}": v for k, v in sel.counts.items()})
+        self.lineage.log(run_id, params={"dataset_digest": digest, "since": since},
+                         metrics={"selected": len(prompts), "labelled": len(good), "label_failed": len(failed), **cost})
+        return {"dataset": str(path), "dataset_digest": digest, "selected": len(prompts), "labelled": len(good),
+                "kept": len(kept),
+                "label_failed": len(failed), "cutoff": cutoff, "replay": str(sdir / "replay.jsonl"), **cost}
+
+    def _label(self, rows: list[dict], prompts: list[str]) -> list[dict]:
+        """The teacher's labels for `prompts`; those the cascade escalated reuse the answer it paid for."""
+        from loop.teacher.calls import label
+
+        asked, reused = escalation_labels(rows, prompts)
+        return (label(self.cfg, self.services.teacher_url, self.epoch, asked) if asked else []) + reused
+
+    def _previous_cutoff(self) -> float:
+        return previous_cutoff(self.dir.parent, self.number)
+
+    def _evaluate(self, sdir: Path, run_id: str) -> dict:
+        """The champion now and the static snapshot (version 1, the base) on the same questions."""
+        if not self.simulate:
+            live = [self.lineage.version_info(self.endpoint.id, a) for a in ("champion", "challenger")]
+            return {"eval_acc": float("nan"), "served_by": ",".join(v["version"] for v in live if v)}
+        earlier = self.dir.parent / f"cycle-{self.number - 1:04d}" / "evaluate" / "result.json"
+        known = json.loads(earlier.read_text()).get("static_regression_acc") if earlier.exists() else None
+        result = self.users.evaluate(self.lineage.version_info_number(self.endpoint.id, 1),
+                                     known if known == known else None)
+        self.lineage.log(run_id, metrics={k: v for k in ("eval_acc", "regression_acc", "static_acc",
+                                                          "static_regression_acc") if (v := result[k]) == v},
+                         tags={"served_by": result["served_by"]})
+        return result
