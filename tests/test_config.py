@@ -8,6 +8,7 @@ import yaml
 
 from pydantic import ValidationError
 
+from benchmarks.reliability.lifecycle import BAD_CONFIGS
 from loop.config import ConfigError, LoopConfig, hash_api_key, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,29 +35,7 @@ def _write(tmp_path, mutate):
     return p
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda r: r.pop("student"), "student: Field required"),
-    (lambda r: r["training"].update(lora_rank=64), "raise max_lora_rank or lower lora_rank"),
-    (lambda r: r["tenants"][0].update(api_key_hashes=["plaintext-key"]), "tenants[0].api_key_hashes"),
-    (lambda r: r["tenants"][0]["endpoints"][0].update(id="Bad_ID"), "tenants[0].endpoints[0].id"),
-    (lambda r: r["training"].update(learning_rate=-1), "training.learning_rate"),
-    (lambda r: r["serving"]["engine"].update(gpu_memory_utilization=3), "serving.engine.gpu_memory_utilization"),
-    (lambda r: r.update(unknown_section={}), "unknown_section: Extra inputs are not permitted"),
-    (lambda r: r["teacher"].update(kind="openai") if "teacher" in r else r.update(teacher={"kind": "openai"}),
-     "teacher.base_url is required"),
-    (lambda r: r["tenants"].append(dict(r["tenants"][0], id="copy")), "must be unique across tenants"),
-    (lambda r: r["serving"]["engine"].update(max_loras=8, max_cpu_loras=2), "max_cpu_loras (2) must be at least"),
-    (lambda r: r["training"].update(strategy="fsdp"), "training.strategy"),
-    (lambda r: r["training"].update(regularizer="ewc", replay_ratio=0), "set training.replay_ratio > 0"),
-    (lambda r: r["training"].update(strategy="deepspeed", zero_stage=3, regularizer="l2", reg_weight=0.1),
-     "use training.zero_stage 2"),
-    (lambda r: r.update(teacher={"kind": "local"}), "teacher.path (a Hugging Face model directory) is required"),
-    (lambda r: (r.update(teacher={"kind": "local", "path": "models/teacher"}),
-                r["tenants"][0]["endpoints"][0].update(cascade={"min_mean_logprob": -1.0})),
-     "a local teacher has no endpoint"),
-    (lambda r: r["tenants"][1]["endpoints"][0].update(cascade={"min_mean_logprob": 2}),
-     "tenants[1].endpoints[0].cascade.min_mean_logprob"),
-])
+@pytest.mark.parametrize("mutate, expected", [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
 def test_bad_config_names_the_field(tmp_path, mutate, expected):
     with pytest.raises(ConfigError) as e:
         load_config(_write(tmp_path, mutate))

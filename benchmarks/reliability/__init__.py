@@ -20,7 +20,7 @@ from benchmarks.reliability.api import (scenario_bad_input, scenario_fuzz, scena
                                         scenario_mixed_batches, scenario_secrets)
 from benchmarks.reliability.faults import (scenario_disk_full, scenario_engine_killed, scenario_mlflow_unreachable,
                                            scenario_teacher_faults, scenario_trace_writer_killed)
-from benchmarks.reliability.lifecycle import scenario_corrupt_artifacts, scenario_driver_killed
+from benchmarks.reliability.lifecycle import scenario_bad_config, scenario_corrupt_artifacts, scenario_driver_killed
 from benchmarks.reliability.traffic import bench_config, fresh_services, register_challenger
 from loop.config import LoopConfig
 
@@ -53,6 +53,7 @@ def run(cfg: LoopConfig, requests: int = 1000, concurrency: int = 32, max_tokens
         step("load", scenario_load, cfg, services, keys, requests, concurrency, max_tokens)
         step("mixed_batches", scenario_mixed_batches, cfg, services, challenger["adapter_path"])
         step("bad_input", scenario_bad_input, cfg, services, keys, admin_key)
+        step("bad_config", scenario_bad_config, work)
         step("isolation", scenario_isolation, cfg, services, keys, admin_key)
         step("fuzz", scenario_fuzz, cfg, services, keys, fuzz_examples)
         step("trace_writer_killed", scenario_trace_writer_killed, cfg, services, keys, fault_requests, concurrency,

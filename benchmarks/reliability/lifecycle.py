@@ -1,4 +1,4 @@
-"""The loop's own faults: its driver killed in each stage, corrupt bases and adapters."""
+"""The loop's own faults: its driver killed in each stage, corrupt bases and adapters, bad configs."""
 from __future__ import annotations
 
 import json
@@ -215,7 +215,73 @@ def scenario_corrupt_artifacts(cfg, services, keys) -> dict:
     registered = len(lineage.versions(endpoint.id)) - len(before) - 1  # the one damaged after registration
     served = lineage.client.get_registered_model(registered_name(endpoint.id)).aliases != aliases
     refused = sum(c["refused"] for c in cases)
-    return {"sent": len(cases), "failed": refused, "status_5xx": 0,
+    return {"sent": len(cases), "failed": len(cases) - refused, "status_5xx": 0,
             "lost": (len(cases) - refused) + registered + int(served), "recover_s": 0.0, "refused": refused,
             "reasons_in_mlflow": sum(c.get("in_mlflow", False) for c in cases), "versions_registered": registered,
             "aliases_changed": served, "cases": cases}
+
+
+def _teacher_openai(r):
+    r.setdefault("teacher", {}).update(kind="openai")
+
+
+BAD_CONFIGS = [  # (kind, change to configs/tiny.yaml, what the one-line error must say)
+    ("section missing", lambda r: r.pop("student"), "student: Field required"),
+    ("lora rank over the engine's", lambda r: r["training"].update(lora_rank=64),
+     "raise max_lora_rank or lower lora_rank"),
+    ("plaintext api key", lambda r: r["tenants"][0].update(api_key_hashes=["plaintext-key"]),
+     "tenants[0].api_key_hashes"),
+    ("bad endpoint id", lambda r: r["tenants"][0]["endpoints"][0].update(id="Bad_ID"), "tenants[0].endpoints[0].id"),
+    ("negative learning rate", lambda r: r["training"].update(learning_rate=-1), "training.learning_rate"),
+    ("gpu memory over 1", lambda r: r["serving"]["engine"].update(gpu_memory_utilization=3),
+     "serving.engine.gpu_memory_utilization"),
+    ("unknown section", lambda r: r.update(unknown_section={}), "unknown_section: Extra inputs are not permitted"),
+    ("openai teacher without url", _teacher_openai, "teacher.base_url is required"),
+    ("duplicate endpoint ids", lambda r: r["tenants"].append(dict(r["tenants"][0], id="copy")),
+     "must be unique across tenants"),
+    ("cpu loras under gpu loras", lambda r: r["serving"]["engine"].update(max_loras=8, max_cpu_loras=2),
+     "max_cpu_loras (2) must be at least"),
+    ("unknown training strategy", lambda r: r["training"].update(strategy="fsdp"), "training.strategy"),
+    ("ewc without replay", lambda r: r["training"].update(regularizer="ewc", replay_ratio=0),
+     "set training.replay_ratio > 0"),
+    ("regularizer under zero-3", lambda r: r["training"].update(strategy="deepspeed", zero_stage=3, regularizer="l2",
+                                                                reg_weight=0.1), "use training.zero_stage 2"),
+    ("local teacher without path", lambda r: r.update(teacher={"kind": "local"}),
+     "teacher.path (a Hugging Face model directory) is required"),
+    ("cascade to a local teacher", lambda r: (r.update(teacher={"kind": "local", "path": "models/teacher"}),
+                                              r["tenants"][0]["endpoints"][0].update(
+                                                  cascade={"min_mean_logprob": -1.0})),
+     "a local teacher has no endpoint"),
+    ("cascade threshold out of range", lambda r: r["tenants"][1]["endpoints"][0].update(
+        cascade={"min_mean_logprob": 2}), "tenants[1].endpoints[0].cascade.min_mean_logprob"),
+]
+
+
+def scenario_bad_config(work: Path) -> dict:
+    """Each of BAD_CONFIGS, and a file that is not YAML, not a mapping, or not there: `load_config` (what
+    `loopctl config check`, `run` and the jobs call first) fails with lines naming the field and the fix."""
+    import yaml
+
+    from loop.config import ConfigError, load_config
+
+    base = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    cases = []
+    for kind, change, expected in [*BAD_CONFIGS, ("not yaml", "name: [unclosed", "not valid YAML"),
+                                   ("not a mapping", "- a\n- list", "top level must be a mapping"),
+                                   ("no such file", None, "no such config file")]:
+        path = work / "bad-configs" / f"{len(cases):02d}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if callable(change):
+            raw = yaml.safe_load(base.read_text())
+            change(raw)
+            path.write_text(yaml.safe_dump(raw))
+        elif change is not None:
+            path.write_text(change)
+        try:
+            load_config(path)
+            cases.append({"kind": kind, "refused": False, "message": ""})
+        except ConfigError as e:
+            cases.append({"kind": kind, "refused": expected in str(e), "message": str(e)})
+    wrong = [c for c in cases if not c["refused"]]
+    return {"sent": len(cases), "failed": len(wrong), "status_5xx": 0, "lost": 0, "recover_s": 0.0,
+            "kinds": len(cases), "wrong": wrong, "cases": cases}

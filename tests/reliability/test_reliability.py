@@ -32,7 +32,7 @@ def report(ray_cluster, cycle_job, tmp_path_factory):
 
 
 def test_every_scenario_reports_the_figures(report):
-    want = {"load", "mixed_batches", "bad_input", "isolation", "fuzz", "trace_writer_killed", "teacher_faults",
+    want = {"load", "mixed_batches", "bad_input", "bad_config", "isolation", "fuzz", "trace_writer_killed", "teacher_faults",
             "mlflow_unreachable", "disk_full_checkpoint", "corrupt_artifacts", "engine_replica_killed", "secrets_and_binding"}
     assert set(report["scenarios"]) == want
     for name, s in report["scenarios"].items():
@@ -109,6 +109,11 @@ def test_corrupt_bases_and_adapters_are_refused_before_serving_with_the_reason_i
         assert kinds[kind]["in_mlflow"] and kinds[kind]["reason"] and not kinds[kind]["merged_left"], kinds[kind]
     assert kinds["adapter-changed-after-registration"]["in_mlflow"], "the refusal is tagged on the version"
     assert s["versions_registered"] == 0 and not s["aliases_changed"], s
+
+
+def test_bad_configs_fail_with_the_field_named(report):
+    s = report["scenarios"]["bad_config"]
+    assert s["kinds"] >= 19 and s["failed"] == 0, s["wrong"]
 
 
 def test_at_least_25_kinds_of_bad_input_are_4xx_in_openai_format(report):
