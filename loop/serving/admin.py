@@ -150,12 +150,12 @@ class RolloutController:
             if path is None or not digest:
                 continue
             try:
-                now = short(dir_digest(path))
+                now = dir_digest(path)
             except FileNotFoundError:
                 now = "no files"
-            if now != short(digest):
+            if now != digest:
                 reason = (f"its {what} files at {path} do not match the digest registered ({short(digest)}, now "
-                          f"{now}): damaged or changed on disk since registration")
+                          f"{short(now)}): damaged or changed on disk since registration")
                 self.lineage.tag_version(endpoint, info["number"], {"deploy_refused": reason,
                                                                     "deploy_refused_at": _now()})
                 raise AdminError(f"version {info['number']} refused: {reason}; register it again from its training "
