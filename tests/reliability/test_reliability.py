@@ -32,8 +32,9 @@ def report(ray_cluster, cycle_job, tmp_path_factory):
 
 
 def test_every_scenario_reports_the_figures(report):
-    want = {"load", "mixed_batches", "bad_input", "bad_config", "isolation", "fuzz", "trace_writer_killed", "teacher_faults",
-            "mlflow_unreachable", "disk_full_checkpoint", "corrupt_artifacts", "engine_replica_killed", "secrets_and_binding"}
+    want = {"load", "mixed_batches", "bad_input", "bad_config", "isolation", "fuzz", "trace_writer_killed",
+            "teacher_faults", "mlflow_unreachable", "disk_full_checkpoint", "corrupt_artifacts",
+            "engine_replica_killed", "secrets_and_binding"}
     assert set(report["scenarios"]) == want
     for name, s in report["scenarios"].items():
         assert {"sent", "failed", "status_5xx", "lost", "recover_s"} <= set(s), name
