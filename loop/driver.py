@@ -181,8 +181,7 @@ def _forever(cfg, services, keys, endpoints) -> list[dict]:
 def new_traces(cfg: LoopConfig, endpoint: str) -> int:
     """Served requests of `endpoint` (evaluation traffic aside) since its last cycle read the log."""
     from loop.data.label import previous_cutoff
-    from loop.sim.traffic import EVAL_USER
-    from loop.traces.log import read_traces
+    from loop.traces.log import EVAL_USER, read_traces
 
     since = previous_cutoff(cfg.storage.path("cycles", endpoint), next_cycle(cfg, endpoint))
     return sum(1 for r in read_traces(cfg.storage.path("traces"))

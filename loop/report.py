@@ -67,7 +67,7 @@ def cycle_entry(cfg: LoopConfig, endpoint: str, number: int) -> dict:
 def cost(cfg: LoopConfig, cycles: list[dict]) -> dict:
     """Requests in the cycles' windows (simulated or real users; never the evaluation), what the
     student and the teacher were paid for them, and what the teacher alone would have cost."""
-    from loop.sim.traffic import EVAL_USER
+    from loop.traces.log import EVAL_USER
     from loop.traces.log import read_traces
 
     endpoints = {c["endpoint"] for c in cycles}

@@ -15,7 +15,7 @@ import time
 from datetime import datetime
 
 from loop.control.decision import Decision, decide, variant_stats
-from loop.sim.traffic import EVAL_USER
+from loop.traces.log import EVAL_USER
 
 
 def _epoch_s(iso: str) -> float:

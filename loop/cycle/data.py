@@ -9,8 +9,7 @@ from loop.cycle.report import CycleFailed
 from loop.data.label import escalation_labels, previous_cutoff, write_failures, write_replay, write_split
 from loop.data.select import rated_good, select_prompts
 from loop.models.digest import dir_digest
-from loop.sim.traffic import EVAL_USER
-from loop.traces.log import read_feedback
+from loop.traces.log import EVAL_USER, read_feedback
 
 
 class DataStages:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from loop.sim.world import ROUTINE_QUESTIONS, Fact, states
 
-EVAL_USER = "loop-eval"
+from loop.traces.log import EVAL_USER  # noqa: F401 - re-exported for the simulation's callers
 
 
 @dataclass(frozen=True)

@@ -48,12 +48,24 @@ class TraceRecord:
     """Mean token log-probability of the student's answer (0 when not measured)."""
     status: int = 200
     error: str = ""
+    client_request_id: str = ""
+    """The `x-request-id` the client sent, if any; `request_id` is always the gateway's own (unique),
+    so one tenant can never name another tenant's request."""
+    source: str = "live"
+    """`live` (served by the gateway) or `imported` (`loopctl traces import`)."""
+    source_digest: str = ""
+    """For imported records: the sha256 of the file they came from."""
     ts: float = field(default_factory=time.time)
 
 
 # Field annotations are strings here (`from __future__ import annotations`).
 _ARROW = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
 _SCHEMA = pa.schema([(f.name, _ARROW[f.type]) for f in fields(TraceRecord)])
+
+
+EVAL_USER = "loop-eval"
+"""User-id prefix of evaluation traffic (a client's own test requests, the demo's accuracy checks):
+traced like any request, but never selected for training nor counted as a canary outcome."""
 
 
 def new_request_id() -> str:
