@@ -82,6 +82,7 @@ def gated_path(cfg: LoopConfig, adapter: Path, out: Path) -> dict:
 
     from loop.merge.merger import decoded, Merger
     from loop.serving.engine import answer_with_engine
+    from loop.sim.users import world_suites
     from loop.train.draft import measure_acceptance
     from loop.validate.gate import Validator
 
@@ -106,8 +107,8 @@ def gated_path(cfg: LoopConfig, adapter: Path, out: Path) -> dict:
     t = time.perf_counter()
     heldout = [{"messages": [{"role": "user", "content": q}], "completion": f.answer()}
                for f, q in zip(facts, questions)][:8]
-    earlier = {f.entity for f in facts if f.entity not in world.changed}
-    val = Validator(cfg.validation).run(merged, student, None, facts, earlier, heldout, str(draft), acceptance)
+    val = Validator(cfg.validation, cfg.storage.path("suites")).run(merged, student, None, world_suites(world),
+                                                                    heldout, str(draft), acceptance)
     stages["gate_s"] = time.perf_counter() - t
     t = time.perf_counter()
     n = cfg.validation.parity_questions

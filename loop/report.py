@@ -58,6 +58,7 @@ def cycle_entry(cfg: LoopConfig, endpoint: str, number: int) -> dict:
         "label_cache_hits": label.get("teacher_cached", 0) - label.get("from_escalation", 0),
         "kept": label.get("kept", 0), "label_cost_usd": label.get("teacher_cost_usd", 0.0),
         "label_completion_tokens": label.get("teacher_completion_tokens"),
+        "suites": rep.get("suites", {}), "teacher_agreement": _num(rep.get("teacher_agreement")),
         "stage_seconds": rep.get("stage_seconds", {}), "stage_clock": rep.get("stage_clock", {}),
         "cycle_seconds": sum(rep.get("stage_seconds", {}).values()),
         "window": [traffic.get("_started_at"), _read(d / "evaluate" / "result.json").get("_ended_at")],
@@ -153,7 +154,8 @@ def build(cfg: LoopConfig, cycles: list[tuple[str, int]], run: str, wall_seconds
         "student": cfg.student.name, "teacher": cfg.teacher.model if cfg.teacher.kind != "local" else cfg.teacher.path,
         "wall_seconds": wall_seconds, "cycles": entries, "cycle0_student": cycle0,
         "student_share": money["student_share"], "cost_ratio_vs_teacher": money["cost_ratio_vs_teacher"],
-        "cost": money, "targets": targets(entries, money), "target_thresholds": TARGETS,
+        "cost": money, "targets": targets(entries, money) if cfg.traffic.simulate else {},
+        "target_thresholds": TARGETS if cfg.traffic.simulate else {},
         "where_next": {
             "endpoint": gateway_url or f"http://{cfg.serving.host}:{cfg.serving.port}/v1",
             "serve": "loopctl serve CONFIG (or make serve), then any OpenAI client",
@@ -268,6 +270,14 @@ def markdown(report: dict) -> str:
             f"| {_f(c['regression_acc'])} | {_f(c['base_regression_acc'])} "
             f"| {_f(c['draft_acceptance_stale'])} -> {_f(c['draft_acceptance_cotrained'])} (k={c['draft_k'] or 'n/a'}) "
             f"| {c['promotion'] or 'n/a'} {c['new_version'] or ''} | {c['cycle_seconds']:.0f} |")
+    suites = [(c, name, v) for c in report["cycles"] for name, v in c.get("suites", {}).items()]
+    if suites:
+        lines += ["", "## The gate's suites per cycle (champion -> candidate; regression against the base)", "",
+                  "| endpoint | cycle | suite | kind | items | champion | candidate | base | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['endpoint']} | {c['cycle']} | {name} | {v['kind']} | {v['num_items']} | {_f(v['champion'])} "
+                  f"| {_f(v['candidate'])} | {_f(v.get('base'))} | {'pass' if v['passed'] else 'FAIL'} |"
+                  for c, name, v in suites]
     p = money["prices_usd_per_million_tokens"]
     lines += ["", "## Cost", "",
               f"Prices (USD per million tokens): student {p['student']['prompt']} prompt / "

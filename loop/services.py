@@ -31,7 +31,8 @@ class Services:
     gateway_url: str
     base_manifest: dict
     draft_manifest: dict
-    teacher_epoch: int = 0
+    world: object | None = None
+    """The simulation driving a `traffic.simulate: true` config (loop.config.simulation), else None."""
 
 
 def init_ray(cfg: LoopConfig) -> None:
@@ -69,19 +70,21 @@ def stop_services(cfg: LoopConfig) -> None:
 def start_services(cfg: LoopConfig, epoch: int) -> Services:
     from ray import serve
 
-    from serve_apps.teacher_app import deploy_teacher
+    from loop.config import simulation
 
+    world = simulation(cfg)
     init_ray(cfg)
     base_manifest = read_manifest(cfg.model_path(cfg.student))
     lineage = Lineage(cfg.storage.tracking_uri, cfg.storage.path("mlartifacts"))
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
     trace_log, rollout_store, controller = helper_actors(cfg, lineage, base_manifest)
-    # A local teacher has no endpoint: it lives in the cycle's Ray actors (labelling, training).
+    # A local teacher has no endpoint: it lives in the cycle's Ray actors (labelling, training). The
+    # reference teacher is the simulation's own endpoint.
     kind = cfg.teacher.kind
-    teacher_url = cfg.teacher.base_url if kind == "openai" else "" if kind == "local" else deploy_teacher(cfg, epoch)
+    teacher_url = cfg.teacher.base_url if kind == "openai" else "" if kind == "local" else world.start_teacher(epoch)
     services = Services(cfg, lineage, trace_log, rollout_store, controller, teacher_url,
                         f"http://{cfg.serving.host}:{cfg.serving.port}/v1", base_manifest,
-                        read_manifest(cfg.model_path(cfg.draft)), epoch)
+                        read_manifest(cfg.model_path(cfg.draft)), world)
     reconcile(services)
     return services
 
@@ -149,12 +152,3 @@ def _settle() -> None:
     from loop.serving.rollouts import POLL_S
 
     time.sleep(2 * POLL_S)
-
-
-def set_teacher_epoch(services: Services, epoch: int) -> None:
-    """Move the reference teacher to `epoch` (a redeploy), unless it is there already."""
-    if services.cfg.teacher.kind == "reference" and services.teacher_epoch != epoch:
-        from serve_apps.teacher_app import deploy_teacher
-
-        deploy_teacher(services.cfg, epoch)
-        services.teacher_epoch = epoch

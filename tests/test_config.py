@@ -73,4 +73,5 @@ def test_real_traffic_needs_a_real_teacher():
     with pytest.raises(ValidationError, match="teacher.kind 'reference' is the simulated world's teacher"):
         LoopConfig.model_validate(raw)
     raw["teacher"] = {"kind": "openai", "base_url": "https://api.example.com/v1", "model": "frontier"}
+    raw.pop("world")  # the demo's section: refused in a real config (tests/test_seam.py)
     assert LoopConfig.model_validate(raw).traffic.simulate is False

@@ -15,7 +15,7 @@ def _cycle(tmp_path, log):
     raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     raw["storage"]["root"] = str(tmp_path)
     cfg = LoopConfig.model_validate(raw)
-    services = SimpleNamespace(lineage=Lineage(cfg.storage.tracking_uri, cfg.storage.path("mlartifacts")))
+    services = SimpleNamespace(lineage=Lineage(cfg.storage.tracking_uri, cfg.storage.path("mlartifacts")), world=None)
     return Cycle(cfg, services, cfg.tenants[0].endpoints[0], 1, "unused", progress=log.append)
 
 

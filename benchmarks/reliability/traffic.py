@@ -42,7 +42,7 @@ def fresh_services(cfg: LoopConfig):
 
     from loop.services import init_ray, start_services
     from serve_apps.gateway_app import APP_NAME, ENGINE_APP
-    from serve_apps.teacher_app import APP_NAME as TEACHER_APP
+    from loop.sim.teacher import APP_NAME as TEACHER_APP
 
     init_ray(cfg)
     try:

@@ -14,16 +14,16 @@ from pydantic import Field, ValidationError, model_validator
 from loop.config.base import Section, hash_api_key
 from loop.config.infra import (CostConfig, DraftConfig, EngineConfig, ModelConfig, RayConfig, ServingConfig,
                                StorageConfig, TeacherConfig)
-from loop.config.learning import (BootstrapConfig, DataConfig, DraftTrainingConfig, MergeConfig, TrafficConfig,
-                                  TrainingConfig, ValidationConfig, WorldConfig)
+from loop.config.learning import (BootstrapConfig, DataConfig, DraftTrainingConfig, JudgeConfig, MergeConfig,
+                                  SuiteConfig, TrafficConfig, TrainingConfig, ValidationConfig, WorldConfig)
 from loop.config.release import PromotionConfig, RolloutConfig, ScheduleConfig
 from loop.config.tenants import CascadeConfig, EndpointConfig, TenantConfig
 
 __all__ = ["BootstrapConfig", "CascadeConfig", "ConfigError", "CostConfig", "DataConfig", "DraftConfig",
-           "DraftTrainingConfig", "EndpointConfig", "EngineConfig", "LoopConfig", "MergeConfig", "ModelConfig",
-           "PromotionConfig", "RayConfig", "RolloutConfig", "ScheduleConfig", "ServingConfig", "StorageConfig",
+           "DraftTrainingConfig", "EndpointConfig", "EngineConfig", "JudgeConfig", "LoopConfig", "MergeConfig", "ModelConfig",
+           "PromotionConfig", "RayConfig", "RolloutConfig", "ScheduleConfig", "ServingConfig", "StorageConfig", "SuiteConfig",
            "TeacherConfig", "TenantConfig", "TrafficConfig", "TrainingConfig", "ValidationConfig", "WorldConfig",
-           "hash_api_key", "load_config"]
+           "hash_api_key", "load_config", "simulation"]
 
 
 class LoopConfig(Section):
@@ -71,6 +71,10 @@ class LoopConfig(Section):
         if not self.traffic.simulate and self.teacher.kind == "reference":
             raise ValueError("teacher.kind 'reference' is the simulated world's teacher: with traffic.simulate "
                              "false use teacher.kind 'openai' (or 'local')")
+        if not self.traffic.simulate and "world" in self.model_fields_set:
+            raise ValueError("world (with its bootstrap) describes the demo's simulated world, which a "
+                             "traffic.simulate false config never builds: delete the world section (your own "
+                             "model is student.path; your evaluations are validation.suites)")
         if self.training.lora_rank > self.serving.engine.max_lora_rank:
             raise ValueError(
                 f"training.lora_rank ({self.training.lora_rank}) exceeds serving.engine.max_lora_rank "
@@ -83,6 +87,22 @@ class LoopConfig(Section):
 
     def endpoints(self) -> list[tuple[TenantConfig, EndpointConfig]]:
         return [(t, e) for t in self.tenants for e in t.endpoints]
+
+
+def simulation(cfg: LoopConfig):
+    """The simulation that drives a `traffic.simulate: true` config (None otherwise), loaded by its
+    import path `traffic.simulator`: the product's only door to the demo, and it never opens for a
+    real-traffic config."""
+    if not cfg.traffic.simulate:
+        return None
+    import importlib
+
+    module, _, name = cfg.traffic.simulator.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)(cfg)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"traffic.simulator: cannot load {cfg.traffic.simulator} ({e}); "
+                          "set it to module:Class, or traffic.simulate false for real traffic") from None
 
 
 class ConfigError(ValueError):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from loop.config.base import Section
 
 
 class BootstrapConfig(Section):
-    """The cycle-0 student (loop/models/bootstrap.py): `loopctl models fetch` teaches the fetched base
+    """The cycle-0 student (loop/sim/bootstrap.py): `loopctl models fetch` teaches the fetched base
     the world at `epoch` and merges it; that model is the student every cycle starts from."""
     epoch: int = Field(default=0, ge=0)
     max_steps: int = Field(default=60, ge=1)
@@ -31,9 +31,13 @@ class WorldConfig(Section):
 
 class TrafficConfig(Section):
     simulate: bool = True
-    """True: the demo's simulated users (the `world:` section) send each cycle's traffic, grade it and
-    measure accuracy. False: real users send it; cycles read the trace log and feedback, the gate
-    scores held-out teacher labels, and the canary waits for real traffic (`promotion.canary_wait_s`)."""
+    """True: a simulation (`simulator`, the demo's drifting world of the `world:` section) sends each
+    cycle's traffic through the gateway, grades it and measures accuracy. False: real users send it;
+    cycles read the trace log and feedback, the gate scores the suites and held-out teacher labels, and
+    the canary decides on real traffic (`promotion.canary_wait_s`); nothing of loop/sim is imported."""
+    simulator: str = Field(default="loop.sim.demo:SimulatedWorld", pattern=r"^[\w.]+:\w+$")
+    """`module:Class` of the simulation that drives a `simulate: true` config, loaded by that path
+    (the product never imports it): its teacher, its users and its setup steps."""
     users: int = Field(default=8, ge=1)
     concurrency: int = Field(default=8, ge=1)
     max_tokens: int = Field(default=32, ge=1)
@@ -63,9 +67,11 @@ class TrainingConfig(Section):
     max_seq_len: int = Field(default=128, ge=8)
     seed: int = 0
     torch_threads: int | None = Field(default=None, ge=1)
-    precision: Literal["fp32", "bf16-mixed"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
     """`bf16-mixed`: forward and backward under bfloat16 autocast, fp32 weights and optimizer (1.5x
-    faster on CPUs with AVX512-BF16 or AMX, and on GPUs); the merge and its proofs stay in fp32/fp64."""
+    faster on CPUs with AVX512-BF16 or AMX, and on GPUs; ~20x slower on a CPU without them, which
+    emulates bfloat16); `auto`: bf16-mixed where it is native (loop/platform.py), else fp32. The merge
+    and its proofs stay in fp32/fp64."""
     kd_weight: float = Field(default=1.0, ge=0)
     """Weight of token-level distillation beside the cross-entropy on the teacher's text: KL to the
     teacher's top-k log-probabilities, for the examples whose teacher gave them in the student's
@@ -111,7 +117,7 @@ class DraftTrainingConfig(Section):
     max_seq_len: int = Field(default=128, ge=8)
     max_new_tokens: int = Field(default=32, ge=1)
     """Length of the student's own answers the draft is distilled on (and acceptance is measured on)."""
-    precision: Literal["fp32", "bf16-mixed"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
     """As training.precision, for the student's answers and logits and the draft's training step
     (acceptance is always measured in fp32)."""
     num_speculative_tokens: int = Field(default=3, ge=1, le=16)
@@ -133,12 +139,74 @@ class MergeConfig(Section):
     num_probes: int = Field(default=4, ge=1)
 
 
+class SuiteConfig(Section):
+    """One evaluation suite of the gate (loop/validate/suites.py): a JSONL file of
+    `{"messages", "reference"?, "grader"?, "threshold"?}` lines."""
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Names the suite in the ValidationReport, MLflow (`suite.<name>.*` metrics) and the cycle report."""
+    path: str
+    """The file. Relative paths are taken from the working directory; `{root}` is storage.root and
+    `{cycle}` the cycle's number (0001, ...), for a suite its author writes anew for every cycle. A file
+    without `{cycle}` is checked whenever the config is loaded; one with it, when the gate reads it."""
+    kind: Literal["skill", "regression"]
+    """`skill`: what the cycle should teach (the candidate must beat the champion by `min_gain`);
+    `regression`: what it must not forget (at most `max_drop` below its `baseline`)."""
+    grader: Literal["exact", "contains", "regex", "token_f1", "judge"] = "token_f1"
+    """For lines that name none: `exact`, `contains` or `regex` against `reference`; `token_f1` (word
+    overlap with `reference`); `judge` (the teacher grades against `validation.judge.rubric`)."""
+    min_score: float | None = Field(default=None, ge=0, le=1)
+    """The candidate's mean score must reach this too (None: no absolute floor)."""
+    min_gain: float | None = None
+    """`skill`: candidate minus champion must be at least this (None: validation.min_accuracy_gain)."""
+    max_drop: float | None = Field(default=None, ge=0, le=1)
+    """`regression`: the candidate may score at most this below the baseline (None:
+    validation.max_regression_drop)."""
+    baseline: Literal["base", "champion"] = "base"
+    """`regression`: what the drop is measured against: the original base model (forgetting, the
+    default) or the current champion (for knowledge the base never had, such as earlier cycles' facts)."""
+
+    @model_validator(mode="after")
+    def _file(self) -> "SuiteConfig":
+        if "{cycle}" not in self.path and "{root}" not in self.path:
+            from loop.validate.suites import SuiteError, load_suite
+
+            try:
+                load_suite(self.path, self.name, self.kind, self.grader)
+            except SuiteError as e:
+                raise ValueError(f"suite '{self.name}': {e}") from None
+        return self
+
+
+class JudgeConfig(Section):
+    """The teacher as a judge (loop/teacher/judge.py): grades an answer against a rubric, 0-10."""
+    rubric: str = ("Grade the ASSISTANT ANSWER to the USER QUESTION for correctness and helpfulness. If a "
+                   "REFERENCE is given, an answer that contradicts it is wrong. Reply with one integer from 0 "
+                   "(wrong or useless) to 10 (fully right), and nothing else.")
+    max_tokens: int = Field(default=8, ge=1)
+    """A reply cut off at this many tokens is no grade (scored 0 and counted as failed)."""
+    pass_score: float | None = Field(default=None, ge=0, le=1)
+    """None: an answer scores its grade / 10; set: 1 when grade / 10 reaches this, else 0."""
+
+
 class ValidationConfig(Section):
+    suites: list[SuiteConfig] = []
+    """The gate's evaluation suites; every one is scored for candidate and champion. Besides them the
+    gate has the cycle's held-out teacher labels (a skill suite `heldout-teacher`, when
+    data.heldout_fraction > 0) and, unless base_regression is off, the base regression suite."""
+    base_regression: bool = True
+    """The suite `base-regression`, made once (kept under storage.root/suites/) from the original base
+    model's own greedy answers to `regression_prompts`, an answer passing when its token F1 with the
+    base's reaches 0.5: forgetting measured against the base, for any model."""
+    regression_prompts: str | None = None
+    """JSONL of {"messages"} for the base regression suite (None: the 121 general prompts shipped in
+    loop/validate/data/general_prompts.jsonl)."""
+    judge: JudgeConfig = JudgeConfig()
     min_accuracy_gain: float = 0.0
-    """Candidate held-out accuracy minus champion's must be at least this (0: must not fall)."""
-    max_regression_drop: float = Field(default=0.04, ge=0, le=1)
-    """Accuracy on earlier facts (unchanged since the last epoch) and general questions may fall by at
-    most this from the champion's (0.04: about one question of the demo's 28)."""
+    """A skill suite's candidate score minus the champion's must be at least this (0: must not fall),
+    unless the suite sets its own min_gain."""
+    max_regression_drop: float = Field(default=0.05, ge=0, le=1)
+    """A regression suite's score may fall at most this below its baseline, unless the suite sets its
+    own max_drop (0.05: 6 of the 121 prompts of the base regression suite)."""
     min_teacher_agreement: float = Field(default=0.5, ge=0, le=1)
     """Mean token F1 of the candidate's answers against the teacher's on held-out labelled prompts."""
     min_draft_acceptance: float = Field(default=0.2, ge=0)

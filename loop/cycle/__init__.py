@@ -18,9 +18,7 @@ from loop.cycle.data import DataStages
 from loop.cycle.learn import LearnStages
 from loop.cycle.release import ReleaseStages
 from loop.cycle.report import CycleFailed, CycleReport
-from loop.services import Services, set_teacher_epoch
-from loop.sim.users import SimulatedUsers
-from loop.sim.world import World
+from loop.services import Services
 from loop.stages import fault_point, manifest, output_digest, write_json
 
 __all__ = ["Cycle", "CycleFailed", "CycleReport"]
@@ -34,13 +32,13 @@ class Cycle(DataStages, LearnStages, ReleaseStages):
         self.dir = cfg.storage.path("cycles", endpoint.id, f"cycle-{number:04d}")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.epoch = number
-        w = cfg.world
-        self.world = World(w.seed, self.epoch, w.num_entities, w.drift_fraction, w.new_per_epoch)
         self.report = CycleReport(endpoint.id, number, self.epoch)
         self.lineage = services.lineage
         self._redo = False
-        self.simulate = cfg.traffic.simulate
-        self.users = SimulatedUsers(cfg, services, endpoint, self.world, number, api_key, progress)
+        # The demo's simulated users (services.world, loaded by import path); a real-traffic cycle has none.
+        self.world = services.world
+        self.users = self.world.users(services, endpoint, number, api_key, progress) if self.world else None
+        self.simulate = self.users is not None
 
     # --- stage bookkeeping ------------------------------------------------------------------
     def stage(self, name: str, fn):
@@ -91,7 +89,8 @@ class Cycle(DataStages, LearnStages, ReleaseStages):
             write_json(run_file, {"run_id": self.report.run_id})
         ok = False
         try:
-            set_teacher_epoch(self.services, self.epoch)
+            if self.world:
+                self.world.before_cycle(self.epoch)
             traffic = self.stage("traffic", self._traffic if self.simulate else self._observe)
             self.report.student_acc_before = traffic["eval_acc"]
             self.report.teacher_acc = traffic["teacher_acc"]
@@ -106,6 +105,10 @@ class Cycle(DataStages, LearnStages, ReleaseStages):
             else:
                 val = {"passed": False, "reasons": [f"merge proofs failed: {'; '.join(merge['reasons'])}"]}
             self.report.validation_passed = val["passed"]
+            self.report.suites = {k: {f: v[f] for f in ("kind", "num_items", "candidate", "champion", "base", "passed")}
+                                  for k, v in val.get("suites", {}).items()}
+            self.report.teacher_agreement = val.get("teacher_agreement", float("nan"))
+            self.report.teacher_cost_usd = data.get("teacher_cost_usd", 0.0) + val.get("judge", {}).get("cost_usd", 0.0)
             if val["passed"]:
                 reg = self.stage("register", lambda d, r: self._register(d, r, data, train, merge, val, draft))
                 self.report.new_version = reg["version"]

@@ -78,18 +78,19 @@ class LearnStages:
     def _validate(self, sdir: Path, run_id: str, data: dict, train: dict, merge: dict, draft: dict) -> dict:
         import ray
 
-        from loop.validate.gate import Validator
+        from loop.validate.gate import Validator, configured_suites, uses_judge
 
         champion = self.lineage.version_info(self.endpoint.id, "champion")
-        actor = ray.remote(num_cpus=1)(Validator).remote(self.cfg.validation)
+        suites, refused = configured_suites(self.cfg.validation, self.cfg.storage.path(), self.number)
+        heldout = [json.loads(line) for line in (Path(data["dataset"]).parent / "heldout.jsonl").read_text()
+                   .splitlines() if line.strip()]
+        judge = self._judge() if uses_judge(suites) else None
+        actor = ray.remote(num_cpus=1)(Validator).remote(self.cfg.validation, self.cfg.storage.path("suites"), judge)
         try:
-            facts = self.world.facts if self.simulate else []
-            earlier = {f.entity for f in facts if f.entity not in self.world.changed}
-            heldout = [json.loads(line) for line in (Path(data["dataset"]).parent / "heldout.jsonl").read_text()
-                       .splitlines() if line.strip()]
             report = ray.get(actor.run.remote(Path(merge["merged_dir"]), self.cfg.model_path(self.cfg.student),
-                                              champion["adapter_path"], facts, earlier, heldout,
-                                              draft["draft_path"], draft.get("acceptance")))
+                                              champion["adapter_path"], suites, heldout, draft["draft_path"],
+                                              draft.get("acceptance"), refused, train["adapter_digest"],
+                                              champion.get("adapter_digest") or None))
         finally:
             ray.kill(actor)
         n = self.cfg.validation.parity_questions
@@ -97,17 +98,30 @@ class LearnStages:
             from loop.validate.parity import serving_parity
 
             report.parity, reasons = serving_parity(
-                self.cfg, merge["merged_dir"], train["adapter_dir"],
-                draft["draft_path"], [[{"role": "user", "content": q}] if isinstance(q, str) else q
-                                      for q in report.reference_questions],
-                report.reference_answers, self.cfg.validation.max_new_tokens)
+                self.cfg, merge["merged_dir"], train["adapter_dir"], draft["draft_path"],
+                report.reference_questions, report.reference_answers, self.cfg.validation.max_new_tokens)
             self._record_engine_proof(merge, report.parity)
             report.reasons += reasons
             report.passed = not report.reasons
         self.lineage.log_dict(run_id, report.to_dict(), "validation_report.json")
-        self.lineage.log(run_id, metrics={k: v for k, v in report.to_dict().items() if isinstance(v, float) and v == v},
+        per_suite = {f"suite.{name}.{who}": s[who] for name, s in report.suites.items()
+                     for who in ("candidate", "champion", "base") if s.get(who) is not None}
+        self.lineage.log(run_id, metrics={**per_suite, **{k: v for k, v in report.to_dict().items()
+                                                         if isinstance(v, float) and v == v},
+                                          **{f"judge.{k}": v for k, v in report.judge.items()}},
                          tags={"verdict": "pass" if report.passed else "fail"})
         return report.to_dict()
+
+    def _judge(self):
+        """The teacher as the `judge` grader (HTTP teachers; a local teacher has no endpoint)."""
+        from loop.teacher.client import teacher_key
+        from loop.teacher.judge import TeacherJudge
+
+        if self.cfg.teacher.kind == "local":
+            raise CycleFailed("a suite grades with 'judge', which needs an HTTP teacher (teacher.kind openai); "
+                              "use another grader with a local teacher")
+        return TeacherJudge(self.cfg.teacher, self.services.teacher_url, teacher_key(self.cfg.teacher),
+                            self.cfg.validation.judge, str(self.cfg.storage.path("teacher-cache.sqlite")))
 
     def _draft(self, sdir: Path, run_id: str, data: dict, train: dict, merge: dict) -> dict:
         """Co-train the draft on the new student (merged weights); keep whichever draft the new
@@ -121,7 +135,7 @@ class LearnStages:
         result = {"draft_path": parent, "draft_digest": dir_digest(parent), "cotrained": False}
         if not dc.enabled:
             return result
-        questions = ([f.heldout_question() for f in self.world.facts] if self.simulate else [
+        questions = (self.users.heldout_questions() if self.simulate else [
             json.loads(line)["messages"][-1]["content"]
             for line in Path(data["dataset"]).read_text().splitlines() if line.strip()])[:dc.acceptance_questions]
         measure = ray.remote(num_cpus=1)(measure_acceptance)

@@ -32,6 +32,12 @@ class CycleReport:
     promotion: str = ""
     """The promotion controller's verdict on the new version: promote, rollback, or continue
     (still collecting evidence when the canary stage ended)."""
+    suites: dict = field(default_factory=dict)
+    """The gate's evaluation suites: per name, kind, candidate / champion / base scores and verdict."""
+    teacher_agreement: float = float("nan")
+    """The candidate's mean token F1 with the teacher on held-out labelled prompts (nan: none held out)."""
+    teacher_cost_usd: float = 0.0
+    """What the cycle paid the teacher: labels (and the judge's grades)."""
     stage_seconds: dict = field(default_factory=dict)
     stage_clock: dict = field(default_factory=dict)
     """Checkpoint written (train stage done) -> first canary request served, and each stage's share."""

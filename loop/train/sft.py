@@ -277,10 +277,14 @@ def _full_adapter_state(model, engine, tc: TrainingConfig) -> dict | None:
 
 
 def autocast(device, precision: str):
-    """bfloat16 autocast for `bf16-mixed` (weights, gradients and optimizer stay fp32), else nothing."""
+    """bfloat16 autocast for `bf16-mixed` (weights, gradients and optimizer stay fp32; `auto` where
+    bfloat16 is native, loop/platform.py), else nothing."""
     import torch
 
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    from loop.platform import resolve_precision
+
+    enabled = resolve_precision(precision, device.type) == "bf16-mixed"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _model_inputs(batch: dict, device) -> dict:

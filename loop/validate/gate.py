@@ -1,46 +1,64 @@
-"""The validation gate: nothing worse than the champion, and nothing the teacher would not say, gets past.
+"""The validation gate: nothing worse than the champion, and nothing that forgot what the base knew, gets past.
 
-Candidate and champion are scored the same way (greedy Hugging Face generation), so the comparison is
-fair whatever serves them. Each threshold is in `validation:`:
-  - new skill: accuracy on held-out phrasings of the current facts beats the champion's by
-    `min_accuracy_gain`;
-  - regression: accuracy on earlier facts (unchanged since the last epoch) and general questions the
-    student should keep falls by at most `max_regression_drop`;
-  - teacher agreement: on held-out labelled prompts (never trained on), the candidate's answers agree
-    with the teacher's (mean token F1) at least `min_teacher_agreement`.
-A failed check is a reason; every reason is recorded, and any reason means nothing is deployed.
-Without a simulated world (`traffic.simulate: false`, no facts to check), the new-skill check is the
-teacher agreement on the held-out labels instead: the candidate's must beat the champion's by
-`min_accuracy_gain`, and the regression set is the general questions.
+Candidate and champion answer every evaluation suite (loop/validate/suites.py) the same way (greedy
+Hugging Face generation), so the comparison is fair whatever serves them. The rules, each threshold
+in `validation:` or the suite's own entry:
+  - skill suites (the cycle's held-out teacher labels, and the user's own): the candidate's score must
+    beat the champion's by `min_gain` (validation.min_accuracy_gain) and reach `min_score` if set;
+  - regression suites (by default one made from the original base model's own answers to general
+    prompts): the candidate may fall at most `max_drop` (validation.max_regression_drop) below its
+    baseline, the base model (forgetting) or the champion;
+  - teacher agreement: on the held-out labels, mean token F1 with the teacher's answers at least
+    `min_teacher_agreement`;
+  - the draft: acceptance and identical speculative output.
+Nothing passes vacuously: a gate without any skill suite, or with an empty or unreadable one, refuses
+the candidate and says why. Every failed rule is a reason; any reason means nothing is deployed.
 """
 from __future__ import annotations
 
-import re
+import hashlib
+import json
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loop.config import ValidationConfig
-from loop.sim.world import GENERAL_QUESTIONS, Fact, is_correct, states
+from loop.validate.suites import (Suite, SuiteError, SuiteScore, general_prompts, grade, heldout_suite,
+                                  load_suite, token_f1, write_suite)
+
+__all__ = ["ValidationReport", "Validator", "generate_answers", "token_f1"]
+
+BASE_SUITE = "base-regression"
+_EPS = 1e-9
+"""Thresholds are compared with this slack: 1 - 38/40 is 0.05000000000000004 in floating point."""
+BASE_PASS_F1 = 0.5
+"""An answer of the base regression suite passes when its token F1 with the base's own reaches this:
+worded differently is kept, a different answer is forgotten."""
 
 
 @dataclass
 class ValidationReport:
     candidate_acc: float
+    """The first skill suite's score (the user's own suite, or the held-out teacher labels)."""
     champion_acc: float
     num_questions: int
     min_accuracy_gain: float
     passed: bool
     seconds: float
     regression_candidate: float = float("nan")
+    """The first regression suite's score (the base regression suite unless one is named)."""
     regression_champion: float = float("nan")
+    regression_base: float = float("nan")
     num_regression: int = 0
     draft_acceptance: float | None = None
     spec_identical: str = ""
     teacher_agreement: float = float("nan")
     champion_teacher_agreement: float = float("nan")
     num_agreement: int = 0
+    suites: dict = field(default_factory=dict)
+    """Per suite (by name): SuiteScore as a dict: kind, items, candidate / champion / base scores, verdict."""
+    judge: dict = field(default_factory=dict)
+    """The judge grader's calls, tokens and cost (empty when no suite used it)."""
     parity: dict = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
@@ -73,23 +91,52 @@ def generate_answers(model_dir: Path, questions: list, max_new_tokens: int, adap
     return greedy_answers(model, tok, conversations, max_new_tokens, batch_size=batch_size)
 
 
-def accuracy(facts: list[Fact], answers: list[str]) -> float:
-    return sum(is_correct(f, a) for f, a in zip(facts, answers)) / max(1, len(facts))
+class AnswerCache:
+    """Greedy answers by (model, conversation, max_new_tokens) under storage.root/suites/answers: a
+    version's answers never change, so the champion (last cycle's candidate) and the base are asked once."""
+
+    def __init__(self, root: Path | None):
+        self.root = root
+
+    def _path(self, model_key: str) -> Path:
+        return self.root / f"{hashlib.sha256(model_key.encode()).hexdigest()[:24]}.json"
+
+    def answers(self, model_key: str | None, conversations: list[list[dict]], max_new_tokens: int, ask) -> list[str]:
+        """The cached answers, asking `ask(missing conversations)` for the rest."""
+        keys = [json.dumps([c, max_new_tokens], sort_keys=True) for c in conversations]
+        known = {}
+        if self.root is not None and model_key and self._path(model_key).exists():
+            known = json.loads(self._path(model_key).read_text())
+        missing = [c for c, k in zip(conversations, keys) if k not in known]
+        if missing:
+            known.update(zip([k for k in keys if k not in known], ask(missing)))
+            if self.root is not None and model_key:
+                self.root.mkdir(parents=True, exist_ok=True)
+                tmp = self._path(model_key).with_suffix(".tmp")
+                tmp.write_text(json.dumps(known))
+                tmp.replace(self._path(model_key))
+        return [known[k] for k in keys]
 
 
-def token_f1(answer: str, reference: str) -> float:
-    """SQuAD-style token overlap F1 (lower-cased words and numbers)."""
-    a, r = (re.findall(r"[\w$.]+", t.lower().rstrip(".")) for t in (answer, reference))
-    common = sum((Counter(a) & Counter(r)).values())
-    if not a or not r or not common:
-        return float(a == r)
-    precision, recall = common / len(a), common / len(r)
-    return 2 * precision * recall / (precision + recall)
+def base_suite(cfg: ValidationConfig, base_dir: Path, base_digest: str, root: Path | None) -> Suite:
+    """The base regression suite: the original base model's own greedy answers to the general prompts,
+    made once per (base, prompt set, max_new_tokens) and kept as a suite file under `root`."""
+    prompts = general_prompts(cfg.regression_prompts)
+    key = hashlib.sha256(json.dumps([base_digest, prompts, cfg.max_new_tokens]).encode()).hexdigest()[:16]
+    path = (root or base_dir.parent) / f"{BASE_SUITE}-{key}.jsonl"
+    if not path.exists():
+        answers = generate_answers(base_dir, prompts, cfg.max_new_tokens)
+        write_suite(path, [{"messages": p, "reference": a, "grader": "token_f1", "threshold": BASE_PASS_F1}
+                           for p, a in zip(prompts, answers)])
+    return load_suite(path, BASE_SUITE, "regression")
 
 
 class Validator:
-    def __init__(self, cfg: ValidationConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: ValidationConfig, root: Path | None = None, judge=None):
+        """`root`: where base suites and cached answers live (storage.root/suites; None: nothing kept);
+        `judge`: the `judge` grader (a TeacherJudge), when a suite uses it."""
+        self.cfg, self.root, self.judge = cfg, root, judge
+        self.cache = AnswerCache(root / "answers" if root else None)
 
     def _check_draft(self, report: ValidationReport, candidate_dir: Path, draft_dir: str,
                      acceptance: float | None, questions: list[str]) -> None:
@@ -107,57 +154,137 @@ class Validator:
                 report.reasons.append(f"speculative decoding with the draft changed the greedy output on "
                                       f"{got['compared'] - got['identical']} of {got['compared']} questions")
 
-    def run(self, candidate_dir: Path, champion_base: Path, champion_adapter: str | None, facts: list[Fact],
-            earlier: set[str] | None = None, heldout: list[dict] | None = None, draft_dir: str | None = None,
-            draft_acceptance: float | None = None) -> ValidationReport:
-        """`facts`: the current world; `earlier`: entities whose facts did not change since the last
-        epoch; `heldout`: labelled rows ({"messages", "completion"}) set aside from training;
-        `draft_dir` / `draft_acceptance`: the version's matched draft and its measured acceptance."""
+    def run(self, candidate_dir: Path, base_dir: Path, champion_adapter: str | None, suites: list[Suite],
+            heldout: list[dict] | None = None, draft_dir: str | None = None, draft_acceptance: float | None = None,
+            refused: list[str] | None = None, candidate_key: str | None = None,
+            champion_key: str | None = None) -> ValidationReport:
+        """`suites`: the configured (and any driver-written) suites, loaded; `heldout`: labelled rows
+        ({"messages", "completion"}) set aside from training; `champion_adapter`: None when the champion
+        is the base itself; `refused`: suites that could not be loaded (each a reason); `candidate_key` /
+        `champion_key`: their adapter digests, under which answers are kept (the candidate's then serve
+        it as champion)."""
+        from loop.models.digest import dir_digest
+
         started = time.perf_counter()
         heldout = heldout or []
-        questions = ([f.heldout_question() for f in facts] + [q for q, _ in GENERAL_QUESTIONS]
-                     + [row["messages"] for row in heldout])
-        cand = generate_answers(candidate_dir, questions, self.cfg.max_new_tokens)
-        champ = generate_answers(champion_base, questions, self.cfg.max_new_tokens, champion_adapter)
-        n, g = len(facts), len(GENERAL_QUESTIONS)
-        report = ValidationReport(candidate_acc=accuracy(facts, cand[:n]), champion_acc=accuracy(facts, champ[:n]),
-                                  num_questions=n, min_accuracy_gain=self.cfg.min_accuracy_gain, passed=False,
-                                  seconds=0.0)
-        if not facts and heldout:  # real traffic: the held-out teacher labels are the new skill
-            report.candidate_acc, report.champion_acc = (
-                sum(token_f1(x, row["completion"]) for x, row in zip(a[g:], heldout)) / len(heldout)
-                for a in (cand, champ))
-            report.num_questions = len(heldout)
-        if report.candidate_acc - report.champion_acc < self.cfg.min_accuracy_gain:
-            report.reasons.append(f"held-out accuracy {report.candidate_acc:.3f} vs champion {report.champion_acc:.3f}: "
-                                  f"gain below validation.min_accuracy_gain {self.cfg.min_accuracy_gain}")
-        kept = [i for i, f in enumerate(facts) if f.entity in (earlier or set())]
-        report.num_regression = len(kept) + g
-        report.regression_candidate, report.regression_champion = (
-            (sum(is_correct(facts[i], a[i]) for i in kept)
-             + sum(states(v, x) for (_, v), x in zip(GENERAL_QUESTIONS, a[n:n + g]))) / report.num_regression
-            for a in (cand, champ))
-        drop = report.regression_champion - report.regression_candidate
-        if drop > self.cfg.max_regression_drop:
-            report.reasons.append(f"regression set (earlier facts and general questions) accuracy fell "
-                                  f"{report.regression_champion:.3f} -> {report.regression_candidate:.3f}, more than "
-                                  f"validation.max_regression_drop {self.cfg.max_regression_drop}")
+        suites = list(suites)
         if heldout:
-            report.num_agreement = len(heldout)
-            report.teacher_agreement, report.champion_teacher_agreement = (
-                sum(token_f1(x, row["completion"]) for x, row in zip(a[n + g:], heldout)) / len(heldout)
-                for a in (cand, champ))
+            suites.append(heldout_suite(heldout))
+        base_digest = dir_digest(base_dir)
+        if self.cfg.base_regression:
+            suites.append(base_suite(self.cfg, base_dir, base_digest, self.root))
+        report = ValidationReport(candidate_acc=float("nan"), champion_acc=float("nan"), num_questions=0,
+                                  min_accuracy_gain=self.cfg.min_accuracy_gain, passed=False, seconds=0.0,
+                                  reasons=list(refused or []))
+        if not any(s.kind == "skill" for s in suites):
+            report.reasons.append("no skill suite to measure what the cycle taught: set data.heldout_fraction > 0 "
+                                  "(held-out teacher labels) or name a skill suite in validation.suites")
+        items = list(dict.fromkeys(i for s in suites for i in s.items))
+        conversations = [i.conversation for i in items]
+        n = self.cfg.max_new_tokens
+        candidate = self.cache.answers(candidate_key and f"adapter:{base_digest}:{candidate_key}", conversations, n,
+                                       lambda c: generate_answers(candidate_dir, c, n))
+        if champion_adapter:
+            champion_key = champion_key and f"adapter:{base_digest}:{champion_key}"
+        else:
+            champion_key = f"base:{base_digest}"
+        champion = self.cache.answers(champion_key, conversations, n,
+                                      lambda c: generate_answers(base_dir, c, n, champion_adapter))
+        by_item = {"candidate": dict(zip(items, candidate)), "champion": dict(zip(items, champion))}
+        base_needed = [i for s in suites if s.kind == "regression" and s.name != BASE_SUITE
+                       and s.baseline == "base" for i in s.items]
+        if base_needed:
+            base_items = list(dict.fromkeys(base_needed))
+            by_item["base"] = dict(zip(base_items, self.cache.answers(
+                f"base:{base_digest}", [i.conversation for i in base_items], n,
+                lambda c: generate_answers(base_dir, c, n))))
+        for suite in suites:
+            self._score(report, suite, by_item)
+        if heldout:
+            s = report.suites["heldout-teacher"]
+            report.num_agreement = s["num_items"]
+            report.teacher_agreement, report.champion_teacher_agreement = s["candidate"], s["champion"]
             if report.teacher_agreement < self.cfg.min_teacher_agreement:
                 report.reasons.append(f"agreement with the teacher on {len(heldout)} held-out prompts is "
                                       f"{report.teacher_agreement:.3f}, below validation.min_teacher_agreement "
                                       f"{self.cfg.min_teacher_agreement}")
+        singles = [i.conversation[-1]["content"] for i in items if len(i.messages) == 1]
         if draft_dir:
-            self._check_draft(report, candidate_dir, draft_dir, draft_acceptance,
-                              [q for q in questions if isinstance(q, str)])
+            self._check_draft(report, candidate_dir, draft_dir, draft_acceptance, singles)
+        if self.judge is not None and self.judge.usage.calls:
+            report.judge = asdict(self.judge.usage)
         report.passed = not report.reasons
         report.seconds = time.perf_counter() - started
-        report.reference_answers = cand[:self.cfg.parity_questions]
-        report.reference_questions = questions[:self.cfg.parity_questions]
-        report.samples = [{"question": q, "expected": f.value, "candidate": c, "champion": h}
-                          for q, f, c, h in list(zip(questions, facts, cand, champ))[:5]]
+        report.reference_questions = conversations[:self.cfg.parity_questions]
+        report.reference_answers = candidate[:self.cfg.parity_questions]
+        report.samples = [{"question": i.conversation[-1]["content"], "expected": i.reference,
+                           "candidate": by_item["candidate"][i], "champion": by_item["champion"][i]}
+                          for i in items[:5]]
         return report
+
+    def _score(self, report: ValidationReport, suite: Suite, by_item: dict) -> None:
+        """One suite's scores and its rule; the first skill and regression suites fill the headline fields."""
+        def mean(who: str) -> float:
+            return sum(grade(i, by_item[who][i], self.judge) for i in suite.items) / len(suite.items)
+
+        got = SuiteScore(suite.name, suite.kind, len(suite.items), mean("candidate"), mean("champion"))
+        opts = suite.options
+        if suite.kind == "skill":
+            gain = opts.get("min_gain")
+            gain = self.cfg.min_accuracy_gain if gain is None else gain
+            if got.candidate - got.champion < gain - _EPS:
+                got.reason = (f"suite {suite.name}: {got.candidate:.3f} vs champion {got.champion:.3f}: gain below "
+                              f"{'its min_gain' if opts.get('min_gain') is not None else 'validation.min_accuracy_gain'} "
+                              f"{gain}")
+            if report.num_questions == 0:
+                report.candidate_acc, report.champion_acc = got.candidate, got.champion
+                report.num_questions = got.num_items
+        else:
+            baseline = suite.baseline
+            if suite.name == BASE_SUITE:
+                got.base = 1.0  # the base's own answers: it agrees with itself on every one
+            elif baseline == "base":
+                got.base = mean("base")
+            reference = got.base if baseline == "base" else got.champion
+            drop = opts.get("max_drop")
+            drop = self.cfg.max_regression_drop if drop is None else drop
+            if reference - got.candidate > drop + _EPS:
+                got.reason = (f"suite {suite.name}: {got.candidate:.3f}, more than "
+                              f"{'its max_drop' if opts.get('max_drop') is not None else 'validation.max_regression_drop'} "
+                              f"{drop} below the {baseline}'s {reference:.3f}")
+            if report.num_regression == 0:
+                report.regression_candidate, report.regression_champion = got.candidate, got.champion
+                report.regression_base = got.base if got.base is not None else float("nan")
+                report.num_regression = got.num_items
+        floor = opts.get("min_score")
+        if floor is not None and got.candidate < floor - _EPS:
+            got.reason = "; ".join(filter(None, [got.reason, f"suite {suite.name}: {got.candidate:.3f} below its "
+                                                                f"min_score {floor}"]))
+        got.passed = not got.reason
+        if got.reason:
+            report.reasons.append(got.reason)
+        got.samples = [{"question": i.conversation[-1]["content"], "reference": i.reference,
+                        "candidate": by_item["candidate"][i]} for i in suite.items[:3]]
+        report.suites[suite.name] = asdict(got)
+
+
+def configured_suites(cfg: ValidationConfig, root: Path, cycle: int) -> tuple[list[Suite], list[str]]:
+    """The suites named in `validation.suites`, their `{root}` / `{cycle}` filled in, with their rules
+    attached; and, for those that cannot be read, the reason each is a refusal (never skipped)."""
+    loaded, refused = [], []
+    for s in cfg.suites:
+        path = s.path.replace("{root}", str(root)).replace("{cycle}", f"{cycle:04d}")
+        try:
+            suite = load_suite(path, s.name, s.kind, s.grader)
+        except SuiteError as e:
+            refused.append(f"suite {s.name} (validation.suites): {e}")
+            continue
+        suite.baseline, suite.options = s.baseline, {"min_gain": s.min_gain, "max_drop": s.max_drop,
+                                                     "min_score": s.min_score}
+        loaded.append(suite)
+    return loaded, refused
+
+
+def uses_judge(suites: list[Suite]) -> bool:
+    return any(i.grader == "judge" for s in suites for i in s.items)
+
