@@ -2,7 +2,27 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+CONFIG_ENV = "LOOP_CONFIG"
+"""The config of the loop in use, for the commands that act on it (`lineage`, `status`, `promote`,
+`rollback`, `traces`) when no --config is given: they never fall back to the demo's silently."""
+DEMO_CONFIG = "configs/demo.yaml"
+"""What `models fetch` and `bench` use when neither --config nor $LOOP_CONFIG says (as `make setup` and
+the README's benchmarks expect)."""
+
+
+def _config_path(args) -> str | None:
+    """--config, else $LOOP_CONFIG; None, with the one-line error printed, when neither is set."""
+    path = args.config or os.environ.get(CONFIG_ENV)
+    if not path:
+        print(f"error: no config: pass --config CONFIG or set {CONFIG_ENV}=CONFIG", file=sys.stderr)
+    return path
+
+
+def _config_or_demo(args) -> str:
+    return args.config or os.environ.get(CONFIG_ENV) or DEMO_CONFIG
 
 
 def _config_check(args) -> int:
@@ -24,7 +44,7 @@ def _models_fetch(args) -> int:
     from loop.models.fetch import ModelMissing, ensure_models
 
     try:
-        out = ensure_models(load_config(args.config), force=args.force)
+        out = ensure_models(load_config(_config_or_demo(args)), force=args.force)
     except (ConfigError, ModelMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -75,8 +95,10 @@ def _lineage(args) -> int:
     from loop.config import ConfigError, load_config
     from loop.lineage.chain import chain, render
 
+    if (path := _config_path(args)) is None:
+        return 2
     try:
-        c = chain(load_config(args.config), args.endpoint, args.version)
+        c = chain(load_config(path), args.endpoint, args.version)
     except (ConfigError, KeyError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
@@ -117,20 +139,23 @@ def _admin_call(args, method: str, route: str, body: dict | None = None) -> int:
     """An admin API call to the running gateway (`serving.host:port` of the config, or --url), with
     the admin key from $LOOP_ADMIN_KEY; prints the JSON answer, exit 1 on an error answer."""
     import json
-    import os
 
     import httpx
 
     from loop.config import ConfigError, load_config
 
+    url = args.url
+    if not url:  # the config is only needed to find the gateway
+        if (path := _config_path(args)) is None:
+            return 2
+        try:
+            url = f"http://{(cfg := load_config(path)).serving.host}:{cfg.serving.port}"
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     key = os.environ.get("LOOP_ADMIN_KEY")
     if not key:
         print("error: set LOOP_ADMIN_KEY to the admin key whose sha256 is serving.admin_key_hash", file=sys.stderr)
-        return 2
-    try:
-        url = args.url or f"http://{(cfg := load_config(args.config)).serving.host}:{cfg.serving.port}"
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         r = httpx.request(method, f"{url.rstrip('/')}{route}", json=body, timeout=600,
@@ -161,7 +186,6 @@ def _bench(args) -> int:
     """Run benchmarks/NAME.py and write benchmarks/results/NAME.json with the machine it ran on."""
     import importlib
     import json
-    import os
     import platform
     import time
     from pathlib import Path
@@ -169,8 +193,9 @@ def _bench(args) -> int:
     from loop.config import ConfigError, load_config
     from loop.models.fetch import ModelMissing
 
+    config = _config_or_demo(args)
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(config)
         started = time.time()
         result = importlib.import_module(f"benchmarks.{args.name}").run(cfg)
     except (ConfigError, ModelMissing) as e:
@@ -181,7 +206,7 @@ def _bench(args) -> int:
     result["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                          "cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
                          "python": platform.python_version()}
-    result["config"] = args.config
+    result["config"] = config
     result["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
     result["seconds"] = time.time() - started
     out = Path(args.out_dir) / f"{args.name}.json"
@@ -189,6 +214,64 @@ def _bench(args) -> int:
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2))
     print(f"wrote {out}")
+    return 0
+
+
+def _traces_import(args) -> int:
+    """A JSONL file of chat completions into the trace log; every problem with its line, or nothing."""
+    from loop.config import ConfigError, load_config
+    from loop.traces.importer import ImportRefused, import_file
+
+    if (path := _config_path(args)) is None:
+        return 2
+    try:
+        result = import_file(load_config(path), args.file, endpoint=args.endpoint)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.filename or args.file}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except ImportRefused as e:
+        for problem in e.problems:
+            print(f"{args.file}: {problem}", file=sys.stderr)
+        lines = len({p.line for p in e.problems if p.line is not None})
+        print(f"error: {len(e.problems)} problem(s)" + (f" on {lines} line(s)" if lines else "")
+              + f" of {args.file}; nothing was imported", file=sys.stderr)
+        return 2
+    if result.already_imported:
+        print(f"{args.file} ({result.digest}) was imported before: nothing added")
+        return 0
+    per = ", ".join(f"model-{e}: {n}" for e, n in sorted(result.endpoints.items()))
+    print(f"imported {result.records} records ({per}) and {result.feedback} feedback rows from {args.file} "
+          f"({result.digest})")
+    return 0
+
+
+def _traces_show(args) -> int:
+    """Records per endpoint and source (live, imported), feedback rows, and the imported files."""
+    from collections import Counter
+
+    from loop.config import ConfigError, load_config
+    from loop.traces.importer import imports
+    from loop.traces.log import read_feedback, read_traces
+
+    if (path := _config_path(args)) is None:
+        return 2
+    try:
+        root = load_config(path).storage.path("traces")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = [r for r in read_traces(root) if args.source in (None, r.get("source") or "live")]
+    counts = Counter((r["endpoint"] or "(refused)", r.get("source") or "live") for r in rows)
+    print(f"{'endpoint':<24} {'source':<9} records")
+    for (endpoint, source), n in sorted(counts.items()):
+        print(f"{endpoint:<24} {source:<9} {n}")
+    ids = {r["request_id"] for r in rows}
+    print(f"feedback rows: {sum(f['request_id'] in ids for f in read_feedback(root))}")
+    for digest, row in imports(root).items():
+        print(f"imported: {row['file']} ({digest}): {row['records']} records, {row['feedback']} feedback rows")
     return 0
 
 
@@ -211,6 +294,10 @@ def _merge(args) -> int:
     return 0
 
 
+CONFIG_HELP = f"the loop's config (default: ${CONFIG_ENV}; one of the two is required)"
+DEMO_HELP = f"the config (default: ${CONFIG_ENV}, else {DEMO_CONFIG})"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="loopctl", description="continual-loop control")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -220,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     ck.set_defaults(fn=_config_check)
     m = sub.add_parser("models", help="student and draft models").add_subparsers(dest="sub", required=True)
     mf = m.add_parser("fetch", help="fetch/convert the student and build the draft under .loop/models")
-    mf.add_argument("--config", default="configs/demo.yaml")
+    mf.add_argument("--config", default=None, help=DEMO_HELP)
     mf.add_argument("--force", action="store_true")
     mf.set_defaults(fn=_models_fetch)
     k = sub.add_parser("keys", help="API keys").add_subparsers(dest="sub", required=True)
@@ -244,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     ln = sub.add_parser("lineage", help="a version's chain: cycle, data, adapter, merge, draft, gate, deployments")
     ln.add_argument("endpoint", help="model-<id> or <id>")
     ln.add_argument("version", nargs="?", type=int, default=None, help="version number (default: the champion)")
-    ln.add_argument("--config", default="configs/demo.yaml")
+    ln.add_argument("--config", default=None, help=CONFIG_HELP)
     ln.add_argument("--json", action="store_true")
     ln.set_defaults(fn=_lineage)
     s = sub.add_parser("serve", help="serve the registry's champions until Ctrl-C")
@@ -262,18 +349,30 @@ def main(argv: list[str] | None = None) -> int:
                            ("rollback", _rollback, "drop the challenger, or return to the previous champion")):
         a = sub.add_parser(name, help=text)
         a.add_argument("model", help="the endpoint, model-<id> or <id>")
-        a.add_argument("--config", default="configs/demo.yaml")
+        a.add_argument("--config", default=None, help=CONFIG_HELP)
         a.add_argument("--url", default=None, help="the gateway (default: the config's serving host and port)")
         a.set_defaults(fn=fn)
     st = sub.add_parser("status", help="what every endpoint serves: champion, challenger, weight (admin API)")
-    st.add_argument("--config", default="configs/demo.yaml")
+    st.add_argument("--config", default=None, help=CONFIG_HELP)
     st.add_argument("--url", default=None)
     st.set_defaults(fn=_status)
     b = sub.add_parser("bench", help="run a benchmark, write benchmarks/results/NAME.json")
     b.add_argument("name", choices=BENCHMARKS)
-    b.add_argument("--config", default="configs/demo.yaml")
+    b.add_argument("--config", default=None, help=DEMO_HELP)
     b.add_argument("--out-dir", default="benchmarks/results")
     b.set_defaults(fn=_bench)
+    t = sub.add_parser("traces", help="the trace log").add_subparsers(dest="sub", required=True)
+    ti = t.add_parser("import", help="bring your own logs: a JSONL file of chat completions into the trace log")
+    ti.add_argument("file", help='one object a line: {"messages", "response", "model"?, "user"?, "score"?, '
+                                 '"label"?, "created"?}, or {"request": {...}, "response": {...}}')
+    ti.add_argument("--config", default=None, help=CONFIG_HELP)
+    ti.add_argument("--endpoint", default=None,
+                    help="model-<id> or <id> of lines that name no model (default: the config's only endpoint)")
+    ti.set_defaults(fn=_traces_import)
+    ts = t.add_parser("show", help="records per endpoint and source, feedback rows, imported files")
+    ts.add_argument("--config", default=None, help=CONFIG_HELP)
+    ts.add_argument("--source", choices=("live", "imported"), default=None)
+    ts.set_defaults(fn=_traces_show)
     args = p.parse_args(argv)
     return args.fn(args)
 

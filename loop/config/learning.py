@@ -106,6 +106,13 @@ class DataConfig(Section):
     token, since a served answer may have been cut at max_tokens."""
     heldout_fraction: float = Field(default=0.1, ge=0, lt=1)
     """Share of selected prompts (by a stable hash) labelled but never trained on: `heldout.jsonl`."""
+    general_replay: int = Field(default=48, ge=0)
+    """Prompts of the general replay set answered by the original base model itself (greedy, once per
+    base) and trained on beside the cycle's data, without an end-of-turn token: free labels that hold
+    the student to the base's general answers. None of them is in the base regression suite. 0: off."""
+    general_replay_prompts: str | None = None
+    """JSONL of {"messages"} (None: the 104 prompts shipped in loop/data/data/general_replay_prompts.jsonl)."""
+    general_replay_max_tokens: int = Field(default=48, ge=1)
 
 
 class DraftTrainingConfig(Section):

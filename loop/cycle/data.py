@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from loop.cycle.report import CycleFailed
-from loop.data.label import escalation_labels, previous_cutoff, write_failures, write_replay, write_split
+from loop.data.label import (earlier_imports, escalation_labels, previous_cutoff, write_failures, write_replay,
+                             write_split)
 from loop.data.select import rated_good, select_prompts
 from loop.models.digest import dir_digest
 from loop.traces.log import EVAL_USER, read_feedback
@@ -47,16 +48,22 @@ class DataStages:
         ray.get(self.services.trace_log.compact.remote())
         parts = self.cfg.storage.path("traces", "parquet")
         since = self._previous_cutoff()
+        # Imported logs (`loopctl traces import`) are read whatever their time, each file by one cycle only.
         ds = ray.data.read_parquet(str(parts)).filter(
-            expr=f"endpoint == '{self.endpoint.id}' and status == 200 and ts > {since}")
-        read = ds.select_columns(["prompt", "user", "ts", "request_id", "escalated", "confidence", "completion",
-                                  "model_version"]).take_all()
-        # The next cycle starts after the newest record read here: nothing falls between cycles.
-        cutoff = max((r["ts"] for r in read), default=since)
+            expr=f"endpoint == '{self.endpoint.id}' and status == 200 and (ts > {since} or source == 'imported')")
+        read = ds.select_columns(["prompt", "user", "ts", "request_id", "tenant", "escalated", "confidence",
+                                  "completion", "model_version", "source", "source_digest"]).take_all()
+        consumed = earlier_imports(self.dir.parent, self.number)
+        read = [r for r in read if r["source"] != "imported" or r["source_digest"] not in consumed]
+        # The next cycle starts after the newest live record read here: nothing falls between cycles.
+        cutoff = max((r["ts"] for r in read if r["source"] != "imported"), default=since)
         # What the champion (the version this cycle improves on) answered: a retired version's mistakes,
-        # or a rolled-back challenger's, are not evidence about it.
+        # or a rolled-back challenger's, are not evidence about it. Imported history was answered by the
+        # team's own system before the loop: evidence about what users ask, whoever answered.
         champion = self.lineage.version_info(self.endpoint.id, "champion")["version"]
-        rows = [r for r in read if not r["user"].startswith(EVAL_USER) and r["model_version"] == champion]
+        rows = [r for r in read if not r["user"].startswith(EVAL_USER)
+                and (r["model_version"] == champion or r["source"] == "imported")]
+        imports = sorted({r["source_digest"] for r in rows if r["source"] == "imported"})
         d = self.cfg.data
         feedback = read_feedback(self.cfg.storage.path("traces"))
         sel = select_prompts(rows, feedback, max_prompts=d.max_prompts,
@@ -86,15 +93,40 @@ class DataStages:
         kept = rated_good(rows, feedback, {r["prompt"] for r in sel.train} | heldout, d.keep_rated,
                           self.cfg.promotion.positive_score, seed=self.number)
         path = write_split(sdir, good, heldout, kept)
+        general = self._general_replay(path)
         replayed = write_replay(self.dir.parent, self.number, sdir / "replay.jsonl",
                                 round(self.cfg.training.replay_ratio * len(trained)))
         digest = dir_digest(sdir)
-        cost.update(replayed=replayed, kept=len(kept), **{f"selected_{k}": v for k, v in sel.counts.items()})
-        self.lineage.log(run_id, params={"dataset_digest": digest, "since": since},
-                         metrics={"selected": len(prompts), "labelled": len(good), "label_failed": len(failed), **cost})
+        cost.update(replayed=replayed, kept=len(kept), general_replay=general,
+                    **{f"selected_{k}": v for k, v in sel.counts.items()})
+        live = sum(r["source"] != "imported" for r in rows)
+        imported = len(rows) - live
+        self.lineage.log(run_id, params={"dataset_digest": digest, "since": since,
+                                         "imported_logs": ",".join(imports)[:6000]},
+                         metrics={"selected": len(prompts), "labelled": len(good), "label_failed": len(failed),
+                                  "live_traces": live, "imported_traces": imported, **cost})
         return {"dataset": str(path), "dataset_digest": digest, "selected": len(prompts), "labelled": len(good),
                 "kept": len(kept),
-                "label_failed": len(failed), "cutoff": cutoff, "replay": str(sdir / "replay.jsonl"), **cost}
+                "label_failed": len(failed), "cutoff": cutoff, "replay": str(sdir / "replay.jsonl"),
+                "imports": imports, "live_traces": live, "imported_traces": imported, **cost}
+
+    def _general_replay(self, train: Path) -> int:
+        """The base's own answers to `data.general_replay` general prompts, appended to the training set
+        (loop/data/general.py); returns how many."""
+        d = self.cfg.data
+        if not d.general_replay:
+            return 0
+        import ray
+
+        from loop.data.general import base_replay_rows
+
+        task = ray.remote(num_cpus=1)(base_replay_rows)
+        rows = ray.get(task.remote(self.cfg.model_path(self.cfg.student), d.general_replay, self.number,
+                                   d.general_replay_max_tokens, self.cfg.storage.path("suites", "answers"),
+                                   d.general_replay_prompts))
+        with open(train, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+        return len(rows)
 
     def _label(self, rows: list[dict], prompts: list[str]) -> list[dict]:
         """The teacher's labels for `prompts`; those the cascade escalated reuse the answer it paid for."""

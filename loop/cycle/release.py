@@ -27,7 +27,9 @@ class ReleaseStages:
             "checkpoint_digest": train["adapter_digest"], "merged_digest": merge["merged_digest"],
             "draft_digest": draft["draft_digest"], "merged_path": merge["merged_dir"], "draft_path": draft["draft_path"],
             "validation_verdict": "pass", "candidate_acc": val["candidate_acc"], "champion_acc": val["champion_acc"],
-            "replay_sources": replay_sources(self.dir.parent, self.number) if data.get("replayed") else "", "artifact": artifact})
+            "replay_sources": replay_sources(self.dir.parent, self.number) if data.get("replayed") else "",
+            "trace_sources": f"live:{data.get('live_traces', 0)} imported:{data.get('imported_traces', 0)}",
+            "imported_logs": ",".join(data.get("imports", []))[:5000], "artifact": artifact})
         self.lineage.log(run_id, tags={"registered_version": info["version"]})
         return info
 

@@ -21,6 +21,16 @@ def previous_cutoff(endpoint_dir: Path, number: int) -> float:
     return json.loads(prev.read_text())["cutoff"] if number > 1 and prev.exists() else 0.0
 
 
+def earlier_imports(endpoint_dir: Path, number: int) -> set[str]:
+    """Digests of the imported log files the endpoint's earlier cycles learned from (each file once)."""
+    out: set[str] = set()
+    for prev in range(1, number):
+        f = _label_dir(endpoint_dir, prev) / "result.json"
+        if f.exists():
+            out.update(json.loads(f.read_text()).get("imports", []))
+    return out
+
+
 def escalation_labels(rows: list[dict], prompts: list[str]) -> tuple[list[str], list[dict]]:
     """A prompt the cascade escalated already has the teacher's answer in the trace log: that is its
     label, and the teacher is not paid twice. Returns the prompts still to ask, and label rows (as the

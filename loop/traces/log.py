@@ -153,13 +153,17 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def read_feedback(root: str | Path) -> list[dict]:
-    path = Path(root) / "feedback.jsonl"
-    return _read_jsonl(path) if path.exists() else []
+    """Every outcome label: the gateway's (`feedback.jsonl`), then each imported file's
+    (`feedback-import-<digest>.jsonl`, written whole by `loopctl traces import`, never appended to)."""
+    root = Path(root)
+    paths = [root / "feedback.jsonl"] + sorted(root.glob("feedback-import-*.jsonl"))
+    return [row for path in paths if path.exists() for row in _read_jsonl(path)]
 
 
 def read_traces(root: str | Path) -> list[dict]:
-    """Every record, compacted or not, oldest first; a record seen twice (compacted and still in a
-    segment after a crash) is returned once. Clients may reuse a request id, so the key includes ts."""
+    """Every record, compacted or not (imported files' parts, `part-import-*`, included), oldest first;
+    a record seen twice (compacted and still in a segment after a crash) is returned once. Clients may
+    reuse a request id, so the key includes ts."""
     root = Path(root)
     rows: list[dict] = []
     parts = sorted((root / "parquet").glob("part-*.parquet"))
