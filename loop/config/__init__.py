@@ -122,7 +122,7 @@ def load_config(path: str | Path) -> LoopConfig:
     if os.environ.get("LOOP_STORAGE_ROOT") and isinstance(raw.get("storage", {}), dict):
         raw.setdefault("storage", {})["root"] = os.environ["LOOP_STORAGE_ROOT"]
     try:
-        return LoopConfig.model_validate(raw)
+        return LoopConfig.model_validate(raw, context={"config_dir": str(path.resolve().parent)})
     except ValidationError as e:
         raise ConfigError("\n".join(f"{path}: {_where(err['loc'])}: {err['msg']}" for err in e.errors())) from None
 

@@ -2,9 +2,10 @@
 draft's co-training, the merge and its proofs, and the validation gate."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
 from loop.config.base import Section
 
@@ -106,10 +107,12 @@ class DataConfig(Section):
     token, since a served answer may have been cut at max_tokens."""
     heldout_fraction: float = Field(default=0.1, ge=0, lt=1)
     """Share of selected prompts (by a stable hash) labelled but never trained on: `heldout.jsonl`."""
-    general_replay: int = Field(default=48, ge=0)
+    general_replay: int = Field(default=0, ge=0)
     """Prompts of the general replay set answered by the original base model itself (greedy, once per
-    base) and trained on beside the cycle's data, without an end-of-turn token: free labels that hold
-    the student to the base's general answers. None of them is in the base regression suite. 0: off."""
+    base) and trained on beside the cycle's data, without an end-of-turn token: free labels meant to
+    hold the student to the base's general answers. None of them is in the base regression suite.
+    0 (off) by default: measured on the expense-policy domain from SmolLM2-135M (40 steps, lr 1e-3),
+    48 of them lifted base-regression only 0.09 -> 0.22 and cut held-out recall 0.83 -> 0.17."""
     general_replay_prompts: str | None = None
     """JSONL of {"messages"} (None: the 104 prompts shipped in loop/data/data/general_replay_prompts.jsonl)."""
     general_replay_max_tokens: int = Field(default=48, ge=1)
@@ -152,7 +155,7 @@ class SuiteConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     """Names the suite in the ValidationReport, MLflow (`suite.<name>.*` metrics) and the cycle report."""
     path: str
-    """The file. Relative paths are taken from the working directory; `{root}` is storage.root and
+    """The file. A relative path is taken from the config file's directory; `{root}` is storage.root and
     `{cycle}` the cycle's number (0001, ...), for a suite its author writes anew for every cycle. A file
     without `{cycle}` is checked whenever the config is loaded; one with it, when the gate reads it."""
     kind: Literal["skill", "regression"]
@@ -173,7 +176,10 @@ class SuiteConfig(Section):
     default) or the current champion (for knowledge the base never had, such as earlier cycles' facts)."""
 
     @model_validator(mode="after")
-    def _file(self) -> "SuiteConfig":
+    def _file(self, info: ValidationInfo) -> "SuiteConfig":
+        base = (info.context or {}).get("config_dir")
+        if base and "{root}" not in self.path and not Path(self.path).is_absolute():
+            self.path = str((Path(base) / self.path).resolve())
         if "{cycle}" not in self.path and "{root}" not in self.path:
             from loop.validate.suites import SuiteError, load_suite
 

@@ -182,7 +182,7 @@ def load_suite(path: str | Path, name: str, kind: str, default_grader: str = "to
     path = Path(path)
     if not path.is_file():
         raise SuiteError(f"{path}: no such suite file; write it (JSONL of {{\"messages\", \"reference\"}}) "
-                         "or fix the path (relative paths are taken from the working directory)")
+                         "or fix the path (a relative path is taken from the config file's directory)")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
