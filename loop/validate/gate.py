@@ -169,7 +169,11 @@ class Validator:
         heldout = heldout or []
         suites = list(suites)
         if heldout:
-            suites.append(heldout_suite(heldout))
+            # With a skill suite of its own (the user's, the demo world's), the held-out labels are
+            # checked as agreement with the teacher only; alone, they are the new skill itself.
+            held = heldout_suite(heldout)
+            held.options = {"agreement_only": any(s.kind == "skill" for s in suites)}
+            suites.append(held)
         base_digest = dir_digest(base_dir)
         if self.cfg.base_regression:
             suites.append(base_suite(self.cfg, base_dir, base_digest, self.root))
@@ -229,7 +233,9 @@ class Validator:
 
         got = SuiteScore(suite.name, suite.kind, len(suite.items), mean("candidate"), mean("champion"))
         opts = suite.options
-        if suite.kind == "skill":
+        if suite.kind == "skill" and opts.get("agreement_only"):
+            pass  # min_teacher_agreement below
+        elif suite.kind == "skill":
             gain = opts.get("min_gain")
             gain = self.cfg.min_accuracy_gain if gain is None else gain
             if got.candidate - got.champion < gain - _EPS:
