@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loop.config import ValidationConfig
-from loop.validate.suites import (Suite, SuiteError, SuiteScore, general_prompts, grade, heldout_suite,
-                                  load_suite, token_f1, write_suite)
+from loop.validate.suites import (Suite, SuiteError, SuiteScore, general_prompts, heldout_suite, load_suite,
+                                  mean_score, token_f1, write_suite)
 
 __all__ = ["ValidationReport", "Validator", "generate_answers", "token_f1"]
 
@@ -229,7 +229,7 @@ class Validator:
     def _score(self, report: ValidationReport, suite: Suite, by_item: dict) -> None:
         """One suite's scores and its rule; the first skill and regression suites fill the headline fields."""
         def mean(who: str) -> float:
-            return sum(grade(i, by_item[who][i], self.judge) for i in suite.items) / len(suite.items)
+            return mean_score(suite.items, [by_item[who][i] for i in suite.items], self.judge)
 
         got = SuiteScore(suite.name, suite.kind, len(suite.items), mean("candidate"), mean("champion"))
         opts = suite.options
