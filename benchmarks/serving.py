@@ -111,7 +111,7 @@ def run(cfg: LoopConfig, requests: int = 64, max_tokens: int = 32, concurrency: 
     from ray import serve
 
     from loop.models.fetch import read_manifest
-    from loop.services import init_ray
+    from loop.services import init_ray, start_serve
     from loop.serving.rollouts import RolloutStore
     from loop.traces.log import TraceLog, read_traces
     from serve_apps.gateway_app import ENGINE_APP, deploy_gateway
@@ -129,7 +129,7 @@ def run(cfg: LoopConfig, requests: int = 64, max_tokens: int = 32, concurrency: 
     out["engine"] = asyncio.run(_raw_engine(cfg, adapters[0], prompts, max_tokens, concurrency))
 
     init_ray(cfg)
-    serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
+    start_serve(cfg)
     trace_log = ray.remote(TraceLog).options(num_cpus=0).remote(str(work / "traces"))
     store = ray.remote(RolloutStore).options(num_cpus=0).remote()
     tenant = cfg.tenants[0]

@@ -113,7 +113,8 @@ def _serve(args) -> int:
     from loop.config import ConfigError, load_config
     from loop.driver import check_models, latest_epoch
     from loop.models.fetch import ModelMissing
-    from loop.services import start_services, stop_services
+    from loop.services import (announce_serving, embedded, running_server, start_services, stop_services,
+                               withdraw_serving)
 
     try:
         cfg = load_config(args.config)
@@ -121,17 +122,26 @@ def _serve(args) -> int:
     except (ConfigError, ModelMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if embedded(cfg) and (server := running_server(cfg)):
+        print(f"error: `loopctl serve` of {cfg.storage.path()} is already up (pid {server['pid']}, gateway "
+              f"{server['gateway_url']}); stop it first, or run `loopctl run` beside it", file=sys.stderr)
+        return 2
     try:
         services = start_services(cfg, epoch=latest_epoch(cfg))
         for tenant, endpoint in cfg.endpoints():
             info = services.lineage.version_info(endpoint.id)
             print(f"model-{endpoint.id} (tenant {tenant.id}): {info['version']} at {services.gateway_url}")
+        if embedded(cfg):
+            announce_serving(cfg, services.gateway_url)
+            print(f"`loopctl run {args.config}` learns beside this server (it joins its Ray cluster; serving "
+                  "never stops)")
         print("serving; Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         return 0
     finally:
+        withdraw_serving(cfg)
         stop_services(cfg)
 
 

@@ -220,6 +220,11 @@ def _f(v, digits: int = 2) -> str:
 
 
 def _where_next(cfg, services, t0) -> None:
+    from loop.services import embedded, joined_server
+
+    if embedded(cfg) and not joined_server():
+        print("[loop] the gateway stops with this process; to serve while the loop learns, start "
+              "`loopctl serve CONFIG` first: `loopctl run` then joins it and leaves it up", flush=True)
     print(f"[loop] done in {time.perf_counter() - t0:.1f} s. Where to look next:\n"
           f"[loop]   lineage:  mlflow ui --backend-store-uri {cfg.storage.tracking_uri}\n"
           f"[loop]   serving:  loopctl serve CONFIG (or make serve), then the openai client at {services.gateway_url}\n"

@@ -7,8 +7,11 @@ live; `reconcile` makes the gateway serve exactly that.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from loop.config import LoopConfig
 from loop.lineage.registry import Lineage
@@ -35,6 +38,10 @@ class Services:
     """The simulation driving a `traffic.simulate: true` config (loop.config.simulation), else None."""
 
 
+_ATTACHED: dict = {}
+"""The `loopctl serve` this process joined (init_ray), if any: its cluster is not ours to stop."""
+
+
 def init_ray(cfg: LoopConfig) -> None:
     import ray
 
@@ -46,37 +53,105 @@ def init_ray(cfg: LoopConfig) -> None:
     if not embedded(cfg):
         # Joining a cluster (`ray job submit` sets RAY_ADDRESS): its size is the cluster's business.
         ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"], **kwargs)
+    elif server := running_server(cfg):
+        # A `loopctl serve` of this storage root is up: learn beside it, on its cluster, its Serve
+        # apps and engine, so serving never stops for learning (and never starts twice).
+        os.environ.setdefault("RAY_AUTH_MODE", server.get("auth_mode", "token"))
+        ray.init(address=server["address"], **kwargs)
+        _ATTACHED.update(server)
+        print(f"[loop] attached to the running `loopctl serve` (pid {server['pid']}, Ray at {server['address']}): "
+              "its gateway stays up", flush=True)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
+def joined_server() -> dict | None:
+    """The `loopctl serve` this process's Ray is joined to (init_ray), or None."""
+    return dict(_ATTACHED) or None
+
+
 def embedded(cfg: LoopConfig) -> bool:
-    """True when this process owns its Ray cluster (in-process `ray.init()`), not a job on a cluster."""
+    """True when no cluster is named (`ray.address`, RAY_ADDRESS): the loop runs on an in-process
+    `ray.init()`, its own or that of a running `loopctl serve` (init_ray)."""
     return not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
 
 
-def stop_services(cfg: LoopConfig) -> None:
-    """Embedded mode: stop Serve gracefully (engines release their memory), then Ray. On a cluster
-    the applications stay up after the driver ends: serving outlives the job that deployed it."""
+def serving_file(cfg: LoopConfig) -> Path:
+    """Where a running `loopctl serve` says how to join it (storage.root/serving.json)."""
+    return cfg.storage.path("serving.json")
+
+
+def running_server(cfg: LoopConfig) -> dict | None:
+    """The `loopctl serve` of this storage root, if it is up ({address, pid, gateway_url, ...});
+    None when there is none or its file outlived it (a crash or kill -9)."""
+    path = serving_file(cfg)
+    try:
+        server = json.loads(path.read_text())
+        os.kill(int(server["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return server if server.get("address") else None
+
+
+def announce_serving(cfg: LoopConfig, gateway_url: str) -> None:
+    """`loopctl serve`: write serving.json (atomically), so `loopctl run` joins this cluster."""
     import ray
 
-    if embedded(cfg) and ray.is_initialized():
+    path = serving_file(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"address": ray.get_runtime_context().gcs_address, "pid": os.getpid(),
+                               "namespace": cfg.ray.namespace, "gateway_url": gateway_url,
+                               "auth_mode": os.environ.get("RAY_AUTH_MODE", "token"), "started_at": time.time()}))
+    tmp.replace(path)
+
+
+def withdraw_serving(cfg: LoopConfig) -> None:
+    """`loopctl serve` stopping: its serving.json goes (only its own; a later server's stays)."""
+    path = serving_file(cfg)
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def stop_services(cfg: LoopConfig) -> None:
+    """A process that started its own in-process cluster stops Serve gracefully (engines release
+    their memory), then Ray. On a cluster, or beside a `loopctl serve` it joined, the applications
+    stay up after the driver ends: serving outlives the job that deployed it."""
+    import ray
+
+    if not (embedded(cfg) and ray.is_initialized()):
+        return
+    if not _ATTACHED:
         from ray import serve
 
         serve.shutdown()
-        ray.shutdown()
+    ray.shutdown()  # beside a `loopctl serve`: only this driver leaves
+
+
+def start_serve(cfg: LoopConfig) -> None:
+    """Serve on `serving.host:port`, its HTTP proxies running the gateway's proxy middleware (one
+    `x-request-id` per response, the gateway's own: loop/serving/protocol.py). The proxies inherit
+    the controller's environment; both are set only when Serve first starts on the cluster."""
+    from ray import serve
+
+    from loop.serving.protocol import PROXY_CALLBACK
+
+    serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port},
+                controller_options={"runtime_env": {"env_vars": {
+                    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK}}})
 
 
 def start_services(cfg: LoopConfig, epoch: int) -> Services:
-    from ray import serve
-
     from loop.config import simulation
 
     world = simulation(cfg)
     init_ray(cfg)
     base_manifest = read_manifest(cfg.model_path(cfg.student))
     lineage = Lineage(cfg.storage.tracking_uri, cfg.storage.path("mlartifacts"))
-    serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
+    start_serve(cfg)
     trace_log, rollout_store, controller = helper_actors(cfg, lineage, base_manifest)
     # A local teacher has no endpoint: it lives in the cycle's Ray actors (labelling, training). The
     # reference teacher is the simulation's own endpoint.

@@ -47,7 +47,7 @@ def fake_gateway(ray_cluster, cycle_job, tmp_path_factory):
     serve_gateway("fake-gateway", "/fake", rollouts, fake_engine(), trace_log, tenants,
                   hash_api_key("sk-admin-secret"), {"e2": -1.0}, teacher, store)
     yield {"url": f"http://127.0.0.1:{cfg.serving.port}/fake/v1", "traces": traces, "rollouts": rollouts,
-           "store": store}
+           "store": store, "trace_log": trace_log}
     serve.delete("fake-gateway")
 
 
@@ -167,21 +167,57 @@ def test_host_header_names_the_endpoint(fake_gateway):
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
-def test_feedback_is_recorded_and_validated(fake_gateway):
+def test_request_ids_are_the_gateways_and_feedback_is_tenant_scoped(fake_gateway):
     import httpx
 
-    from loop.traces.log import read_feedback
+    from loop.traces.log import new_request_id, read_feedback
 
-    url, auth = fake_gateway["url"] + "/feedback", {"Authorization": "Bearer sk-t2-secret"}
-    ok = httpx.post(url, headers=auth, json={"request_id": "req-abc", "score": 0.25, "label": "wrong price"})
+    # The client's x-request-id is kept as client_request_id; the trace, the body and the one
+    # x-request-id header the client gets all carry the gateway's own id.
+    chat, auth = fake_gateway["url"] + "/chat/completions", {"Authorization": "Bearer sk-t2-secret"}
+    served = [httpx.post(chat, headers={**auth, "x-request-id": "my-own-id"},
+                         json={"model": "model-e2", "messages": [{"role": "user", "content": "hi"}]}) for _ in range(2)]
+    ids = [r.headers.get_list("x-request-id") for r in served]
+    assert [len(i) for i in ids] == [1, 1] and ids[0] != ids[1], ids
+    assert [r.json()["id"] for r in served] == [i[0] for i in ids] and ids[0][0].startswith("req-")
+    rows = {r["request_id"]: r for r in read_traces(fake_gateway["traces"])}
+    assert [rows[i[0]]["client_request_id"] for i in ids] == ["my-own-id", "my-own-id"]
+    refused = httpx.post(chat, headers={"Authorization": "Bearer sk-t1-secret", "x-request-id": "my-own-id"},
+                         json={"model": "model-e2", "messages": [{"role": "user", "content": "hi"}]})
+    assert refused.status_code == 404 and len(refused.headers.get_list("x-request-id")) == 1
+    row = [r for r in read_traces(fake_gateway["traces"]) if r["request_id"] == refused.headers["x-request-id"]]
+    assert [(r["status"], r["client_request_id"]) for r in row] == [(404, "my-own-id")], "refusals too"
+
+    url, t1 = fake_gateway["url"] + "/feedback", {"Authorization": "Bearer sk-t1-secret"}
+    before = read_feedback(fake_gateway["traces"])
+    mine = ids[0][0]
+    # Another tenant naming t2's request, an id that never existed, the client's own id: the same 404.
+    errors = [httpx.post(url, headers=h, json={"request_id": rid, "score": 1.0})
+              for h, rid in ((t1, mine), (t1, "req-never"), (auth, "my-own-id"))]
+    assert [r.status_code for r in errors] == [404, 404, 404]
+    assert [r.json()["error"]["message"].replace(rid, "ID") for r, rid in zip(errors, (mine, "req-never", "my-own-id"))
+            ] == ["request 'ID' does not exist or you do not have access to it"] * 3
+    assert read_feedback(fake_gateway["traces"]) == before, "a refused feedback records nothing"
+    ok = httpx.post(url, headers=auth, json={"request_id": mine, "score": 0.25, "label": "wrong price"})
     assert ok.status_code == 200 and ok.json()["recorded"] is True
-    rows = [r for r in read_feedback(fake_gateway["traces"]) if r["request_id"] == "req-abc"]
+    rows = [r for r in read_feedback(fake_gateway["traces"]) if r["request_id"] == mine]
     assert rows == [dict(rows[0], tenant="t2", score=0.25, label="wrong price")]
-    for body, param in [({"score": 1}, "request_id"), ({"request_id": "x"}, "score"),
-                        ({"request_id": "x", "score": "high"}, "score")]:
+    # A request this replica did not trace (another replica's) is found in the trace log's files.
+    other = new_request_id()
+    ray.get(fake_gateway["trace_log"].append.remote([dict(request_id=other, tenant="t1", endpoint="e1",
+                                                          variant="champion", model_version="student-e1/1")]))
+    assert httpx.post(url, headers=auth, json={"request_id": other, "score": 1.0}).status_code == 404
+    assert httpx.post(url, headers=t1, json={"request_id": other, "score": 1.0}).status_code == 200
+    for body, param in [({"score": 1}, "request_id"), ({"request_id": mine}, "score"),
+                        ({"request_id": mine, "score": "high"}, "score"), ({"request_id": mine, "score": 5.0}, "score"),
+                        ({"request_id": mine, "score": -1}, "score")]:
         r = httpx.post(url, headers=auth, json=body)
-        assert r.status_code == 400 and r.json()["error"]["param"] == param
-    assert httpx.post(url, json={"request_id": "x", "score": 1}).status_code == 401
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, body
+    nan = httpx.post(url, headers={**auth, "content-type": "application/json"},
+                     content=b'{"request_id": "%s", "score": NaN}' % mine.encode())
+    assert nan.status_code == 400 and nan.json()["error"]["param"] == "score"
+    assert httpx.post(url, json={"request_id": mine, "score": 1}).status_code == 401
+    assert len(read_feedback(fake_gateway["traces"])) == len(before) + 2
 
 
 def test_bad_requests_are_4xx_in_openai_format(fake_gateway):

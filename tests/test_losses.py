@@ -166,3 +166,49 @@ def test_answer_only_logits_give_the_full_sequence_loss(tiny_model_dir):
     kept.backward()
     assert torch.allclose(kept, full, atol=1e-6)
     assert torch.allclose(model.lm_head.weight.grad, g_full, atol=1e-6)
+
+
+def test_anchor_holds_the_base_where_the_domain_does_not_reach(tiny_model_dir):
+    """Training on one task moves the model's distribution on other text away from the base's; the
+    anchor (KL to the same model with its adapter off, on base-answer rows riding in the same batch)
+    keeps it near, and the task is still learned."""
+    import copy
+
+    from transformers import AutoConfig
+
+    from loop.train.sft import anchor_kl
+
+    vocab = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+    g = torch.Generator().manual_seed(3)
+    task = torch.randint(3, vocab, (4, 12), generator=g)
+    general = torch.randint(3, vocab, (4, 12), generator=g)
+    batch = {"input_ids": torch.cat([task, general]), "attention_mask": torch.ones(8, 12, dtype=torch.long),
+             "labels": torch.cat([task, general])}
+    anchored = torch.arange(8) >= 4
+    keep = torch.arange(11)
+    model = _lora(tiny_model_dir)
+    assert anchor_kl(model, batch, model(input_ids=batch["input_ids"]).logits[:, keep], keep, anchored,
+                     torch.device("cpu"), "fp32").item() == pytest.approx(0.0, abs=1e-6), "lora_B starts at zero"
+
+    def train(m, weight):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(40):
+            logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+            loss = torch.nn.functional.cross_entropy(logits[:4].flatten(0, 1), task[:, 1:].flatten())
+            if weight:
+                loss = loss + weight * anchor_kl(m, batch, logits, keep, anchored, torch.device("cpu"), "fp32")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            logits = m(input_ids=batch["input_ids"], logits_to_keep=keep).logits
+            drift = anchor_kl(m, batch, logits, keep, anchored, torch.device("cpu"), "fp32").item()
+            task_loss = torch.nn.functional.cross_entropy(logits[:4].flatten(0, 1), task[:, 1:].flatten()).item()
+        return drift, task_loss
+
+    start = _loss(model, [{"input_ids": task, "labels": task}])
+    plain_drift, plain_task = train(copy.deepcopy(model), 0.0)
+    held_drift, held_task = train(copy.deepcopy(model), 1.0)
+    assert plain_drift > 0.5, plain_drift  # the constructed case really drifts
+    assert held_drift < 0.1 * plain_drift, (plain_drift, held_drift)
+    assert held_task < 0.1 * start, (start, held_task)

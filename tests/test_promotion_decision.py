@@ -9,16 +9,16 @@ from loop.control.decision import decide, p_better, p95, variant_stats, VariantS
 
 
 def _traffic(version, n, success_rate, seed, error_rate=0.0, latency_ms=100.0, escalate=0.0):
-    """n simulated requests with feedback: rows as the trace log has them, scores by request id."""
+    """n simulated requests with feedback: rows as the trace log has them, scores by (tenant, request id)."""
     rng = random.Random(seed)
     rows, scores = [], {}
     for i in range(n):
         rid = f"{version}-{i}"
         failed = rng.random() < error_rate
-        rows.append({"request_id": rid, "model_version": version, "status": 503 if failed else 200,
+        rows.append({"request_id": rid, "tenant": "acme", "model_version": version, "status": 503 if failed else 200,
                      "latency_ms": latency_ms * (0.5 + rng.random()), "escalated": rng.random() < escalate})
         if not failed:
-            scores[rid] = 1.0 if rng.random() < success_rate else 0.0
+            scores[("acme", rid)] = 1.0 if rng.random() < success_rate else 0.0
     return rows, scores
 
 
@@ -69,13 +69,46 @@ def test_guardrails_roll_back_even_a_better_challenger(kw, word):
 
 
 def test_variant_stats_count_what_the_trace_log_holds():
-    rows = [{"request_id": "a", "status": 200, "latency_ms": 10, "escalated": False},
-            {"request_id": "b", "status": 200, "latency_ms": 30, "escalated": True},
-            {"request_id": "c", "status": 500, "latency_ms": 0, "escalated": False},
-            {"request_id": "d", "status": 200, "latency_ms": 20, "escalated": False},
-            {"request_id": "e", "status": 200, "latency_ms": 20, "escalated": False}]
-    st = variant_stats("v", rows, {"a": 1.0, "b": 1.0, "e": 0.0}, {"d": 0.9}, 0.5)
+    rows = [{"request_id": "a", "tenant": "t", "status": 200, "latency_ms": 10, "escalated": False},
+            {"request_id": "b", "tenant": "t", "status": 200, "latency_ms": 30, "escalated": True},
+            {"request_id": "c", "tenant": "t", "status": 500, "latency_ms": 0, "escalated": False},
+            {"request_id": "d", "tenant": "t", "status": 200, "latency_ms": 20, "escalated": False},
+            {"request_id": "e", "tenant": "t", "status": 200, "latency_ms": 20, "escalated": False}]
+    st = variant_stats("v", rows, {("t", "a"): 1.0, ("t", "b"): 1.0, ("t", "e"): 0.0}, {("t", "d"): 0.9}, 0.5)
     # b's grade is of the teacher's answer (escalated): it counts as an escalation, not an outcome.
     assert (st.requests, st.errors, st.escalations, st.successes, st.failures, st.feedback) == (5, 1, 1, 2, 1, 2)
     assert st.latency_p95_ms == 30 and st.escalation_rate == pytest.approx(1 / 4)
     assert p95(list(range(1, 101))) == 95
+
+
+def test_feedback_counts_only_for_its_own_tenants_requests():
+    from loop.control.controller import feedback_scores
+
+    cfg = PromotionConfig(min_samples=30)
+    champion_rows, champion_scores = _traffic("v1", 200, 0.5, seed=1)
+    rows, _ = _traffic("v2", 200, 0.5, seed=2)
+    acme = [{"request_id": r["request_id"], "tenant": "acme", "score": 0.5 + 0.5 * (i % 2), "ts": 10.0}
+            for i, r in enumerate(rows)]
+    honest = decide(variant_stats("v1", champion_rows, champion_scores, {}, 0.6),
+                    variant_stats("v2", rows, feedback_scores(acme, since=5.0), {}, 0.6), cfg)
+    assert (honest.challenger["successes"], honest.challenger["failures"]) == (100, 100)
+    # Another tenant posts perfect scores naming every one of acme's challenger requests, later (so
+    # it would win a join by request id alone), and rows from before feedback had a tenant do too.
+    forged = acme + [{"request_id": r["request_id"], "tenant": "globex", "score": 1.0, "ts": 20.0} for r in rows]
+    forged += [{"request_id": r["request_id"], "score": 1.0, "ts": 30.0} for r in rows]
+    scores = feedback_scores(forged, since=5.0)
+    assert len(scores) == 400 and sum(k[0] == "acme" for k in scores) == 200
+    attacked = decide(variant_stats("v1", champion_rows, champion_scores, {}, 0.6),
+                      variant_stats("v2", rows, scores, {}, 0.6), cfg)
+    assert attacked.to_dict() == honest.to_dict(), "the controller's view is unchanged"
+    # Feedback from before the challenger went live does not count.
+    assert feedback_scores(acme, since=11.0) == {}
+
+
+def test_the_same_request_id_in_two_tenants_does_not_cross():
+    rows = [{"request_id": "req-1", "tenant": "acme", "status": 200, "latency_ms": 10},
+            {"request_id": "req-1", "tenant": "globex", "status": 200, "latency_ms": 10}]
+    acme_only = variant_stats("v", rows, {("acme", "req-1"): 1.0}, {("globex", "req-1"): 0.1}, 0.5)
+    assert (acme_only.successes, acme_only.failures, acme_only.feedback) == (1, 1, 1)
+    both = variant_stats("v", rows, {("acme", "req-1"): 1.0, ("globex", "req-1"): 0.0}, {}, 0.5)
+    assert (both.successes, both.failures, both.feedback) == (1, 1, 2)

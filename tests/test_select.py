@@ -4,9 +4,13 @@ import json
 from loop.data.select import replay_rows, select_prompts
 
 
-def _rec(text, user="u1", **kw):
-    return {"prompt": json.dumps([{"role": "user", "content": text}]), "user": user,
+def _rec(text, user="u1", tenant="acme", **kw):
+    return {"prompt": json.dumps([{"role": "user", "content": text}]), "user": user, "tenant": tenant,
             "request_id": f"req-{text}-{user}", **kw}
+
+
+def _fb(request_id, tenant="acme", **kw):
+    return {"request_id": request_id, "tenant": tenant, **kw}
 
 
 def _texts(rows):
@@ -17,8 +21,7 @@ def test_reasons_priorities_and_dedup():
     records = [_rec("esc", escalated=True, confidence=-3.0), _rec("esc", user="u2"),  # the same prompt twice
                _rec("unsure", confidence=-2.5), _rec("sure", confidence=-0.1), _rec("disliked", confidence=-0.2),
                _rec("unmeasured", confidence=0.0)]
-    feedback = [{"request_id": "req-disliked-u1", "score": 0.0, "label": None},
-                {"request_id": "req-sure-u1", "score": 1.0, "label": None}]
+    feedback = [_fb("req-disliked-u1", score=0.0, label=None), _fb("req-sure-u1", score=1.0, label=None)]
     sel = select_prompts(records, feedback, max_prompts=10, sample_size=0, min_confidence=-1.0)
     assert _texts(sel.train) == ["esc", "unsure", "disliked"]
     assert sel.train[0]["reasons"] == ["escalated", "low_confidence"]
@@ -27,7 +30,7 @@ def test_reasons_priorities_and_dedup():
     # A cap keeps the most important first.
     assert _texts(select_prompts(records, feedback, max_prompts=1, sample_size=5, min_confidence=-1.0).train) == ["esc"]
     # Labels count as feedback too.
-    by_label = select_prompts([_rec("x")], [{"request_id": "req-x-u1", "label": "Wrong"}], max_prompts=5, sample_size=0)
+    by_label = select_prompts([_rec("x")], [_fb("req-x-u1", label="Wrong")], max_prompts=5, sample_size=0)
     assert by_label.train[0]["reasons"] == ["negative_feedback"]
 
 
@@ -74,7 +77,7 @@ def test_rated_good_answers_are_kept_once_and_never_when_in_doubt():
                _rec("mixed", completion="a"), _rec("mixed", user="u2", completion="b"),
                _rec("escalated", completion="teacher's", escalated=True), _rec("labelled", completion="c"),
                _rec("unrated", completion="d")]
-    feedback = [{"request_id": f"req-{t}-{u}", "score": s} for t, u, s in [
+    feedback = [_fb(f"req-{t}-{u}", score=s) for t, u, s in [
         ("good", "u1", 1.0), ("good", "u2", 1.0), ("mixed", "u1", 1.0), ("mixed", "u2", 0.0),
         ("escalated", "u1", 1.0), ("labelled", "u1", 1.0)]]
     labelled = {json.dumps([{"role": "user", "content": "labelled"}])}
@@ -87,6 +90,38 @@ def test_rated_good_answers_are_kept_once_and_never_when_in_doubt():
 
     assert first_sentence("The version is 3.5. It was") == "The version is 3.5."
     assert first_sentence("It costs $3.50 and more") == "It costs $3.50 and more", "no sentence end: whole"
+
+
+def test_feedback_joins_only_its_own_tenants_requests():
+    from loop.data.select import rated_good
+
+    # Two tenants' records with the same request id string (imported logs, or ids from before the
+    # gateway minted its own), and three prompts acme users rated.
+    records = [_rec("shared", completion="Acme's answer."), _rec("shared", tenant="globex", user="g1",
+                                                                 completion="Globex's answer.")]
+    records[1]["request_id"] = records[0]["request_id"]
+    records += [_rec("liked", completion="Yes."), _rec("other", completion="Fine.")]
+    acme = [_fb("req-liked-u1", score=1.0), _fb("req-other-u1", score=1.0)]
+    base = select_prompts(records, acme, max_prompts=10, sample_size=0)
+    kept = rated_good(records, acme, set(), n=10, min_score=0.5, seed=0)
+    assert base.counts["negative_feedback"] == 0 and _texts(kept) == ["liked", "other"]
+    # globex grades acme's requests (by id), and a row from before feedback carried a tenant:
+    # neither changes what acme's records select or keep.
+    hostile = acme + [_fb("req-liked-u1", tenant="globex", score=0.0, label="wrong"),
+                      _fb("req-other-u1", tenant="globex", score=0.0),
+                      {"request_id": "req-liked-u1", "score": 0.0, "label": "bad"}]
+    sel = select_prompts(records, hostile, max_prompts=10, sample_size=0)
+    assert (sel.train, sel.counts) == (base.train, base.counts)
+    assert rated_good(records, hostile, set(), n=10, min_score=0.5, seed=0) == kept
+    # The same id string in two tenants: globex's negative grade reaches globex's record only.
+    shared = select_prompts(records, [_fb(records[0]["request_id"], tenant="globex", score=0.0)],
+                            max_prompts=10, sample_size=0)
+    assert shared.counts["negative_feedback"] == 1 and _texts(shared.train) == ["shared"]
+    good_for_globex = [_fb(records[0]["request_id"], tenant="globex", score=1.0)]
+    # acme's record of the shared id is unrated, so its prompt is in doubt: nothing is kept.
+    assert rated_good(records, good_for_globex, set(), n=10, min_score=0.5, seed=0) == []
+    assert rated_good(records[1:2], good_for_globex, set(), n=10, min_score=0.5, seed=0) == [
+        {"prompt": records[1]["prompt"], "completion": "Globex's answer."}]
 
 
 def test_escalated_prompts_reuse_the_answer_the_cascade_paid_for():

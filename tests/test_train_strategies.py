@@ -26,12 +26,25 @@ def dataset(tmp_path_factory):
 @pytest.mark.parametrize("strategy, stage", [("ddp", 2), ("deepspeed", 2), ("deepspeed", 3)])
 def test_two_worker_run_trains_the_adapter(ray_cluster, tiny_model_dir, dataset, tmp_path, strategy, stage):
     ray.init(address=ray_cluster["RAY_ADDRESS"], namespace="loop-tests", ignore_reinit_error=True)
+    # DDP runs with the anchor to the base: its rows (the base's own answers) ride in the same forward.
+    anchor = 1.0 if strategy == "ddp" else 0.0
+    if anchor:
+        general = [{"messages": [{"role": "user", "content": f"Name a colour, number {i}."}],
+                    "completion": f"Blue is colour {i}.", "eos": False, "source": "base"} for i in range(4)]
+        anchored = tmp_path / "anchored.jsonl"
+        anchored.write_text(dataset.read_text() + "".join(json.dumps(r) + "\n" for r in general))
+        dataset = anchored
     tc = TrainingConfig(strategy=strategy, zero_stage=stage, num_workers=2, lora_rank=4, lora_alpha=8,
-                        learning_rate=0.01, batch_size=4, max_steps=12, max_seq_len=64, torch_threads=1)
+                        learning_rate=0.01, batch_size=4, max_steps=12, max_seq_len=64, torch_threads=1,
+                        anchor_weight=anchor, anchor_batch_size=2)
     base_digest = dir_digest(tiny_model_dir)
     metrics = LoRADistiller(tc, tmp_path / "ray_train", f"{strategy}-{stage}").run(
         tiny_model_dir, dataset, tmp_path / "adapter")
     assert metrics["steps"] == 12 and metrics["loss_last"] < metrics["loss_first"], metrics
+    if anchor:
+        assert (metrics["examples"], metrics["anchor_examples"]) == (8, 4), metrics
+        assert metrics["anchor_kl_first"] == pytest.approx(0.0, abs=1e-6), "the adapter starts as the base"
+        assert 0 < metrics["anchor_kl_last"] < 1.0, metrics
     assert metrics["workers"] == 2 and metrics["zero_stage"] == (stage if strategy == "deepspeed" else 0)
     weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     lora_b = [t for n, t in weights.items() if "lora_B" in n]

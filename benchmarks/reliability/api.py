@@ -96,6 +96,12 @@ def bad_requests(keys: dict[str, str], models: dict[str, str]) -> list[tuple[str
         ("wrong API key", "POST", c, chat(), {**auth, "Authorization": "Bearer sk-wrong"}, 401),
         ("feedback without request_id", "POST", "/v1/feedback", b'{"score": 1}', auth, 400),
         ("feedback score not a number", "POST", "/v1/feedback", b'{"request_id": "x", "score": "high"}', auth, 400),
+        ("feedback score above one", "POST", "/v1/feedback", b'{"request_id": "x", "score": 5.0}', auth, 400),
+        ("feedback score negative", "POST", "/v1/feedback", b'{"request_id": "x", "score": -1}', auth, 400),
+        ("feedback score NaN", "POST", "/v1/feedback", b'{"request_id": "x", "score": NaN}', auth, 400),
+        ("feedback score infinite", "POST", "/v1/feedback", b'{"request_id": "x", "score": Infinity}', auth, 400),
+        ("feedback on a request that never existed", "POST", "/v1/feedback",
+         b'{"request_id": "req-never-served", "score": 1}', auth, 404),
         ("admin deploy: path traversal as model", "POST", "/admin/deploy",
          json.dumps({"model": "../../etc", "version": 2}).encode(), "ADMIN", 404),
         ("admin deploy: adapter path as version", "POST", "/admin/deploy",
@@ -129,13 +135,23 @@ def scenario_bad_input(cfg, services, keys, admin) -> dict:
 
 
 def scenario_isolation(cfg, services, keys, admin) -> dict:
-    """Every key against every endpoint and admin route: the matrix must be exactly as expected."""
+    """Every key against every endpoint, every tenant's requests (feedback naming them) and the admin
+    routes: the matrix must be exactly as expected, and refused feedback must record nothing."""
     import httpx
+
+    from loop.traces.log import read_feedback
 
     root = services.gateway_url[:-3]
     principals = {**{f"tenant:{t}": k for t, k in keys.items()}, "admin": admin, "none": None,
                   "forged": "sk-rel-" + secrets.token_hex(12)}
     owner = {e.model_name: t.id for t in cfg.tenants for e in t.endpoints}
+    # One request of each endpoint, by its owner: what feedback below names.
+    served = {}
+    for model, tenant in owner.items():
+        r = httpx.post(f"{root}/v1/chat/completions", headers={"Authorization": f"Bearer {keys[tenant]}"},
+                       timeout=120, json={"model": model, "messages": [{"role": "user", "content": "hi"}],
+                                          "max_tokens": 2})
+        served[model] = r.json()["id"] if r.status_code == 200 else ""
     matrix, wrong = {}, []
     for who, key in principals.items():
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -145,6 +161,10 @@ def scenario_isolation(cfg, services, keys, admin) -> dict:
                            json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
             want = 200 if who == f"tenant:{tenant}" else 404 if who.startswith("tenant:") else 401
             row[f"chat {model}"] = (r.status_code, want)
+            # A label no rule reads ("probe"): even the owner's accepted feedback steers nothing.
+            r = httpx.post(f"{root}/v1/feedback", headers=headers, timeout=60,
+                           json={"request_id": served[model], "label": "isolation-probe"})
+            row[f"feedback on {model}'s request"] = (r.status_code, want)
         # Promoting on the endpoint without a challenger: refused by the admin (409), changes nothing.
         for route, method, admin_ok in (("/admin/status", "GET", 200), ("/admin/promote", "POST", 409)):
             r = httpx.request(method, root + route, headers=headers, timeout=60,
@@ -158,8 +178,11 @@ def scenario_isolation(cfg, services, keys, admin) -> dict:
                                  mine if who.startswith("tenant:") else 401)
         matrix[who] = {k: v[0] for k, v in row.items()}
         wrong += [f"{who} {k}: got {v[0]}, expected {v[1]}" for k, v in row.items() if v[0] != v[1]]
+    recorded = sum(f["request_id"] in served.values() for f in read_feedback(cfg.storage.path("traces")))
+    if recorded != len(owner):
+        wrong.append(f"feedback rows naming the probed requests: {recorded}, expected {len(owner)} (the owners')")
     return {"sent": sum(len(r) for r in matrix.values()), "failed": len(wrong), "status_5xx": 0, "lost": 0,
-            "recover_s": 0.0, "matrix": matrix, "wrong": wrong}
+            "recover_s": 0.0, "matrix": matrix, "wrong": wrong, "feedback_recorded": recorded}
 
 
 def scenario_secrets(cfg, services, keys, admin, dashboard: str) -> dict:

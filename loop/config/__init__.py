@@ -15,13 +15,14 @@ from loop.config.base import Section, hash_api_key
 from loop.config.infra import (CostConfig, DraftConfig, EngineConfig, ModelConfig, RayConfig, ServingConfig,
                                StorageConfig, TeacherConfig)
 from loop.config.learning import (BootstrapConfig, DataConfig, DraftTrainingConfig, JudgeConfig, MergeConfig,
-                                  SuiteConfig, TrafficConfig, TrainingConfig, ValidationConfig, WorldConfig)
+                                  OutcomeJudgeConfig, SuiteConfig, TrafficConfig, TrainingConfig, ValidationConfig,
+                                  WorldConfig)
 from loop.config.release import PromotionConfig, RolloutConfig, ScheduleConfig
 from loop.config.tenants import CascadeConfig, EndpointConfig, TenantConfig
 
 __all__ = ["BootstrapConfig", "CascadeConfig", "ConfigError", "CostConfig", "DataConfig", "DraftConfig",
            "DraftTrainingConfig", "EndpointConfig", "EngineConfig", "JudgeConfig", "LoopConfig", "MergeConfig", "ModelConfig",
-           "PromotionConfig", "RayConfig", "RolloutConfig", "ScheduleConfig", "ServingConfig", "StorageConfig", "SuiteConfig",
+           "OutcomeJudgeConfig", "PromotionConfig", "RayConfig", "RolloutConfig", "ScheduleConfig", "ServingConfig", "StorageConfig", "SuiteConfig",
            "TeacherConfig", "TenantConfig", "TrafficConfig", "TrainingConfig", "ValidationConfig", "WorldConfig",
            "hash_api_key", "load_config", "simulation"]
 
@@ -61,6 +62,9 @@ class LoopConfig(Section):
             if cascading:
                 raise ValueError(f"endpoints {cascading} escalate to the teacher over HTTP; a local teacher has no "
                                  "endpoint: drop their cascade or use teacher.kind 'openai'")
+            if self.data.judge is not None:
+                raise ValueError("data.judge: the teacher grades answers over HTTP; a local teacher has no "
+                                 "endpoint: delete data.judge or use teacher.kind 'openai'")
         t = self.training
         if t.strategy == "deepspeed" and t.zero_stage == 3 and t.regularizer != "none" and t.reg_weight > 0:
             raise ValueError("training.regularizer needs whole parameters on every worker; ZeRO-3 shards them: "

@@ -83,10 +83,38 @@ class TrainingConfig(Section):
     """Penalty toward the warm-start (previous champion's) weights: `l2`, or `ewc` weighting each
     parameter by a diagonal Fisher estimate on the replay examples (needs replay_ratio > 0). Off on
     a first cycle (no warm start): L2 toward the base itself cost more learning than it saved."""
+    anchor_weight: float = Field(default=0.0, ge=0)
+    """Weight of the anchor to the base: KL(base || student) on the base's own answers to general
+    prompts (`data.general_replay` of them), in a batch of `anchor_batch_size` beside every training
+    batch, the base being the student with its adapter off. 0: those rows are trained on as text,
+    mixed into the batches."""
+    anchor_batch_size: int = Field(default=4, ge=1)
     reg_weight: float = Field(default=0.01, ge=0)
     """The defaults (replay 1.0, l2 0.01) are what `loopctl bench distill` measured: one cycle on a
     drifted world kept every earlier fact and general answer (regression -7 pts) where training
     without them lost 32 pts."""
+
+
+class JudgeConfig(Section):
+    """The teacher as a judge (loop/teacher/judge.py): grades an answer against a rubric, 0-10."""
+    rubric: str = ("Grade the ASSISTANT ANSWER to the USER QUESTION for correctness and helpfulness. If a "
+                   "REFERENCE is given, an answer that contradicts it is wrong. Reply with one integer from 0 "
+                   "(wrong or useless) to 10 (fully right), and nothing else.")
+    max_tokens: int = Field(default=8, ge=1)
+    """A reply cut off at this many tokens is no grade (scored 0 and counted as failed)."""
+    pass_score: float | None = Field(default=None, ge=0, le=1)
+    """None: an answer scores its grade / 10; set: 1 when grade / 10 reaches this, else 0."""
+
+
+class OutcomeJudgeConfig(JudgeConfig):
+    """`data.judge`: the teacher grades answered requests no user rated (loop/control/judged.py);
+    the grades are outcomes for selection and the promotion controller, marked `judge`."""
+    sample_fraction: float = Field(default=0.2, gt=0, le=1)
+    """Share of the unrated answered requests graded (seeded by request id)."""
+    max_requests: int = Field(default=200, ge=1)
+    """Grades per cycle's data stage, and per canary check."""
+    budget_usd: float = Field(default=1.0, gt=0)
+    """Teacher spend per cycle's data stage, and per canary check; grading stops when it is reached."""
 
 
 class DataConfig(Section):
@@ -116,6 +144,9 @@ class DataConfig(Section):
     general_replay_prompts: str | None = None
     """JSONL of {"messages"} (None: the 104 prompts shipped in loop/data/data/general_replay_prompts.jsonl)."""
     general_replay_max_tokens: int = Field(default=48, ge=1)
+    judge: OutcomeJudgeConfig | None = None
+    """Set: outcomes where feedback is thin, the teacher grading unrated answers (needs an HTTP
+    teacher, teacher.kind openai or reference). None (off): only users' feedback is an outcome."""
 
 
 class DraftTrainingConfig(Section):
@@ -188,17 +219,6 @@ class SuiteConfig(Section):
             except SuiteError as e:
                 raise ValueError(f"suite '{self.name}': {e}") from None
         return self
-
-
-class JudgeConfig(Section):
-    """The teacher as a judge (loop/teacher/judge.py): grades an answer against a rubric, 0-10."""
-    rubric: str = ("Grade the ASSISTANT ANSWER to the USER QUESTION for correctness and helpfulness. If a "
-                   "REFERENCE is given, an answer that contradicts it is wrong. Reply with one integer from 0 "
-                   "(wrong or useless) to 10 (fully right), and nothing else.")
-    max_tokens: int = Field(default=8, ge=1)
-    """A reply cut off at this many tokens is no grade (scored 0 and counted as failed)."""
-    pass_score: float | None = Field(default=None, ge=0, le=1)
-    """None: an answer scores its grade / 10; set: 1 when grade / 10 reaches this, else 0."""
 
 
 class ValidationConfig(Section):

@@ -1,8 +1,9 @@
 """The promotion controller: watches each endpoint's live challenger and promotes or rolls it back.
 
 One `step(endpoint)` reads the trace log and the feedback since the challenger went live (evaluation
-traffic excluded), asks the teacher about a shadow sample of answers when `promotion.shadow_fraction`
-is set, applies `loop.control.decision.decide`, records the evidence in MLflow (a run per challenger,
+traffic excluded; feedback joined to a request by (tenant, request id), so no tenant grades another's
+requests), asks the teacher about a shadow sample of answers when `promotion.shadow_fraction` is set,
+applies `loop.control.decision.decide`, records the evidence in MLflow (a run per challenger,
 `<endpoint>-promotion-<n>`, one metric step per decision; the verdict and its reasons as tags on
 the version), and carries a promote or rollback out through the same path as the admin API
 (`RolloutController.act`, MLflow aliases first, then every gateway replica).
@@ -22,6 +23,13 @@ def _epoch_s(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp() if iso else 0.0
 
 
+def feedback_scores(feedback: list[dict], since: float) -> dict[tuple[str, str], float]:
+    """Score by (tenant, request id) of the feedback given since `since` (a later score of the same
+    request wins). A row without a tenant (written before feedback was tenant-scoped) counts for none."""
+    return {(f["tenant"], f["request_id"]): float(f["score"]) for f in feedback
+            if f.get("tenant") and f.get("score") is not None and f.get("ts", 0) >= since}
+
+
 class PromotionController:
     def __init__(self, services):
         self.services, self.cfg = services, services.cfg
@@ -39,8 +47,7 @@ class PromotionController:
         since = _epoch_s(challenger["deployed_at"])
         rows = [r for r in read_traces(self.traces) if r["endpoint"] == endpoint and r["ts"] >= since
                 and not r["user"].startswith(EVAL_USER)]
-        scores = {f["request_id"]: float(f["score"]) for f in read_feedback(self.traces)
-                  if f.get("score") is not None and f.get("ts", 0) >= since}
+        scores = feedback_scores(read_feedback(self.traces), since)
         p = self.cfg.promotion
         agreement = self._shadow(endpoint, rows, scores) if p.shadow_fraction > 0 else {}
         stats = [variant_stats(v["version"], [r for r in rows if r["model_version"] == v["version"]], scores,
@@ -53,10 +60,10 @@ class PromotionController:
             admin(self.services, decision.action, endpoint, by="controller")
         return decision
 
-    def _shadow(self, endpoint: str, rows: list[dict], scores: dict) -> dict[str, float]:
-        """Token F1 of the student's answer against the teacher's, for a seeded `shadow_fraction`
-        sample of the answered requests that have no feedback; cached on disk, so each request is
-        asked about once."""
+    def _shadow(self, endpoint: str, rows: list[dict], scores: dict) -> dict[tuple[str, str], float]:
+        """Token F1 of the student's answer against the teacher's by (tenant, request id), for a seeded
+        `shadow_fraction` sample of the answered requests that have no feedback; cached on disk, so each
+        request is asked about once (a cache line from before it named the tenant is asked again)."""
         from loop.teacher.client import ask, make_client
         from loop.validate.gate import token_f1
 
@@ -64,8 +71,10 @@ class PromotionController:
         path.parent.mkdir(parents=True, exist_ok=True)
         done = {}
         if path.exists():
-            done = {d["request_id"]: d["agreement"] for d in map(json.loads, path.read_text().splitlines()) if d}
-        todo = [r for r in rows if r["status"] == 200 and r["request_id"] not in scores and r["request_id"] not in done
+            done = {(d["tenant"], d["request_id"]): d["agreement"]
+                    for d in map(json.loads, path.read_text().splitlines()) if d and d.get("tenant")}
+        todo = [r for r in rows if r["status"] == 200 and (r["tenant"], r["request_id"]) not in scores
+                and (r["tenant"], r["request_id"]) not in done
                 and random.Random(r["request_id"]).random() < self.cfg.promotion.shadow_fraction]
         if todo and self.cfg.teacher.kind != "local":
             t = self.cfg.teacher
@@ -73,8 +82,9 @@ class PromotionController:
             with path.open("a") as f:
                 for r in todo:
                     answer = ask(client, t.model, json.loads(r["prompt"]), t.max_tokens)
-                    done[r["request_id"]] = token_f1(r["student_completion"] or r["completion"], answer)
-                    f.write(json.dumps({"request_id": r["request_id"], "agreement": done[r["request_id"]]}) + "\n")
+                    key = (r["tenant"], r["request_id"])
+                    done[key] = token_f1(r["student_completion"] or r["completion"], answer)
+                    f.write(json.dumps({"tenant": key[0], "request_id": key[1], "agreement": done[key]}) + "\n")
         return done
 
     def _record(self, endpoint: str, challenger: dict, d: Decision) -> None:

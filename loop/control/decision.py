@@ -1,8 +1,9 @@
 """The promotion rule: per-variant telemetry from the trace log in, promote / roll back / keep collecting out.
 
 Each answered request of a variant is an outcome when it has one: the user's feedback score (joined
-by request id; a score >= `positive_score` is a success), else the teacher's agreement with the
-answer on the shadow sample (token F1 >= `positive_score`). Outcomes are Bernoulli; with a uniform
+by (tenant, request id), so a tenant's feedback grades only its own requests; a score >=
+`positive_score` is a success), else the teacher's agreement with the answer on the shadow sample
+(token F1 >= `positive_score`). Outcomes are Bernoulli; with a uniform
 prior each variant's success rate has a Beta(1 + successes, 1 + failures) posterior, and
 
     P(challenger better) = P(p_challenger > p_champion)
@@ -83,10 +84,10 @@ def p95(values: list[float]) -> float:
     return s[min(len(s) - 1, math.ceil(0.95 * len(s)) - 1)]
 
 
-def variant_stats(version: str, rows: list[dict], scores: dict[str, float], agreement: dict[str, float],
-                  positive_score: float) -> VariantStats:
-    """`rows`: this version's trace records; `scores`: feedback score by request id; `agreement`: shadow
-    agreement (token F1 with the teacher) by request id."""
+def variant_stats(version: str, rows: list[dict], scores: dict[tuple[str, str], float],
+                  agreement: dict[tuple[str, str], float], positive_score: float) -> VariantStats:
+    """`rows`: this version's trace records; `scores`: feedback score by (tenant, request id);
+    `agreement`: shadow agreement (token F1 with the teacher) by (tenant, request id)."""
     st = VariantStats(version)
     latencies = []
     for r in rows:
@@ -99,12 +100,12 @@ def variant_stats(version: str, rows: list[dict], scores: dict[str, float], agre
             # The user got the teacher's answer: a grade of it says nothing of this version's answers.
             st.escalations += 1
             continue
-        rid = r.get("request_id", "")
-        if rid in scores:
+        key = (r.get("tenant", ""), r.get("request_id", ""))
+        if key in scores:
             st.feedback += 1
-            outcome = scores[rid]
-        elif rid in agreement:
-            outcome = agreement[rid]
+            outcome = scores[key]
+        elif key in agreement:
+            outcome = agreement[key]
         else:
             continue
         if outcome >= positive_score:

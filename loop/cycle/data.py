@@ -66,6 +66,7 @@ class DataStages:
         imports = sorted({r["source_digest"] for r in rows if r["source"] == "imported"})
         d = self.cfg.data
         feedback = read_feedback(self.cfg.storage.path("traces"))
+        judged = self._judge_outcomes(run_id, rows, feedback, "data")
         sel = select_prompts(rows, feedback, max_prompts=d.max_prompts,
                              sample_size=d.sample_size, min_confidence=d.min_confidence,
                              negative_score=d.negative_score, heldout_fraction=d.heldout_fraction, seed=self.number)
@@ -80,7 +81,8 @@ class DataStages:
             write_failures(sdir / "label_failures.jsonl", e.failed)
             raise CycleFailed(f"{e} (which, and why: {sdir / 'label_failures.jsonl'})") from None
         write_failures(sdir / "label_failures.jsonl", failed)
-        cost = {"teacher_cost_usd": sum(r["cost_usd"] for r in labeled),
+        cost = {"teacher_cost_usd": sum(r["cost_usd"] for r in labeled) + judged.cost_usd,
+                "judged": judged.graded, "judge_cost_usd": judged.cost_usd,
                 "from_escalation": sum(bool(r.get("from_escalation")) for r in labeled),
                 "teacher_cached": sum(bool(r["cached"]) for r in labeled),
                 "teacher_tokens": sum(r["prompt_tokens"] + r["completion_tokens"] for r in labeled),
@@ -109,6 +111,30 @@ class DataStages:
                 "kept": len(kept),
                 "label_failed": len(failed), "cutoff": cutoff, "replay": str(sdir / "replay.jsonl"),
                 "imports": imports, "live_traces": live, "imported_traces": imported, **cost}
+
+    def _judge_outcomes(self, run_id: str, rows: list[dict], feedback: list[dict], where: str):
+        """`data.judge`: the teacher grades the unrated answered requests of `rows`; the grades go
+        into the feedback log (and onto `feedback`) as `source: judge` outcomes (loop/control/judged.py)."""
+        import ray
+
+        from loop.control.judged import Judged, judge_unrated
+
+        jcfg = self.cfg.data.judge
+        if jcfg is None:
+            return Judged()
+
+        def append(grades: list[dict]) -> None:
+            ray.get(self.services.trace_log.append_feedback.remote(grades))
+            feedback.extend(grades)
+
+        if not hasattr(self, "_outcome_judge"):
+            self._outcome_judge = self._judge(jcfg, "data.judge grades unrated answers")
+        judged = judge_unrated(jcfg, rows, feedback, self._outcome_judge, append)
+        self.lineage.log(run_id, metrics=judged.metrics(f"judge.{where}"))
+        if judged.stopped:
+            self.progress(f"  [judge] {where}: graded {judged.graded} of {judged.candidates} unrated answers "
+                          f"(stopped at data.judge.{judged.stopped})")
+        return judged
 
     def _general_replay(self, train: Path) -> int:
         """The base's own answers to `data.general_replay` general prompts, appended to the training set

@@ -112,16 +112,17 @@ class LearnStages:
                          tags={"verdict": "pass" if report.passed else "fail"})
         return report.to_dict()
 
-    def _judge(self):
-        """The teacher as the `judge` grader (HTTP teachers; a local teacher has no endpoint)."""
+    def _judge(self, judge=None, what: str = "a suite grades with 'judge'"):
+        """The teacher as a judge (`judge`: its JudgeConfig, default validation.judge); HTTP teachers
+        only (a local teacher has no endpoint)."""
         from loop.teacher.client import teacher_key
         from loop.teacher.judge import TeacherJudge
 
         if self.cfg.teacher.kind == "local":
-            raise CycleFailed("a suite grades with 'judge', which needs an HTTP teacher (teacher.kind openai); "
+            raise CycleFailed(f"{what}, which needs an HTTP teacher (teacher.kind openai); "
                               "use another grader with a local teacher")
         return TeacherJudge(self.cfg.teacher, self.services.teacher_url, teacher_key(self.cfg.teacher),
-                            self.cfg.validation.judge, str(self.cfg.storage.path("teacher-cache.sqlite")))
+                            judge or self.cfg.validation.judge, str(self.cfg.storage.path("teacher-cache.sqlite")))
 
     def _draft(self, sdir: Path, run_id: str, data: dict, train: dict, merge: dict) -> dict:
         """Co-train the draft on the new student (merged weights); keep whichever draft the new

@@ -8,6 +8,8 @@ prompt is chosen, in this order, because
   4. it is in a sample of the rest, stratified by user so no single user dominates,
 up to `max_prompts`. Identical prompts count once (with every reason they earned). A stable hash of
 the prompt puts `heldout_fraction` of them aside: never trained on, kept for validation.
+Feedback joins a trace record by (tenant, request id): a tenant's feedback says nothing of another
+tenant's requests, and a feedback row without a tenant (from before feedback was scoped) of none.
 """
 from __future__ import annotations
 
@@ -34,6 +36,15 @@ def _heldout(prompt: str, fraction: float) -> bool:
     return fraction > 0 and int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
+def _key(row: dict) -> tuple[str, str]:
+    return row.get("tenant") or "", row.get("request_id") or ""
+
+
+def _keyed(feedback: list[dict], keep) -> set[tuple[str, str]]:
+    """(tenant, request id) of the feedback rows `keep` accepts; rows without a tenant join nothing."""
+    return {_key(fb) for fb in feedback if fb.get("tenant") and keep(fb)}
+
+
 def _negative(fb: dict, negative_score: float) -> bool:
     score, label = fb.get("score"), fb.get("label")
     return (score is not None and score < negative_score) or (isinstance(label, str)
@@ -43,9 +54,10 @@ def _negative(fb: dict, negative_score: float) -> bool:
 def select_prompts(records: list[dict], feedback: list[dict], *, max_prompts: int, sample_size: int,
                    min_confidence: float | None = None, negative_score: float = 0.5,
                    heldout_fraction: float = 0.0, seed: int = 0) -> Selection:
-    """`records`: trace rows (prompt, user, request_id, escalated, confidence) already filtered to the
-    endpoint's new, answered, non-evaluation traffic. `feedback`: rows of {request_id, score, label}."""
-    negative_ids = {fb["request_id"] for fb in feedback if _negative(fb, negative_score)}
+    """`records`: trace rows (prompt, user, tenant, request_id, escalated, confidence) already filtered to
+    the endpoint's new, answered, non-evaluation traffic. `feedback`: rows of {tenant, request_id, score,
+    label}."""
+    negative = _keyed(feedback, lambda fb: _negative(fb, negative_score))
     reasons: dict[str, set[str]] = defaultdict(set)
     users: dict[str, str] = {}
     for r in records:
@@ -56,7 +68,7 @@ def select_prompts(records: list[dict], feedback: list[dict], *, max_prompts: in
         conf = r.get("confidence")
         if min_confidence is not None and conf and conf < min_confidence:  # 0.0: not measured
             reasons[prompt].add("low_confidence")
-        if r.get("request_id") in negative_ids:
+        if _key(r) in negative:
             reasons[prompt].add("negative_feedback")
     candidates = sorted(users)
     rest = [p for p in candidates if p not in reasons]
@@ -111,10 +123,10 @@ def rated_good(records: list[dict], feedback: list[dict], exclude: set[str], n: 
     teacher this cycle, or held out): {"prompt", "completion"} rows (its first sentence), seeded."""
     if n <= 0:
         return []
-    good_ids = {fb["request_id"] for fb in feedback if fb.get("score") is not None and fb["score"] >= min_score}
-    bad_prompts = {r["prompt"] for r in records if r.get("request_id") not in good_ids}
+    good = _keyed(feedback, lambda fb: fb.get("score") is not None and fb["score"] >= min_score)
+    bad_prompts = {r["prompt"] for r in records if _key(r) not in good}
     by_prompt = {r["prompt"]: r for r in records
-                 if r.get("request_id") in good_ids and not r.get("escalated") and r.get("completion")}
+                 if _key(r) in good and not r.get("escalated") and r.get("completion")}
     pool = sorted(p for p in by_prompt if p not in exclude and p not in bad_prompts)
     picked = random.Random(seed).sample(pool, min(n, len(pool)))
     return [{"prompt": p, "completion": first_sentence(by_prompt[p]["completion"])} for p in sorted(picked)]

@@ -5,7 +5,8 @@ A plain class behind a FastAPI app that Ray Serve mounts (`serve_apps/gateway_ap
 so routing is tested with a fake engine. Rollouts come from a RolloutStore actor, read on the request
 path at most every POLL_S (or, without one, from Serve's `user_config`): a new version or weight is
 live without restarting this replica or the engine.
-Every request, answered or refused after authentication, becomes exactly one trace record.
+Every request, answered or refused after authentication, becomes exactly one trace record, under
+the gateway's own request id (`ServerRequestId`); feedback may name only the caller's own requests.
 """
 from __future__ import annotations
 
@@ -17,16 +18,44 @@ import time
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
+from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse, StreamingResponse
 
 from loop.config import hash_api_key
+from loop.serving.feedback import RequestOwners, log_holds_request, not_found, parse_feedback
 from loop.serving.rollouts import POLL_S
-from loop.serving.protocol import (SSE_DONE, BadRequest, ChatCompletionRequest, CompletionRequest,
-                                   chat_completion_body, completion_body, error_response, parse_request,
-                                   sse_chunk)
+from loop.serving.protocol import (REQUEST_ID_HEADER, SSE_DONE, BadRequest, ChatCompletionRequest,
+                                   CompletionRequest, chat_completion_body, completion_body, error_response,
+                                   parse_request, sse_chunk)
 from loop.traces.log import new_request_id
 
+
+class ServerRequestId:
+    """Every request gets the gateway's own id, `new_request_id()`, read by the routes as
+    `request.state.request_id` and sent back in `x-request-id` on every response (refusals too).
+    The client's `x-request-id` is only recorded (`client_request_id`), never a trace's id: were it
+    one, a tenant could give its request another tenant's id. Serve's proxy appends the id the
+    request arrived with after ours; `protocol.GatewayRequestId`, in the proxy, keeps ours only."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = new_request_id()
+        scope["state"] = {**scope.get("state", {}), "request_id": request_id}
+
+        async def stamped(message):
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        await self.app(scope, receive, stamped)
+
+
 api = FastAPI(title="continual-loop gateway", version="0.1")
+api.add_middleware(ServerRequestId)
 
 
 def assign_variant(rollout: dict, user: str) -> str:
@@ -68,6 +97,7 @@ class Gateway:
         self.rollouts: dict[str, dict] = {}
         self.rollout_store, self._rollout_version, self._checked = rollout_store, -1, 0.0
         self.metrics = _Metrics()
+        self.owners = RequestOwners()
         self.started_at = time.time()
 
     def reconfigure(self, config: dict) -> None:
@@ -107,23 +137,24 @@ class Gateway:
         raise BadRequest("model: required (or send Host: model-<id>.<domain>)", param="model")
 
     async def _prepare(self, request: Request, kind: type) -> tuple[Call, object]:
-        # Ray Serve's proxy gives every request an `x-request-id` (the client's, or a fresh one) and
-        # always returns it in the response; the trace uses the same id, so the two always agree.
-        request_id = request.headers.get("x-request-id", "")[:128] or new_request_id()
+        request_id = request.state.request_id  # the gateway's own (ServerRequestId)
+        # The id the request arrived with: the client's, or, when it sent none, the one Ray Serve's
+        # proxy gave it (Serve's logs name the request by it).
+        client_request_id = request.headers.get(REQUEST_ID_HEADER, "")[:128]
         started = time.perf_counter()
         tenant = self._tenant(request)
         await self._current_rollouts()
         try:
-            return self._route(request, kind, request_id, started, tenant, await request.body())
+            return self._route(request, kind, request_id, started, tenant, await request.body(), client_request_id)
         except BadRequest as e:
             # A refused request of a known tenant is traced too (nothing about it is dropped).
             e.record = dict(request_id=request_id, tenant=tenant, endpoint="", variant="", model_version="",
-                            status=e.status, error=e.message[:500], ts=time.time(),
-                            latency_ms=(time.perf_counter() - started) * 1000)
+                            status=e.status, error=e.message[:500], client_request_id=client_request_id,
+                            ts=time.time(), latency_ms=(time.perf_counter() - started) * 1000)
             raise
 
     def _route(self, request: Request, kind: type, request_id: str, started: float, tenant: str,
-               body: bytes) -> tuple[Call, object]:
+               body: bytes, client_request_id: str = "") -> tuple[Call, object]:
         req = parse_request(body, kind)
         model = self._model(request, req.model)
         endpoint = self.tenant_models[tenant].get(model)
@@ -139,12 +170,13 @@ class Gateway:
         variant = assign_variant(rollout, user)
         version = rollout[variant]
         prompt = [m.model_dump() for m in req.messages] if kind is ChatCompletionRequest else req.prompt
+        # `ts` is set once here: a retried append is recognised as the same record.
         record = dict(request_id=request_id, tenant=tenant, endpoint=endpoint, variant=variant,
                       model_version=version["version"], adapter_digest=version.get("adapter_digest", ""),
                       checkpoint_digest=version.get("checkpoint_digest", ""),
                       training_run_id=version.get("training_run_id", ""),
                       deployed_at=version.get("deployed_at", ""), user=user, prompt=json.dumps(prompt),
-                      ts=time.time())  # set once here: a retried append is recognised as the same record
+                      client_request_id=client_request_id, ts=time.time())
         call = Call(request_id, started, model, endpoint, variant, version, record,
                     {"x-model-version": version["version"], "x-variant": variant})
         return call, req
@@ -176,6 +208,7 @@ class Gateway:
                            **fields)
         # Acknowledge only what is durable: the record is in the write-ahead log before we answer.
         await self.trace_log.append.remote([call.record])
+        self.owners.add(call.record["tenant"], call.request_id)  # before the answer: feedback may follow at once
         self.metrics.observe(call.endpoint, call.variant, status, call.record.get("prompt_tokens", 0),
                              call.record.get("completion_tokens", 0), call.record["latency_ms"],
                              bool(call.record.get("escalated")))
@@ -206,6 +239,7 @@ class Gateway:
         except BadRequest as e:
             if getattr(e, "record", None):
                 await self.trace_log.append.remote([e.record])
+                self.owners.add(e.record["tenant"], e.record["request_id"])
             return e.response()
         threshold = self.cascade.get(call.endpoint) if self.teacher else None
         if req.stream and threshold is None:
@@ -295,27 +329,30 @@ class Gateway:
 
     @api.post("/v1/feedback")
     async def feedback(self, request: Request):
-        """Outcome labels: `{"request_id": ..., "score": float}` and/or `"label": str`, joined by id."""
+        """Outcome labels: `{"request_id": ..., "score": 0..1}` and/or `"label": str`, on one of the
+        caller's own requests; joined to the trace by (tenant, request id)."""
         try:
             tenant = self._tenant(request)
-            body = json.loads(await request.body() or b"{}")
-            if not isinstance(body, dict) or not isinstance(body.get("request_id"), str) or not body["request_id"]:
-                raise BadRequest("request_id: required string", param="request_id")
-            score, label = body.get("score"), body.get("label")
-            if score is None and label is None:
-                raise BadRequest("send score (number) or label (string)", param="score")
-            if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
-                raise BadRequest("score: must be a number", param="score")
-            if label is not None and (not isinstance(label, str) or len(label) > 256):
-                raise BadRequest("label: must be a string of at most 256 characters", param="label")
-        except json.JSONDecodeError as e:
-            return BadRequest(f"request body is not valid JSON: {e}").response()
+            request_id, score, label = parse_feedback(await request.body())
+            if not await self._owns(tenant, request_id):
+                raise not_found(request_id)
         except BadRequest as e:
             return e.response()
-        row = {"request_id": body["request_id"][:128], "tenant": tenant, "score": score, "label": label,
-               "ts": time.time()}
+        row = {"request_id": request_id, "tenant": tenant, "score": score, "label": label, "ts": time.time()}
         await self.trace_log.append_feedback.remote([row])
-        return JSONResponse({"object": "feedback", "request_id": row["request_id"], "recorded": True})
+        return JSONResponse({"object": "feedback", "request_id": request_id, "recorded": True})
+
+    async def _owns(self, tenant: str, request_id: str) -> bool:
+        """Whether `request_id` is in the trace log as one of `tenant`'s requests. This replica knows
+        the ones it traced; another replica's (or an older one's) are looked up in the log's files,
+        where the answered request already is (its record is durable before the answer goes out)."""
+        if (tenant, request_id) in self.owners:
+            return True
+        # TraceLog has no lookup method: `__ray_call__` runs ours on the actor, beside its files.
+        if await self.trace_log.__ray_call__.remote(log_holds_request, tenant, request_id):
+            self.owners.add(tenant, request_id)
+            return True
+        return False
 
     @api.get("/v1/models")
     async def models(self, request: Request):

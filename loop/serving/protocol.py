@@ -1,7 +1,8 @@
 """The slice of the OpenAI HTTP protocol the gateway and the reference teacher speak.
 
 Request validation gives one clear message naming the field; errors use OpenAI's error body.
-Bodies are built here, so the gateway, the teacher and the tests agree on one shape.
+Bodies are built here, so the gateway, the teacher and the tests agree on one shape. So is the one
+`x-request-id` a response carries (`GatewayRequestId`, installed in Ray Serve's HTTP proxy).
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import JSONResponse
 
 MAX_BODY_BYTES = 1 << 20
+REQUEST_ID_HEADER = "x-request-id"
+PROXY_CALLBACK = "loop.serving.protocol.proxy_middlewares"
+"""What RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH names, in the environment of Serve's proxies."""
 
 
 class ChatMessage(BaseModel):
@@ -140,3 +144,43 @@ def sse_chunk(request_id: str, model: str, chat: bool, delta: str | None, finish
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+class GatewayRequestId:
+    """A response names its request by one `x-request-id`: the first, which is the gateway's own.
+
+    Ray Serve's proxy appends the id the request arrived with (the client's, or one it made up) to
+    every response, whatever the response already says (`RequestIdMiddleware` in
+    ray/serve/_private/http_util.py: `headers.append("X-Request-ID", request_id)`). The gateway sets
+    its own id, so a client would get two; this ASGI middleware, outside Serve's, drops the later
+    ones. A response Serve makes itself (no route, no replica) keeps Serve's id, its only one."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def first_id_only(message):
+            if message["type"] == "http.response.start":
+                name, seen, kept = REQUEST_ID_HEADER.encode(), False, []
+                for k, v in message.get("headers", []):
+                    if k.lower() == name:
+                        if seen:
+                            continue
+                        seen = True
+                    kept.append((k, v))
+                message = {**message, "headers": kept}
+            await send(message)
+
+        await self.app(scope, receive, first_id_only)
+
+
+def proxy_middlewares() -> list:
+    """Serve's HTTP proxy callback (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=PROXY_CALLBACK, set
+    where Serve starts, e.g. `serve.start(controller_options={"runtime_env": {"env_vars": ...}})`:
+    the proxies inherit the controller's environment)."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(GatewayRequestId)]

@@ -75,16 +75,20 @@ def answer_positions(labels):
     return mask
 
 
-def _batches(examples: list[dict], batch_size: int, pad_id: int, step: int, rank: int, world: int, seed: int,
-             k: int = 0):
-    """One batch of `examples` ({"ids", "labels", "kd"}) for this worker: input ids, labels, attention
-    mask, and (with k > 0) the teacher's top-k ids / log-probs / mask per position."""
+def _pick(examples: list[dict], batch_size: int, step: int, rank: int, world: int, seed: int) -> list[dict]:
+    """This worker's share of the step's `batch_size * world` examples (seeded by step)."""
     import torch
 
     g = torch.Generator().manual_seed(seed + step)
     idx = torch.randint(len(examples), (batch_size * world,), generator=g)[rank::world].tolist()
-    batch = [examples[i] for i in idx]
-    return _collate(batch, pad_id, k)
+    return [examples[i] for i in idx]
+
+
+def _batches(examples: list[dict], batch_size: int, pad_id: int, step: int, rank: int, world: int, seed: int,
+             k: int = 0):
+    """One batch of `examples` ({"ids", "labels", "kd"}) for this worker: input ids, labels, attention
+    mask, and (with k > 0) the teacher's top-k ids / log-probs / mask per position."""
+    return _collate(_pick(examples, batch_size, step, rank, world, seed), pad_id, k)
 
 
 def _collate(batch: list[dict], pad_id: int, k: int = 0) -> dict:
@@ -120,7 +124,8 @@ def load_examples(tokenizer, path: str | Path | None, max_len: int) -> list[dict
         ids, labels = encode_example(tokenizer, row["messages"], row["completion"], max_len, row.get("eos", True))
         # A prompt longer than max_len leaves no answer token to learn from (and a NaN loss).
         if any(lab != -100 for lab in labels):
-            out.append({"ids": ids, "labels": labels, "kd": kd_targets(tokenizer, ids, labels, row.get("top_logprobs"))})
+            out.append({"ids": ids, "labels": labels, "kd": kd_targets(tokenizer, ids, labels, row.get("top_logprobs")),
+                        "source": row.get("source", "")})
     return out
 
 
@@ -171,6 +176,10 @@ def train_loop(config: dict) -> None:
     if not examples:
         raise ValueError(f"every example is longer than training.max_seq_len ({tc.max_seq_len}); raise it")
     replay = load_examples(tok, config.get("replay"), tc.max_seq_len)
+    # The base's own answers to general prompts (data.general_replay): with an anchor they leave the
+    # pool and are matched to the base's distribution in a batch of their own at every step.
+    anchors = [e for e in examples if e["source"] == "base"] if tc.anchor_weight > 0 else []
+    examples = [e for e in examples if e["source"] != "base"] if anchors else examples
     pool = examples + replay
     k = max((len(t) for e in pool for _, t, _ in (e["kd"] or [])), default=0) if tc.kd_weight > 0 else 0
     # A local teacher gives its whole distribution at every answer position (it shares the tokenizer).
@@ -194,29 +203,38 @@ def train_loop(config: dict) -> None:
         engine, opt, _, sched = _deepspeed(model, opt, sched, tc, world)
         model = engine
     model.train()
-    losses, kls = [], []
+    losses, kls, anchor_kls = [], [], []
     bar = tqdm(range(tc.max_steps), desc="distill", disable=rank != 0, mininterval=2.0)
     for step in bar:
-        batch = {n: t.to(device) for n, t in _batches(pool, tc.batch_size, pad, step, rank, world, tc.seed, k).items()}
+        rows = _pick(pool, tc.batch_size, step, rank, world, tc.seed)
+        # Anchor rows ride in the same forward (one graph per step, as DDP wants), after the others.
+        rows += _pick(anchors, tc.anchor_batch_size, step, rank, world, tc.seed + 1) if anchors else []
+        batch = {n: t.to(device) for n, t in _collate(rows, pad, k).items()}
+        anchored = torch.arange(len(rows), device=device) >= tc.batch_size
+        labels = batch["labels"].masked_fill(anchored[:, None], -100)
         # Logits only where some row predicts an answer token (the prompt's are never scored): the
         # output layer over a 49k vocabulary is a fifth of a small model's step.
         keep = answer_positions(batch["labels"]).any(0).nonzero().flatten()
         with autocast(device, tc.precision):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            logits_to_keep=keep).logits
-        loss = answer_loss(logits, batch["labels"], keep)
+        loss = answer_loss(logits, labels, keep)
         if k and batch["kd_mask"].any():
             kl = topk_kl(logits.float(), batch["top_ids"][:, keep], batch["top_lps"][:, keep], batch["kd_mask"][:, keep])
             loss = loss + tc.kd_weight * kl
             kls.append(kl.item())
         if teacher is not None:
-            where = answer_positions(batch["labels"])
+            where = answer_positions(labels)
             target = ray.get(teacher.logprobs.remote(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), where.cpu()))
             kl = full_kl(logits[where[:, keep]].float(), target.to(device), torch.ones(target.shape[0], device=device))
             loss = loss + tc.kd_weight * kl
             kls.append(kl.item())
         if reference is not None:
             loss = loss + tc.reg_weight * drift_penalty(model, reference, fisher)
+        if anchors:
+            anchor = anchor_kl(model, batch, logits, keep, anchored, device, tc.precision)
+            loss = loss + tc.anchor_weight * anchor
+            anchor_kls.append(anchor.item())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()} at step {step}: lower "
                                      f"training.learning_rate (now {tc.learning_rate}) or check the dataset")
@@ -238,6 +256,9 @@ def train_loop(config: dict) -> None:
                "zero_stage": engine.zero_optimization_stage() if engine is not None else 0, "workers": world}
     if kls:
         metrics.update(kd_kl_first=kls[0], kd_kl_last=sum(kls[-5:]) / len(kls[-5:]))
+    if anchor_kls:
+        metrics.update(anchor_examples=len(anchors), anchor_kl_first=anchor_kls[0],
+                       anchor_kl_last=sum(anchor_kls[-5:]) / len(anchor_kls[-5:]))
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         unwrapped = model.module if hasattr(model, "module") else model
@@ -246,6 +267,22 @@ def train_loop(config: dict) -> None:
             unwrapped.save_pretrained(tmp, state_dict=state)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def anchor_kl(model, batch: dict, logits, keep, anchored, device, precision: str):
+    """KL(base || student) at the answer positions of the `anchored` rows of `batch`, the student's
+    being `logits` (at positions `keep`): the base is the same model with its adapter switched off
+    (no second copy of the weights, no gradient through it)."""
+    import torch
+
+    from loop.train.losses import full_kl
+
+    peft_model = model.module if hasattr(model, "module") else model  # DDP / DeepSpeed wrap it
+    with torch.no_grad(), peft_model.disable_adapter(), autocast(device, precision):
+        base = peft_model(input_ids=batch["input_ids"][anchored], attention_mask=batch["attention_mask"][anchored],
+                          logits_to_keep=keep).logits
+    mask = answer_positions(batch["labels"][anchored])[:, keep]
+    return full_kl(logits[anchored][mask].float(), base[mask].float(), torch.ones(int(mask.sum()), device=device))
 
 
 def _deepspeed(model, opt, sched, tc: TrainingConfig, world: int):
