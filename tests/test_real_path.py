@@ -1,0 +1,185 @@
+"""The real path: a domain the demo world does not have, a teacher that is its own HTTP process,
+`traffic.simulate: false`, logs imported and traffic and feedback sent from outside with the
+`openai` SDK, the judge giving outcomes where users gave none, and the canary deciding on that
+traffic.
+
+One cycle of `globex-chat` on the session's cluster (marked `last`: after the demo report moved it
+on, before test_resume, which moves only tiny-support). The domain is the travel-and-expense policy
+of benchmarks/domains/expense_policy.json: answers of a sentence carrying two details each.
+"""
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import ROOT, _free_port
+from loop.config import load_config
+from loop.traces.log import read_feedback, read_traces
+
+pytestmark = [pytest.mark.cluster, pytest.mark.last]
+ENDPOINT, MODEL, KEY = "globex-chat", "model-globex-chat", "sk-loop-demo-globex"
+DOMAIN = ROOT / "benchmarks" / "domains" / "expense_policy.json"
+TEACHER_KEY = "sk-frontier-test"
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.domains.teacher", "--domain", str(DOMAIN),
+                             "--port", str(port)], cwd=ROOT, env={**_env(), "TEACHER_API_KEY": TEACHER_KEY},
+                            stdout=subprocess.PIPE, text=True)
+    assert "domain teacher on" in proc.stdout.readline()
+    yield f"http://127.0.0.1:{port}/v1"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _env():
+    import os
+
+    return dict(os.environ)
+
+
+def _policies():
+    return json.loads(DOMAIN.read_text())["policies"]
+
+
+def _ask(client, question: str, user: str) -> tuple[str, str]:
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=64, user=user)
+    return raw.headers["x-request-id"], raw.parse().choices[0].message.content or ""
+
+
+@pytest.fixture(scope="module")
+def real(cycle_job, teacher, tmp_path_factory):
+    assert cycle_job["proc"].returncode == 0
+    raw = yaml.safe_load(cycle_job["config"].read_text())
+    raw.pop("world", None)  # a demo-only section: refused with simulate false
+    raw["traffic"] = {"simulate": False}
+    raw["teacher"] = {"kind": "openai", "base_url": teacher, "model": "frontier", "api_key_env": "TEACHER_API_KEY",
+                      "max_tokens": 48, "usd_per_million_prompt_tokens": 2.5, "usd_per_million_completion_tokens": 10.0}
+    suite = tmp_path_factory.mktemp("suites") / "expense-policy.jsonl"
+    suite.write_text((ROOT / "configs" / "suites" / "expense-policy.jsonl").read_text())
+    raw["validation"] = {**raw.get("validation", {}), "parity_questions": 0, "spec_check_questions": 0,
+                         "suites": [{"name": "expense-policy", "kind": "skill", "path": str(suite)}]}
+    raw["draft_training"]["max_steps"] = 10
+    raw["training"]["max_seq_len"] = 160  # the policies' sentences are longer than the tiny world's
+    raw["validation"]["max_new_tokens"] = 48
+    raw["data"] = {**raw.get("data", {}), "heldout_fraction": 0.25,
+                   "judge": {"sample_fraction": 1.0, "max_requests": 200}}
+    raw["promotion"] = {**raw.get("promotion", {}), "mode": "canary", "min_samples": 6, "canary_wait_s": 240,
+                        "check_interval_s": 5}
+    config = cycle_job["config"].with_name("tiny-real.yaml")
+    config.write_text(yaml.safe_dump(raw))
+    cfg = load_config(config)
+    env = {**cycle_job["env"], "TEACHER_API_KEY": TEACHER_KEY}
+    check = subprocess.run([sys.executable, "-m", "loop.cli", "config", "check", str(config)], env=env,
+                           capture_output=True, text=True, cwd=ROOT)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    # History from before the loop: the first phrasing of every policy, imported.
+    logs = tmp_path_factory.mktemp("logs") / "history.jsonl"
+    logs.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p["questions"][0]}],
+                                        "response": "Please ask HR.", "user": f"past-{i}"}) + "\n"
+                            for i, p in enumerate(_policies())))
+    imported = subprocess.run([sys.executable, "-m", "loop.cli", "traces", "import", str(logs), "--config",
+                               str(config), "--endpoint", MODEL], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+
+    gateway = f"http://127.0.0.1:{cfg.serving.port}/v1"
+    client = openai.OpenAI(base_url=gateway, api_key=KEY, max_retries=0)
+    sent = []
+    # Live traffic: the second and third phrasings, with a user's feedback on some of the answers.
+    for i, p in enumerate(_policies()):
+        for q in p["questions"][1:3]:
+            rid, _ = _ask(client, q, f"user-{i % 4}")
+            sent.append(rid)
+    for rid in sent[::4]:
+        r = httpx.post(f"{gateway}/feedback", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"request_id": rid, "score": 0.0})
+        assert r.status_code == 200, r.text
+
+    # During the canary, users keep asking (the popular questions again); the judge grades the answers.
+    stop = threading.Event()
+
+    def users():
+        n = 0
+        while not stop.is_set():
+            p = _policies()[n % 12]
+            try:
+                sent.append(_ask(client, p["questions"][1 + n % 2], f"user-{n % 8}")[0])
+            except openai.APIError:
+                pass  # a refusal is traced too; the canary's evidence is the rest
+            n += 1
+            time.sleep(0.3)
+
+    started = time.time()
+    thread = threading.Thread(target=users, daemon=True)
+    thread.start()
+    try:
+        proc = subprocess.run([sys.executable, "jobs/run_loop.py", "--config", str(config), "--cycles", "1",
+                               "--endpoint", ENDPOINT], env=env, capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    cycle = max(cfg.storage.path("cycles", ENDPOINT).glob("cycle-*"))
+    return {"cfg": cfg, "proc": proc, "sent": sent, "report": json.loads((cycle / "report.json").read_text()),
+            "cycle": cycle, "seconds": time.time() - started, "import": imported.stdout}
+
+
+def test_a_new_champion_from_the_canary_on_outside_traffic(real):
+    rep, cfg = real["report"], real["cfg"]
+    assert rep["new_version"], rep["notes"]
+    client = MlflowClient(cfg.storage.tracking_uri, registry_uri=cfg.storage.tracking_uri)
+    champion = client.get_model_version_by_alias(f"student-{ENDPOINT}", "champion")
+    assert rep["new_version"] == f"student-{ENDPOINT}/{champion.version}", \
+        (champion.version, rep["new_version"], rep["promotion"], real["proc"].stdout[-3000:])
+    assert "[canary] deciding on live traffic: up to 240 s" in real["proc"].stdout
+
+
+def test_held_out_agreement_on_the_domain_rose_and_every_suite_was_scored(real):
+    suites = real["report"]["suites"]
+    held = suites["heldout-teacher"]
+    assert held["candidate"] > held["champion"], suites
+    assert set(suites) >= {"heldout-teacher", "expense-policy", "base-regression"}, suites
+    base = suites["base-regression"]
+    assert base["candidate"] >= base["base"] - real["cfg"].validation.max_regression_drop, base
+    # The real path prints its own figures, not the demo's accuracy or targets.
+    out = real["proc"].stdout
+    assert "student accuracy" not in out and "targets" not in out.lower(), out[-3000:]
+    assert re.search(r"heldout-teacher \d\.\d\d -> \d\.\d\d", out), out[-3000:]
+
+
+def test_every_request_sent_has_its_trace_row_and_the_judge_graded_the_unrated(real):
+    traces = real["cfg"].storage.path("traces")
+    rows = {r["request_id"]: r for r in read_traces(traces)}
+    missing = [rid for rid in real["sent"] if rid not in rows]
+    assert not missing, f"{len(missing)} of {len(real['sent'])} requests have no trace row"
+    assert all(rows[rid]["tenant"] == "globex" and rows[rid]["model_version"] for rid in real["sent"])
+    judged = [f for f in read_feedback(traces) if f.get("source") == "judge"]
+    assert judged and {f["tenant"] for f in judged} == {"globex"}
+    assert {f["request_id"] for f in judged} <= set(rows)
+
+
+def test_the_lineage_names_imported_and_live_traces(real):
+    from loop.lineage.chain import chain
+
+    cfg = real["cfg"]
+    dataset = chain(cfg, ENDPOINT)["dataset"]
+    digest = re.search(r"\((sha256:[0-9a-f]+)\)", real["import"]).group(1)
+    live, imported = map(int, re.fullmatch(r"live:(\d+) imported:(\d+)", dataset["traces"]).groups())
+    assert imported == 12 and live >= 24, dataset
+    assert digest in dataset["imported_logs"], (digest, dataset)
+    client = MlflowClient(cfg.storage.tracking_uri, registry_uri=cfg.storage.tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "metrics.judged > 0", max_results=50)
+    assert any(r.data.metrics.get("judge_cost_usd", 0) > 0 for r in runs), "the judge's grades were paid and counted"
