@@ -189,7 +189,7 @@ def _status(args) -> int:
     return _admin_call(args, "GET", "/admin/status")
 
 
-BENCHMARKS = ("serving", "draft", "distill", "merge", "rollout", "reliability")
+BENCHMARKS = ("serving", "draft", "distill", "merge", "rollout", "reliability", "domain")
 
 
 def _bench(args) -> int:

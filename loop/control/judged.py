@@ -33,10 +33,10 @@ class Judged:
 
 
 def unrated(rows: list[dict], feedback: list[dict], fraction: float) -> list[dict]:
-    """The answered requests in `rows` that no feedback row names (by tenant and request id), a
-    seeded `fraction` of them (seeded by request id: the same requests on every call)."""
+    """The answered requests in `rows` (status 200, where rows carry one) that no feedback row names
+    (by tenant and request id), a seeded `fraction` of them (the same requests on every call)."""
     rated = {(f.get("tenant"), f.get("request_id")) for f in feedback}
-    return [r for r in rows if r["status"] == 200 and (r["tenant"], r["request_id"]) not in rated
+    return [r for r in rows if r.get("status", 200) == 200 and (r["tenant"], r["request_id"]) not in rated
             and r.get("completion") and random.Random(r["request_id"]).random() < fraction]
 
 

@@ -1,7 +1,9 @@
 """LoRA distillation: cross-entropy on the teacher's answers (prompt tokens masked), plus token-level
 KL to the teacher's top-k log-probabilities where it gave them (or to a local teacher's full
 distribution at every answer position, asked of its Ray actor each step), plus an optional penalty toward the
-warm-start weights (L2 or EWC), on new examples mixed with replayed ones from earlier cycles.
+warm-start weights (L2 or EWC), on new examples mixed with replayed ones from earlier cycles; plus an
+optional anchor to the base: KL(base || student) on the base's own answers to general prompts,
+riding in every batch (`training.anchor_weight`; the base is the student with its adapter off).
 
 `train_loop` is the per-worker function Ray Train runs (DDP over gloo on CPU, NCCL on GPU); the
 numerics here know nothing about Ray beyond `ray.train.report` and the teacher actor. `LoRADistiller` builds and runs the
