@@ -69,8 +69,6 @@ def _bench_config(cfg: LoopConfig, root: Path, teacher_url: str, key: str) -> Pa
 
 
 def run(cfg: LoopConfig) -> dict:
-    import openai
-
     from loop.driver import check_models
     from loop.traces.importer import import_file
     from benchmarks.domains.teacher import Domain
@@ -94,14 +92,15 @@ def run(cfg: LoopConfig) -> dict:
                                    for i, p in enumerate(policies)))
         imported = import_file(bcfg, history, endpoint=endpoint.id)
         print(f"[bench] imported {imported.records} records of history ({imported.digest})", flush=True)
-        return _cycle(bcfg, endpoint, policies, key, imported, openai, Domain(DOMAIN))
+        return _cycle(bcfg, endpoint, policies, key, imported, Domain(DOMAIN))
     finally:
         teacher.terminate()
         teacher.wait(timeout=10)
 
 
-def _cycle(bcfg, endpoint, policies, key, imported, openai, domain) -> dict:
+def _cycle(bcfg, endpoint, policies, key, imported, domain) -> dict:
     import httpx
+    import openai
 
     from loop.driver import run as run_loop
     from loop.services import start_services
