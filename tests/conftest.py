@@ -62,6 +62,9 @@ def ray_cluster(tmp_path_factory):
     shutil.rmtree(temp, ignore_errors=True)
     subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True)
     _kill_orphaned_engines()
+    # `ray start` with token auth needs a token and makes none: on a fresh machine (no
+    # ~/.ray/auth_token yet) one is made first, as `ray.init()` does for itself.
+    subprocess.run([BIN / "ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     subprocess.run([BIN / "ray", "start", "--head", "--port", str(port), "--num-cpus", "6",
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
                     "--disable-usage-stats", "--temp-dir", str(temp)],
