@@ -1,4 +1,5 @@
 """Fakes shared by the gateway tests: replicas get them by value (`register_pickle_by_value`)."""
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -16,14 +17,19 @@ class FakeEngine:
             raise RuntimeError("engine died")
         if text == "long":
             raise ValueError("prompt is 999 tokens; this endpoint's context is 256")
+        if text == "slow":
+            await asyncio.sleep(5)
         # Questions (text ending in "?") come back with low confidence, to exercise the cascade.
         return Generation(text=f"adapter={adapter_path}", prompt_tokens=3, completion_tokens=2, ttft_ms=1.0,
                           finish_reason="stop", mean_logprob=-5.0 if text.endswith("?") else -0.1)
 
     async def generate_stream(self, messages=None, *, prompt=None, max_tokens, temperature=0.0, top_p=1.0,
                               seed=None, adapter_path=None, request_id=""):
-        """Yields `max_tokens` one-token deltas 'tok0 ', 'tok1 ', ..."""
+        """Yields `max_tokens` one-token deltas 'tok0 ', 'tok1 ', ... (0.2 s apart for the prompt 'slow')."""
+        text = messages[-1]["content"] if messages else prompt
         for i in range(max_tokens):
+            if text == "slow":
+                await asyncio.sleep(0.2)
             yield Generation(text=f"tok{i} ", prompt_tokens=3, completion_tokens=1, ttft_ms=1.0,
                              finish_reason="length" if i == max_tokens - 1 else "")
 

@@ -135,6 +135,35 @@ def test_streaming_chat_is_traced_once_with_the_whole_text(fake_gateway):
     assert rows[0]["model_version"] == "student-e1/1"
 
 
+def test_an_answer_the_client_hung_up_on_is_traced_as_undelivered(fake_gateway):
+    """A client that gives up (a timeout on a plain request, a closed stream) has a 499 record with the
+    reason, never a 200: the record says what the client got."""
+    import time
+
+    import httpx
+
+    gone = openai.OpenAI(base_url=fake_gateway["url"], api_key="sk-t1-secret", max_retries=0, timeout=0.5)
+    with pytest.raises(openai.APITimeoutError):
+        gone.chat.completions.create(model="model-e1", messages=[{"role": "user", "content": "slow"}], user="gave-up")
+    with httpx.stream("POST", f"{fake_gateway['url']}/chat/completions", timeout=30,
+                      headers={"Authorization": "Bearer sk-t1-secret"},
+                      json={"model": "model-e1", "messages": [{"role": "user", "content": "slow"}],
+                            "max_tokens": 40, "stream": True, "user": "closed-stream"}) as r:
+        first = next(r.iter_lines())
+        assert first.startswith("data: ")
+    rows = {}
+    for _ in range(50):  # the records land once the proxy has cancelled the gateway's call
+        rows = {r["user"]: r for r in read_traces(fake_gateway["traces"]) if r["user"] in ("gave-up", "closed-stream")}
+        if len(rows) == 2:
+            break
+        time.sleep(0.2)
+    assert rows["gave-up"]["status"] == 499 and "client closed the request" in rows["gave-up"]["error"]
+    assert rows["gave-up"]["completion"] == "" and rows["gave-up"]["latency_ms"] < 4000, "the call was cancelled"
+    streamed = rows["closed-stream"]
+    assert streamed["status"] == 499 and "client closed the stream" in streamed["error"]
+    assert 1 <= streamed["completion_tokens"] < 40, "the record holds what was sent before the client left"
+
+
 def test_async_client_and_text_completions(fake_gateway):
     import asyncio
 

@@ -29,6 +29,8 @@ from loop.serving.protocol import (REQUEST_ID_HEADER, SSE_DONE, BadRequest, Chat
                                    parse_request, sse_chunk)
 from loop.traces.log import new_request_id
 
+CLIENT_CLOSED = 499  # a request whose client hung up before its answer was delivered (nginx's code)
+
 
 class ServerRequestId:
     """Every request gets the gateway's own id, `new_request_id()`, read by the routes as
@@ -247,16 +249,22 @@ class Gateway:
         try:
             gen = await self._engine(call.version).generate.remote(**self._engine_args(call, req),
                                                                   confidence=threshold is not None)
+            text, extra = gen.text, {"confidence": gen.mean_logprob or 0.0}
+            if threshold is not None and gen.mean_logprob is not None and gen.mean_logprob < threshold:
+                try:
+                    text = await self._ask_teacher(req)
+                    extra.update(escalated=True, student_completion=gen.text)
+                    call.headers["x-loop-escalated"] = "true"
+                except Exception as e:  # noqa: BLE001 - the student's answer still serves; the miss is traced
+                    extra["error"] = f"escalation failed: {type(e).__name__}: {e}"
+        except asyncio.CancelledError:
+            # Serve's proxy cancels the request when its client hangs up: nothing was delivered, and
+            # the record says so (never a 200). Shielded, as the stream's is.
+            await asyncio.shield(self._trace(call, status=CLIENT_CLOSED, error="client closed the request "
+                                                                                "before the answer"))
+            raise
         except Exception as e:  # noqa: BLE001 - every failure is traced and answered, never dropped
             return await self._failed(call, e)
-        text, extra = gen.text, {"confidence": gen.mean_logprob or 0.0}
-        if threshold is not None and gen.mean_logprob is not None and gen.mean_logprob < threshold:
-            try:
-                text = await self._ask_teacher(req)
-                extra.update(escalated=True, student_completion=gen.text)
-                call.headers["x-loop-escalated"] = "true"
-            except Exception as e:  # noqa: BLE001 - the student's answer still serves; the miss is traced
-                extra["error"] = f"escalation failed: {type(e).__name__}: {e}"
         await self._trace(call, completion=text, prompt_tokens=gen.prompt_tokens,
                           completion_tokens=gen.completion_tokens, ttft_ms=gen.ttft_ms, **extra)
         if req.stream:
@@ -316,7 +324,7 @@ class Gateway:
                 yield sse_chunk(call.request_id, call.model, chat, None, usage=(n_prompt, n_out))
             yield SSE_DONE
         except asyncio.CancelledError:
-            status, error = 499, "client closed the stream"
+            status, error = CLIENT_CLOSED, "client closed the stream"
             raise
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, trace, end the stream
             cause = getattr(e, "cause", None) or e
