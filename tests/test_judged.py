@@ -1,6 +1,8 @@
 """Outcomes where feedback is thin (`data.judge`): the teacher grades unrated answers; the grades
 are feedback rows marked `judge`, within the per-call caps, and every reader of outcomes uses them."""
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -88,3 +90,75 @@ def test_a_local_teacher_cannot_judge(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="data.judge: the teacher grades answers over HTTP"):
         load_config(path)
+
+
+class _Lineage:
+    """The registry and MLflow calls of one promotion step, kept in memory."""
+
+    def __init__(self, deployed_at: str):
+        self.versions = {"champion": {"version": "student-e/1", "number": 1, "deployed_at": ""},
+                         "challenger": {"version": "student-e/2", "number": 2, "deployed_at": deployed_at}}
+        self.metrics, self.tags = [], {}
+        self.client = SimpleNamespace(get_model_version=lambda name, n: SimpleNamespace(tags=dict(self.tags)),
+                                      log_batch=lambda run_id, metrics: self.metrics.append(
+                                          {m.key: m.value for m in metrics}))
+
+    def version_info(self, endpoint, alias):
+        return self.versions[alias]
+
+    def start_run(self, name, tags):
+        return "run-1"
+
+    def tag_version(self, endpoint, number, tags):
+        self.tags.update({k: str(v) for k, v in tags.items()})
+
+    def log_dict(self, *args):
+        pass
+
+    def log(self, *args, **kwargs):
+        pass
+
+
+def test_each_promotion_step_grades_the_arms_unrated_answers_once_and_counts_them(tmp_path, monkeypatch):
+    """The controller judges inside its step (the canary stage and `--forever` alike): the unrated
+    answers of both arms get a grade each, which is an outcome of that step; the next step grades
+    nothing again; a user's own score is never overruled; the step's grades and cost go to MLflow."""
+    from datetime import datetime, timezone
+
+    import ray
+    import yaml
+
+    from loop.control.controller import PromotionController
+    from loop.traces.log import TraceLog, read_feedback
+
+    raw = yaml.safe_load(open("configs/byo.yaml"))
+    raw["storage"]["root"] = str(tmp_path / "state")
+    raw["validation"]["suites"][0]["path"] = str(Path("configs/suites/expense-policy.jsonl").resolve())
+    raw["data"]["judge"] = {"sample_fraction": 1.0, "max_requests": 100}
+    raw["promotion"].update(min_samples=3, max_latency_p95_ratio=100.0)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "c.yaml")
+    log = TraceLog(cfg.storage.path("traces"))
+    rows = [dict(_row(i, "right" if i % 2 else "wrong", tenant="acme"), endpoint="e", latency_ms=100.0, variant="",
+                 model_version="student-e/2" if i < 8 else "student-e/1") for i in range(16)]
+    log.append(rows)
+    log.append_feedback([{"request_id": "req-3", "tenant": "acme", "score": 0.0, "label": None, "ts": 200.0}])
+    monkeypatch.setattr(ray, "get", lambda value: value)  # the trace log below is a plain object
+    lineage = _Lineage(datetime.fromtimestamp(50.0, timezone.utc).isoformat())
+    services = SimpleNamespace(cfg=cfg, lineage=lineage, teacher_url="http://unused",
+                               trace_log=SimpleNamespace(append_feedback=SimpleNamespace(remote=log.append_feedback)))
+    controller = PromotionController(services)
+    controller._judge = judge = FakeJudge()
+
+    decision = controller.step("e", act=False)
+    assert len(judge.asked) == 15, "every answer of both arms but the one a user rated"
+    graded = [f for f in read_feedback(cfg.storage.path("traces")) if f.get("source") == "judge"]
+    assert len(graded) == 15 and "req-3" not in {f["request_id"] for f in graded}
+    # Challenger (req-0..7): odd ids answered "right" (4), req-3 rated 0.0 by its user -> 3 of 8.
+    assert decision.challenger["outcomes"] == 8 and decision.challenger["successes"] == 3
+    assert decision.champion["outcomes"] == 8 and decision.champion["successes"] == 4
+    assert lineage.metrics[-1]["judge.graded"] == 15 and lineage.metrics[-1]["judge.cost_usd"] == pytest.approx(0.15)
+
+    again = controller.step("e", act=False)
+    assert len(judge.asked) == 15, "a graded request is not graded again"
+    assert again.challenger["successes"] == 3 and lineage.metrics[-1]["judge.graded"] == 0

@@ -2,7 +2,9 @@
 
 One `step(endpoint)` reads the trace log and the feedback since the challenger went live (evaluation
 traffic excluded; feedback joined to a request by (tenant, request id), so no tenant grades another's
-requests), asks the teacher about a shadow sample of answers when `promotion.shadow_fraction` is set,
+requests), has the teacher grade the arms' unrated answers when `data.judge` is set (each grade a
+feedback row, loop/control/judged.py), asks the teacher about a shadow sample of answers when
+`promotion.shadow_fraction` is set,
 applies `loop.control.decision.decide`, records the evidence in MLflow (a run per challenger,
 `<endpoint>-promotion-<n>`, one metric step per decision; the verdict and its reasons as tags on
 the version), and carries a promote or rollback out through the same path as the admin API
@@ -35,6 +37,7 @@ class PromotionController:
         self.services, self.cfg = services, services.cfg
         self.lineage = services.lineage
         self.traces = self.cfg.storage.path("traces")
+        self._judge = None  # data.judge's grader, made on its first use
 
     def step(self, endpoint: str, act: bool = True) -> Decision | None:
         """Decide once for `endpoint`'s challenger (None when it has none); with `act`, carry it out."""
@@ -47,18 +50,41 @@ class PromotionController:
         since = _epoch_s(challenger["deployed_at"])
         rows = [r for r in read_traces(self.traces) if r["endpoint"] == endpoint and r["ts"] >= since
                 and not r["user"].startswith(EVAL_USER)]
-        scores = feedback_scores(read_feedback(self.traces), since)
+        feedback = read_feedback(self.traces)
+        judged = self._grade_unrated(rows, feedback)
+        scores = feedback_scores(feedback, since)
         p = self.cfg.promotion
         agreement = self._shadow(endpoint, rows, scores) if p.shadow_fraction > 0 else {}
         stats = [variant_stats(v["version"], [r for r in rows if r["model_version"] == v["version"]], scores,
                                agreement, p.positive_score) for v in (champion, challenger)]
         decision = decide(stats[0], stats[1], p)
-        self._record(endpoint, challenger, decision)
+        self._record(endpoint, challenger, decision, judged)
         if act and decision.action in ("promote", "rollback"):
             from loop.services import admin
 
             admin(self.services, decision.action, endpoint, by="controller")
         return decision
+
+    def _grade_unrated(self, rows: list[dict], feedback: list[dict]):
+        """`data.judge`: the teacher grades the answered requests of `rows` that no user rated; the
+        grades are appended to the feedback log and to `feedback` (outcomes for this step and every
+        later one). Returns what it graded and paid (None without `data.judge`)."""
+        jcfg = self.cfg.data.judge
+        if jcfg is None:
+            return None
+        import ray
+
+        from loop.control.judged import judge_unrated
+        from loop.teacher.judge import outcome_judge
+
+        if self._judge is None:
+            self._judge = outcome_judge(self.cfg, self.services.teacher_url)
+
+        def append(grades: list[dict]) -> None:
+            ray.get(self.services.trace_log.append_feedback.remote(grades))
+            feedback.extend(grades)
+
+        return judge_unrated(jcfg, rows, feedback, self._judge, append)
 
     def _shadow(self, endpoint: str, rows: list[dict], scores: dict) -> dict[tuple[str, str], float]:
         """Token F1 of the student's answer against the teacher's by (tenant, request id), for a seeded
@@ -87,9 +113,9 @@ class PromotionController:
                     f.write(json.dumps({"tenant": key[0], "request_id": key[1], "agreement": done[key]}) + "\n")
         return done
 
-    def _record(self, endpoint: str, challenger: dict, d: Decision) -> None:
-        """The decision and its evidence in MLflow: metrics on the challenger's promotion run, and the
-        verdict as tags on the version once there is one."""
+    def _record(self, endpoint: str, challenger: dict, d: Decision, judged=None) -> None:
+        """The decision and its evidence in MLflow: metrics on the challenger's promotion run (with the
+        judge's grades and cost of this step), and the verdict as tags on the version once there is one."""
         number = challenger["number"]
         mv = self.lineage.client.get_model_version(f"student-{endpoint}", str(number))
         # One run per time the version is challenger: `promotion_open_run_id` while it is undecided.
@@ -107,6 +133,8 @@ class PromotionController:
                                                           "latency_p95_ms", "error_rate")})
             if s["outcomes"]:
                 metrics[f"{side}.success_rate"] = s["success_rate"]
+        if judged is not None:
+            metrics.update(judged.metrics())
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

@@ -118,6 +118,7 @@ class DataStages:
         import ray
 
         from loop.control.judged import Judged, judge_unrated
+        from loop.teacher.judge import outcome_judge
 
         jcfg = self.cfg.data.judge
         if jcfg is None:
@@ -127,9 +128,7 @@ class DataStages:
             ray.get(self.services.trace_log.append_feedback.remote(grades))
             feedback.extend(grades)
 
-        if not hasattr(self, "_outcome_judge"):
-            self._outcome_judge = self._judge(jcfg, "data.judge grades unrated answers")
-        judged = judge_unrated(jcfg, rows, feedback, self._outcome_judge, append)
+        judged = judge_unrated(jcfg, rows, feedback, outcome_judge(self.cfg, self.services.teacher_url), append)
         self.lineage.log(run_id, metrics=judged.metrics(f"judge.{where}"))
         if judged.stopped:
             self.progress(f"  [judge] {where}: graded {judged.graded} of {judged.candidates} unrated answers "

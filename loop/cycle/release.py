@@ -82,28 +82,11 @@ class ReleaseStages:
                       "undecided, the challenger stays live")
         while True:
             checks += 1
-            self._judge_canary()
             decision = controller.step(self.endpoint.id)
             self.progress(f"  [canary] check {checks}: {decision.action}: {decision.reasons[-1]}")
             if decision.action != "continue" or time.time() >= deadline:
                 return decision, checks, 0
             time.sleep(self.cfg.promotion.check_interval_s)
-
-    def _judge_canary(self) -> None:
-        """`data.judge`: grade the live arms' unrated answers before the controller counts outcomes."""
-        if self.cfg.data.judge is None:
-            return
-        from loop.control.controller import _epoch_s
-        from loop.traces.log import EVAL_USER, read_feedback, read_traces
-
-        traces = self.cfg.storage.path("traces")
-        challenger = self.lineage.version_info(self.endpoint.id, "challenger")
-        if challenger is None:
-            return
-        since = _epoch_s(challenger["deployed_at"])
-        rows = [r for r in read_traces(traces) if r["endpoint"] == self.endpoint.id and r["ts"] >= since
-                and not r["user"].startswith(EVAL_USER)]
-        self._judge_outcomes(self.report.run_id, rows, read_feedback(traces), "canary")
 
     def _stage_clock(self, train: dict, canary: dict) -> None:
         clock = stage_clock(self.report.stage_seconds, train, canary)

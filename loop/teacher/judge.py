@@ -64,3 +64,12 @@ class TeacherJudge:
     def __call__(self, item, answer: str) -> float:
         """The `judge` grader of loop/validate/suites.py."""
         return self.grade(item.conversation, answer, item.reference)
+
+
+def outcome_judge(cfg, teacher_url: str) -> TeacherJudge:
+    """`data.judge`'s grader: the loop's HTTP teacher (config check refuses a local one with it),
+    its answers cached beside the labels'."""
+    from loop.teacher.client import teacher_key
+
+    return TeacherJudge(cfg.teacher, teacher_url, teacher_key(cfg.teacher), cfg.data.judge,
+                        str(cfg.storage.path("teacher-cache.sqlite")))
