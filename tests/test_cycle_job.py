@@ -80,11 +80,12 @@ def test_the_gate_checked_regression_teacher_agreement_and_the_draft(job):
         assert val["draft_acceptance"] >= cfg.validation.min_draft_acceptance, val
         n = cfg.validation.spec_check_questions
         assert val["spec_identical"] == f"{n}/{n}", "speculative decoding kept the greedy output"
+        # Serving parity on the multi-LoRA engine; on the merged weights too in test_resume's cycle
+        # (conftest sets validation.merged_parity auto here: both endpoints serve adapters).
         n = cfg.validation.parity_questions
-        assert val["parity"] == {"questions": n, "multi_lora_identical": f"{n}/{n}", "merged_identical": f"{n}/{n}"}
-        # The merge's proof 4 (serving engine == reference) is that parity run, written back into its report.
+        assert val["parity"] == {"questions": n, "multi_lora_identical": f"{n}/{n}"}, val["parity"]
         merge = json.loads(cfg.storage.path("cycles", endpoint, "cycle-0001", "merge", "merge_report.json").read_text())
-        assert merge["passed"] and merge["engine_identical"] == f"{n}/{n}", merge
+        assert merge["passed"] and not merge["engine_identical"] and "not run" in merge["engine_note"], merge
 
 
 def test_training_learned(job):
