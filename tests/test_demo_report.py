@@ -75,8 +75,13 @@ def test_cost_counts_every_request_of_the_cycle(demo):
     assert rep["student_share"] == (money["requests"] - money["escalated"]) / money["requests"]
     assert money["teacher_calls"]["labels"] == sum(c["label_calls"] for c in rep["cycles"])
     assert money["labels"]["used"] == sum(c["labels"] for c in rep["cycles"])
-    assert 0 < rep["cost_ratio_vs_teacher"] < 1, "the student is cheaper than the teacher on every request"
-    assert money["usd"]["teacher_only"] > money["usd"]["total"] > money["usd"]["labels"] > 0
+    # What was paid: the student's answers, the escalations and the labels; against the teacher
+    # answering every request. (Whether one cycle's labels pay for themselves depends on its traffic:
+    # the demo's three cycles come to 0.15x in the README's run, one cycle of the tiny demo to about 1x.)
+    usd = money["usd"]
+    assert usd["total"] == pytest.approx(usd["student"] + usd["escalation"] + usd["labels"])
+    assert 0 < usd["student"] < usd["teacher_only"], "the student's own answers cost less than the teacher's would"
+    assert usd["labels"] > 0 and rep["cost_ratio_vs_teacher"] == pytest.approx(usd["total"] / usd["teacher_only"])
 
 
 def test_report_files_and_printout(demo):
