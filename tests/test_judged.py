@@ -72,6 +72,11 @@ def test_grading_stops_at_the_budget_and_the_request_cap_and_skips_failed_grades
     assert (budget.graded, budget.stopped) == (4, "budget") and budget.cost_usd < 0.045
 
 
+def test_an_escalated_answer_is_the_teachers_and_is_not_graded():
+    rows = [_row(0, "right"), {**_row(1, "right"), "escalated": True}]
+    assert [r["request_id"] for r in unrated(rows, [], 1.0)] == ["req-0"]
+
+
 def test_the_sample_is_a_stable_fraction():
     rows = [_row(i, "right") for i in range(400)]
     first = unrated(rows, [], 0.25)

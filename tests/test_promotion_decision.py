@@ -79,6 +79,12 @@ def test_variant_stats_count_what_the_trace_log_holds():
     assert (st.requests, st.errors, st.escalations, st.successes, st.failures, st.feedback) == (5, 1, 1, 2, 1, 2)
     assert st.latency_p95_ms == 30 and st.escalation_rate == pytest.approx(1 / 4)
     assert p95(list(range(1, 101))) == 95
+    # A client that hung up (499) or sent a bad request (4xx) says nothing of the version: no
+    # latency, no outcome, even with a score posted for it.
+    gone = rows + [{"request_id": "f", "tenant": "t", "status": 499, "latency_ms": 9000, "escalated": False}]
+    st = variant_stats("v", gone, {("t", "a"): 1.0, ("t", "b"): 1.0, ("t", "e"): 0.0, ("t", "f"): 0.0},
+                       {("t", "d"): 0.9}, 0.5)
+    assert (st.requests, st.successes, st.failures, st.latency_p95_ms) == (6, 2, 1, 30)
 
 
 def test_feedback_counts_only_for_its_own_tenants_requests():

@@ -92,9 +92,12 @@ def variant_stats(version: str, rows: list[dict], scores: dict[tuple[str, str], 
     latencies = []
     for r in rows:
         st.requests += 1
-        if r.get("status", 200) >= 500:
+        status = r.get("status", 200)
+        if status >= 500:
             st.errors += 1
             continue
+        if status >= 400:
+            continue  # the client's doing (a bad request, or it hung up: 499): no latency, no outcome
         latencies.append(float(r.get("latency_ms", 0.0)))
         if r.get("escalated"):
             # The user got the teacher's answer: a grade of it says nothing of this version's answers.

@@ -260,8 +260,11 @@ class Gateway:
         except asyncio.CancelledError:
             # Serve's proxy cancels the request when its client hangs up: nothing was delivered, and
             # the record says so (never a 200). Shielded, as the stream's is.
-            await asyncio.shield(self._trace(call, status=CLIENT_CLOSED, error="client closed the request "
-                                                                                "before the answer"))
+            try:
+                await asyncio.shield(self._trace(call, status=CLIENT_CLOSED, error="client closed the request "
+                                                                                    "before the answer"))
+            except Exception:  # noqa: BLE001 - the trace log is unreachable: the cancellation still goes on
+                pass
             raise
         except Exception as e:  # noqa: BLE001 - every failure is traced and answered, never dropped
             return await self._failed(call, e)
@@ -323,7 +326,8 @@ class Gateway:
             if req.stream_options and req.stream_options.include_usage:
                 yield sse_chunk(call.request_id, call.model, chat, None, usage=(n_prompt, n_out))
             yield SSE_DONE
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # Cancelled while awaiting the engine, or closed while paused at a `yield`.
             status, error = CLIENT_CLOSED, "client closed the stream"
             raise
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, trace, end the stream
