@@ -77,13 +77,13 @@ def test_cost_counts_every_request_of_the_two_cycles(demo):
     assert money["teacher_calls"]["labels"] == sum(c["label_calls"] for c in rep["cycles"])
     assert money["labels"]["used"] == sum(c["labels"] for c in rep["cycles"])
     # What was paid: the student's answers, the escalations and the labels; against the teacher
-    # answering every request (0 < total < teacher-only over these two cycles; one tiny cycle's labels
-    # alone came to 1.007x: whether labels pay for themselves depends on the traffic after them).
+    # answering every request. Whether the labels pay for themselves depends on the traffic after
+    # them: the tiny demo labels nearly every question it sees (1.007x and 1.0067x on this machine,
+    # one and two cycles); the demo's three cycles come to 0.15x (README). The sums are checked here.
     usd = money["usd"]
     assert usd["total"] == pytest.approx(usd["student"] + usd["escalation"] + usd["labels"])
     assert 0 < usd["student"] < usd["teacher_only"], "the student's own answers cost less than the teacher's would"
     assert usd["labels"] > 0 and rep["cost_ratio_vs_teacher"] == pytest.approx(usd["total"] / usd["teacher_only"])
-    assert 0 < rep["cost_ratio_vs_teacher"] < 1, "over two cycles the student and its labels cost less"
 
 
 def test_report_files_and_printout(demo):
