@@ -37,9 +37,7 @@ def bench_config(cfg: LoopConfig, root: Path) -> tuple[LoopConfig, dict[str, str
 
 
 def fresh_services(cfg: LoopConfig):
-    """The loop's services for `cfg`, replacing any gateway or teacher already on the cluster, and the
-    multi-LoRA engine unless it already serves `cfg`'s student with `cfg`'s engine settings (a start
-    costs ~45 s on CPU; the engine holds no state of the loop: adapters come with each request)."""
+    """The loop's services for `cfg`, replacing any gateway, engine or teacher already on the cluster."""
     from ray import serve
 
     from loop.services import init_ray, start_services
@@ -51,26 +49,10 @@ def fresh_services(cfg: LoopConfig):
         running = set(serve.status().applications)
     except Exception:  # noqa: BLE001 - Serve not started on this cluster: nothing to replace
         running = set()
-    for app in (APP_NAME, TEACHER_APP):
+    for app in (APP_NAME, ENGINE_APP, TEACHER_APP):
         if app in running:
             serve.delete(app)
-    if ENGINE_APP in running and not _engine_serves(cfg):
-        serve.delete(ENGINE_APP)
     return start_services(cfg, epoch=1)
-
-
-def _engine_serves(cfg: LoopConfig) -> bool:
-    """Whether the running multi-LoRA engine is the one `cfg` would start."""
-    from ray import serve
-
-    from serve_apps.gateway_app import ENGINE_APP
-
-    try:
-        info = serve.get_deployment_handle(ENGINE_APP, app_name=ENGINE_APP).info.remote().result(timeout_s=60)
-    except Exception:  # noqa: BLE001 - not answering: replace it
-        return False
-    return (info.get("model") == str(cfg.model_path(cfg.student)) and info.get("lora") is True
-            and info.get("engine") == cfg.serving.engine.model_dump(mode="json") and info.get("dtype") == cfg.student.dtype)
 
 
 class Outcome:
