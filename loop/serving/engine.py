@@ -50,7 +50,6 @@ class StudentEngine:
         self.lora_enabled = lora
         self.spec = extra.get("speculative_config")
         self.model_dir = model_dir
-        self.settings = {"engine": engine.model_dump(mode="json"), "dtype": dtype}
         self.tokenizer = self.engine.get_tokenizer()
         self.max_model_len = engine.max_model_len
         self._lora_ids: dict[str, int] = {}
@@ -119,9 +118,8 @@ class StudentEngine:
             yield gen
 
     def info(self) -> dict:
-        """What this engine serves: its model, whether it takes adapters, its speculative decoding, and
-        the settings it was started with (serving.engine, dtype)."""
-        return {"model": self.model_dir, "lora": self.lora_enabled, "speculative": self.spec, **self.settings}
+        """What this engine serves: its model, whether it takes adapters, its speculative decoding."""
+        return {"model": self.model_dir, "lora": self.lora_enabled, "speculative": self.spec}
 
     async def check_health(self) -> None:
         """Serve's health probe: a dead engine core fails it, so Serve replaces the replica."""
