@@ -130,12 +130,18 @@ def real(cycle_job, teacher, tmp_path_factory):
         assert r.status_code == 200, r.text
 
     # During the canary, users keep asking (the popular questions again) and say whether the answer
-    # was the policy (a user who knows it when they read it: token F1 with it at least 0.5).
+    # was the policy (a user who knows it when they read it: token F1 with it at least 0.5). They start
+    # once the challenger is deployed: asking during training (one request every 0.3 s of up to 96
+    # tokens) only shared the two cores with it and gave the canary nothing.
     stop = threading.Event()
+    deployed = cfg.storage.path("cycles", ENDPOINT)
+    before = set(deployed.glob("cycle-*/deploy/result.json"))
 
     def users():
         from loop.validate.suites import token_f1
 
+        while not stop.is_set() and not set(deployed.glob("cycle-*/deploy/result.json")) - before:
+            time.sleep(0.5)
         n = 0
         while not stop.is_set():
             p = _policies()[n % 12]
