@@ -134,13 +134,13 @@ def real(cycle_job, teacher, tmp_path_factory):
     # once the challenger is deployed: asking during training (one request every 0.3 s of up to 96
     # tokens) only shared the two cores with it and gave the canary nothing.
     stop = threading.Event()
-    deployed = cfg.storage.path("cycles", ENDPOINT)
-    before = set(deployed.glob("cycle-*/deploy/result.json"))
+    cycles = cfg.storage.path("cycles", ENDPOINT)
+    before = set(cycles.glob("cycle-*/deploy/result.json"))
 
     def users():
         from loop.validate.suites import token_f1
 
-        while not stop.is_set() and not set(deployed.glob("cycle-*/deploy/result.json")) - before:
+        while not stop.is_set() and not set(cycles.glob("cycle-*/deploy/result.json")) - before:
             time.sleep(0.5)
         n = 0
         while not stop.is_set():
