@@ -22,19 +22,28 @@ def scenario_load(cfg, services, keys, n, concurrency, max_tokens) -> dict:
 
 def scenario_mixed_batches(cfg, services, adapter_path: str) -> dict:
     """The base (the champion) and an adapter (the challenger) in the same engine batches, as an A/B
-    rollout serves them: every greedy answer must equal the one it gets alone."""
+    rollout serves them: every greedy answer must equal the one it gets alone. First every LoRA slot
+    of the engine gets an adapter (`serving.engine.max_loras` others, one request each), as on an
+    engine that has served for a while: on vLLM's CPU ops a base row would otherwise borrow the last
+    slot's adapter unnoticed (loop/serving/vllm_lora_rows.py)."""
+    from benchmarks.serving import make_adapter
     from loop.sim.evaluate import engine_answers
     from loop.sim.world import World
 
     w = cfg.world
     qs = [q for f in World(w.seed, 1, w.num_entities, w.drift_fraction, w.new_per_epoch).facts
           for q in f.train_questions()][:24]
+    base, slots = cfg.model_path(cfg.student), cfg.serving.engine.max_loras
+    fillers = [str(make_adapter(base, cfg.storage.path("mixed-batches", f"slot-{i}"), 8, seed=10 + i, std=0.05))
+               for i in range(slots)]
+    engine_answers([(qs[0], a) for a in fillers], 2, 1)
     base_alone = engine_answers([(q, None) for q in qs], 8, 8)
     adapter_alone = engine_answers([(q, adapter_path) for q in qs], 8, 8)
     mixed = engine_answers([(q, a) for q in qs for a in (None, adapter_path)], 8, 16)
     changed = sum(x != y for x, y in zip(base_alone, mixed[0::2])) + sum(
         x != y for x, y in zip(adapter_alone, mixed[1::2]))
     return {"sent": len(mixed), "failed": changed, "status_5xx": 0, "lost": 0, "recover_s": 0.0,
+            "slots_filled_first": len(fillers),
             "base_vs_adapter_differ_alone": sum(x != y for x, y in zip(base_alone, adapter_alone))}
 
 

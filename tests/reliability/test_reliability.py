@@ -56,6 +56,7 @@ def test_load_of_1000_mixed_requests_over_two_tenants_and_an_ab_rollout(report):
 def test_base_and_adapter_requests_sharing_batches_answer_as_alone(report):
     s = report["scenarios"]["mixed_batches"]
     assert s["base_vs_adapter_differ_alone"] >= 6, ("the adapter must answer unlike the base to tell", s)
+    assert s["slots_filled_first"] >= 1, ("every LoRA slot holds an adapter before the mixed batches", s)
     assert s["failed"] == 0 and s["sent"] == 48, s
 
 
