@@ -87,6 +87,9 @@ def test_each_kill_landed_in_its_stage_and_left_it_unrecorded(resumed):
         earlier = KILLS[:KILLS.index(run["kill"])]
         for e in earlier[:-1]:
             assert f"[{e.split('@')[0]}] done in an earlier run, skipped" in out, (run["kill"], e)
+    # A restart joins what is running: the teacher of the same epoch is kept, not deployed again.
+    for run in resumed["runs"][1:]:
+        assert "[loop] the reference teacher (epoch 2) is already serving: kept" in run["proc"].stdout, run["kill"]
 
 
 def test_the_champion_is_untouched_until_the_promotion(resumed):

@@ -29,6 +29,7 @@ class ReferenceTeacher:
         alike; without it, words."""
         self.world_args = dict(seed=seed, num_entities=num_entities, drift_fraction=drift_fraction,
                                new_per_epoch=new_per_epoch)
+        self.tokenizer_dir = tokenizer_dir
         self.model = model
         self.tokenizer = None
         if tokenizer_dir:
@@ -67,7 +68,9 @@ class ReferenceTeacher:
     @api.get("/v1/models")
     async def models(self):
         return JSONResponse({"object": "list", "data": [{"id": self.model, "object": "model", "created": 0,
-                                                         "owned_by": "continual-loop", "epoch": self.world.epoch}]})
+                                                         "owned_by": "continual-loop", "epoch": self.world.epoch,
+                                                         "world": self.world_args,
+                                                         "tokenizer_dir": self.tokenizer_dir}]})
 
 
 @functools.cache
@@ -86,6 +89,13 @@ def deploy_teacher(cfg: LoopConfig, epoch: int) -> str:
     from serve_apps.gateway_app import _wait_running
 
     w = cfg.world
+    url = f"http://{cfg.serving.host}:{cfg.serving.port}{ROUTE}/v1"
+    wanted = {"id": cfg.teacher.model, "epoch": epoch, "tokenizer_dir": str(cfg.model_path(cfg.student)),
+              "world": dict(seed=w.seed, num_entities=w.num_entities, drift_fraction=w.drift_fraction,
+                            new_per_epoch=w.new_per_epoch)}
+    if _serving(url, wanted):  # a restarted driver: the running teacher is this one (a redeploy is ~15 s)
+        print(f"[loop] the reference teacher (epoch {epoch}) is already serving: kept", flush=True)
+        return url
     app = serve.deployment(
         _ingress_teacher(), name="reference-teacher",
         ray_actor_options={"num_cpus": 0}, user_config={"epoch": epoch},
@@ -93,4 +103,20 @@ def deploy_teacher(cfg: LoopConfig, epoch: int) -> str:
            str(cfg.model_path(cfg.student)))
     serve.run(app, name=APP_NAME, route_prefix=ROUTE, blocking=False)
     _wait_running(APP_NAME)
-    return f"http://{cfg.serving.host}:{cfg.serving.port}{ROUTE}/v1"
+    return url
+
+
+def _serving(url: str, wanted: dict) -> bool:
+    """Whether the teacher app answering at `url` is already the one `wanted` describes (model, epoch,
+    world, tokenizer), so deploying it again would change nothing."""
+    import httpx
+    from ray import serve
+
+    status = serve.status().applications.get(APP_NAME)
+    if status is None or status.status != "RUNNING":
+        return False
+    try:
+        served = httpx.get(f"{url}/models", timeout=5).json()["data"][0]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError):
+        return False
+    return {k: served.get(k) for k in wanted} == wanted
