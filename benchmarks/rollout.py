@@ -38,7 +38,7 @@ def _config(cfg: LoopConfig, root: Path) -> LoopConfig:
 
 
 def _challenger_user(rollout: dict) -> str:
-    from loop.serving.gateway import assign_variant
+    from loop.serving.routing import assign_variant
 
     return next(u for u in (f"bench-user-{i}" for i in range(1000)) if assign_variant(rollout, u) == "challenger")
 

@@ -10,7 +10,7 @@ import ray
 from fakes import fake_engine, serve_gateway
 
 from loop.config import hash_api_key
-from loop.serving.gateway import assign_variant
+from loop.serving.routing import assign_variant
 from loop.serving.rollouts import POLL_S, RolloutStore
 from loop.traces.log import TraceLog, read_traces
 

@@ -1,85 +1,40 @@
-"""The OpenAI-compatible gateway: authenticate, route to a variant, generate, trace, answer.
+"""The OpenAI-compatible gateway: the HTTP routes of chat and text completions, feedback, models and
+the admin actions, each answered and traced.
 
 A plain class behind a FastAPI app that Ray Serve mounts (`serve_apps/gateway_app.py` applies
-`serve.ingress(api)` and `serve.deployment`). The engine and the trace log are passed in as handles,
-so routing is tested with a fake engine. Rollouts come from a RolloutStore actor, read on the request
+`serve.ingress(api)` and `serve.deployment`). Its rooms: who is calling (`auth.py`), which variant
+answers (`routing.py`, the routing core, tested without a cluster), the teacher's escalation
+(`cascade.py`), the metrics (`metrics.py`), feedback's parsing and ownership (`feedback.py`), the
+request id (`protocol.ServerRequestId`). The engine and the trace log are handles passed in, so the
+routes are tested with a fake engine. Rollouts come from a RolloutStore actor, read on the request
 path at most every POLL_S (or, without one, from Serve's `user_config`): a new version or weight is
 live without restarting this replica or the engine.
 Every request, answered or refused after authentication, becomes exactly one trace record, under
-the gateway's own request id (`ServerRequestId`); feedback may name only the caller's own requests.
+the gateway's own request id; feedback may name only the caller's own requests.
 """
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
-from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse, StreamingResponse
 
-from loop.config import hash_api_key
+from loop.serving.auth import require_admin, tenant_of
+from loop.serving.cascade import Escalation
 from loop.serving.feedback import RequestOwners, log_holds_request, not_found, parse_feedback
-from loop.serving.rollouts import POLL_S
 from loop.serving.protocol import (REQUEST_ID_HEADER, SSE_DONE, BadRequest, ChatCompletionRequest,
-                                   CompletionRequest, chat_completion_body, completion_body, error_response,
-                                   parse_request, sse_chunk)
-from loop.traces.log import new_request_id
+                                   CompletionRequest, ServerRequestId, chat_completion_body, completion_body,
+                                   error_response, sse_chunk)
+from loop.serving.rollouts import POLL_S
+from loop.serving.routing import Call, engine_args, route
 
 CLIENT_CLOSED = 499  # a request whose client hung up before its answer was delivered (nginx's code)
 
-
-class ServerRequestId:
-    """Every request gets the gateway's own id, `new_request_id()`, read by the routes as
-    `request.state.request_id` and sent back in `x-request-id` on every response (refusals too).
-    The client's `x-request-id` is only recorded (`client_request_id`), never a trace's id: were it
-    one, a tenant could give its request another tenant's id. Serve's proxy appends the id the
-    request arrived with after ours; `protocol.GatewayRequestId`, in the proxy, keeps ours only."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        request_id = new_request_id()
-        scope["state"] = {**scope.get("state", {}), "request_id": request_id}
-
-        async def stamped(message):
-            if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
-            await send(message)
-
-        await self.app(scope, receive, stamped)
-
-
 api = FastAPI(title="continual-loop gateway", version="0.1")
 api.add_middleware(ServerRequestId)
-
-
-def assign_variant(rollout: dict, user: str) -> str:
-    """Sticky split: a user's hash decides the arm, so one user sees one arm for the rollout's life."""
-    weight = float(rollout.get("challenger_weight") or 0.0)
-    if not rollout.get("challenger") or weight <= 0:
-        return "champion"
-    bucket = int(hashlib.sha256(f"{rollout.get('rollout_id', '')}/{user}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "challenger" if bucket < weight else "champion"
-
-
-@dataclass
-class Call:
-    """One authenticated request on its way through the gateway."""
-    request_id: str
-    started: float
-    model: str
-    endpoint: str
-    variant: str
-    version: dict
-    record: dict
-    headers: dict = field(default_factory=dict)
 
 
 class Gateway:
@@ -91,14 +46,17 @@ class Gateway:
         `cascade`: endpoint id -> minimum mean token log-probability before escalating to `teacher`
         ({"base_url", "model", "api_key", "timeout_s"}), reached with the `openai` client.
         `controller`: the RolloutController actor that carries out the admin routes."""
+        from loop.serving.metrics import GatewayMetrics
+
         self.engine, self.trace_log, self.controller, self._engines = engine, trace_log, controller, {}
-        self.cascade, self.teacher, self._teacher_client = dict(cascade or {}), teacher, None
+        self.cascade, self.teacher = dict(cascade or {}), teacher
+        self.escalation = Escalation(teacher) if teacher else None
         self.key_to_tenant = {h: t for t, spec in tenants.items() for h in spec["api_key_hashes"]}
         self.tenant_models = {t: {f"model-{e}": e for e in spec["endpoints"]} for t, spec in tenants.items()}
         self.admin_key_hash = admin_key_hash
         self.rollouts: dict[str, dict] = {}
         self.rollout_store, self._rollout_version, self._checked = rollout_store, -1, 0.0
-        self.metrics = _Metrics()
+        self.metrics = GatewayMetrics()
         self.owners = RequestOwners()
         self.started_at = time.time()
 
@@ -120,23 +78,7 @@ class Gateway:
 
     # --- request preparation ---------------------------------------------------------------
     def _tenant(self, request: Request) -> str:
-        auth = request.headers.get("authorization", "")
-        if not auth.lower().startswith("bearer ") or not auth[7:].strip():
-            raise BadRequest("missing API key: send 'Authorization: Bearer <key>'", status=401,
-                             code="invalid_api_key", type_="authentication_error")
-        tenant = self.key_to_tenant.get(hash_api_key(auth[7:].strip()))
-        if tenant is None:
-            raise BadRequest("invalid API key", status=401, code="invalid_api_key", type_="authentication_error")
-        return tenant
-
-    def _model(self, request: Request, model: str) -> str:
-        """The `model` field, or the endpoint named by a `Host: model-<id>.<domain>` header."""
-        if model:
-            return model
-        host = request.headers.get("host", "").split(":")[0]
-        if host.startswith("model-") and "." in host:
-            return host.split(".")[0]
-        raise BadRequest("model: required (or send Host: model-<id>.<domain>)", param="model")
+        return tenant_of(request.headers, self.key_to_tenant)
 
     async def _prepare(self, request: Request, kind: type) -> tuple[Call, object]:
         request_id = request.state.request_id  # the gateway's own (ServerRequestId)
@@ -157,31 +99,8 @@ class Gateway:
 
     def _route(self, request: Request, kind: type, request_id: str, started: float, tenant: str,
                body: bytes, client_request_id: str = "") -> tuple[Call, object]:
-        req = parse_request(body, kind)
-        model = self._model(request, req.model)
-        endpoint = self.tenant_models[tenant].get(model)
-        if endpoint is None:
-            # Another tenant's model is reported exactly like a missing one: no existence leak.
-            raise BadRequest(f"model '{model}' does not exist or you do not have access to it",
-                             param="model", status=404, code="model_not_found")
-        rollout = self.rollouts.get(endpoint)
-        if not rollout or not rollout.get("champion"):
-            raise BadRequest(f"model '{model}' has no deployed version yet", status=503, code="not_deployed",
-                             type_="server_error")
-        user = request.headers.get("x-loop-user") or req.user or ""
-        variant = assign_variant(rollout, user)
-        version = rollout[variant]
-        prompt = [m.model_dump() for m in req.messages] if kind is ChatCompletionRequest else req.prompt
-        # `ts` is set once here: a retried append is recognised as the same record.
-        record = dict(request_id=request_id, tenant=tenant, endpoint=endpoint, variant=variant,
-                      model_version=version["version"], adapter_digest=version.get("adapter_digest", ""),
-                      checkpoint_digest=version.get("checkpoint_digest", ""),
-                      training_run_id=version.get("training_run_id", ""),
-                      deployed_at=version.get("deployed_at", ""), user=user, prompt=json.dumps(prompt),
-                      client_request_id=client_request_id, ts=time.time())
-        call = Call(request_id, started, model, endpoint, variant, version, record,
-                    {"x-model-version": version["version"], "x-variant": variant})
-        return call, req
+        return route(request.headers, kind, body, request_id=request_id, started=started, tenant=tenant,
+                     models=self.tenant_models[tenant], rollouts=self.rollouts, client_request_id=client_request_id)
 
     def _engine(self, version: dict):
         """The engine that serves `version`: its own merged engine app, or the multi-LoRA engine."""
@@ -193,16 +112,6 @@ class Gateway:
 
             self._engines[app] = serve.get_deployment_handle(app, app_name=app)
         return self._engines[app]
-
-    def _engine_args(self, call: Call, req) -> dict:
-        adapter = None if call.version.get("engine_app") else call.version.get("adapter_path")
-        args = dict(max_tokens=req.token_limit, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                    adapter_path=adapter, request_id=call.request_id)
-        if isinstance(req, ChatCompletionRequest):
-            args["messages"] = [m.model_dump() for m in req.messages]
-        else:
-            args["prompt"] = req.prompt
-        return args
 
     async def _trace(self, call: Call, status: int = 200, error: str = "", **fields) -> None:
         error = fields.pop("error", error)
@@ -247,12 +156,12 @@ class Gateway:
         if req.stream and threshold is None:
             return StreamingResponse(self._stream(call, req), media_type="text/event-stream", headers=call.headers)
         try:
-            gen = await self._engine(call.version).generate.remote(**self._engine_args(call, req),
+            gen = await self._engine(call.version).generate.remote(**engine_args(call, req),
                                                                   confidence=threshold is not None)
             text, extra = gen.text, {"confidence": gen.mean_logprob or 0.0}
             if threshold is not None and gen.mean_logprob is not None and gen.mean_logprob < threshold:
                 try:
-                    text = await self._ask_teacher(req)
+                    text = await self.escalation.answer(req)
                     extra.update(escalated=True, student_completion=gen.text)
                     call.headers["x-loop-escalated"] = "true"
                 except Exception as e:  # noqa: BLE001 - the student's answer still serves; the miss is traced
@@ -287,21 +196,6 @@ class Gateway:
             yield sse_chunk(call.request_id, call.model, chat, None, usage=(gen.prompt_tokens, gen.completion_tokens))
         yield SSE_DONE
 
-    async def _ask_teacher(self, req) -> str:
-        import openai
-
-        if self._teacher_client is None:
-            t = self.teacher
-            self._teacher_client = openai.AsyncOpenAI(base_url=t["base_url"], api_key=t.get("api_key") or "unused",
-                                                      timeout=t.get("timeout_s", 30), max_retries=1)
-        if isinstance(req, ChatCompletionRequest):
-            messages = [{"role": m.role, "content": m.content} for m in req.messages]
-        else:
-            messages = [{"role": "user", "content": req.prompt}]
-        resp = await self._teacher_client.chat.completions.create(
-            model=self.teacher["model"], messages=messages, max_tokens=req.token_limit, temperature=0)
-        return resp.choices[0].message.content or ""
-
     async def _stream(self, call: Call, req):
         chat = isinstance(req, ChatCompletionRequest)
         text, n_prompt, n_out, ttft, status, error, traced = [], 0, 0, 0.0, 200, "", False
@@ -315,7 +209,7 @@ class Gateway:
 
         try:
             stream = self._engine(call.version).options(stream=True).generate_stream.remote(
-                **self._engine_args(call, req))
+                **engine_args(call, req))
             async for delta in stream:
                 text.append(delta.text)
                 n_prompt, n_out, ttft = delta.prompt_tokens, n_out + delta.completion_tokens, delta.ttft_ms
@@ -378,19 +272,10 @@ class Gateway:
         return JSONResponse({"object": "list", "data": data})
 
     # --- admin ------------------------------------------------------------------------------
-    def _admin(self, request: Request) -> None:
-        auth = request.headers.get("authorization", "")
-        if not auth.lower().startswith("bearer ") or not auth[7:].strip():
-            raise BadRequest("missing admin key: send 'Authorization: Bearer <admin key>'", status=401,
-                             code="invalid_api_key", type_="authentication_error")
-        if not self.admin_key_hash or hash_api_key(auth[7:].strip()) != self.admin_key_hash:
-            raise BadRequest("admin key required for /admin routes", status=403, code="forbidden",
-                             type_="permission_error")
-
     @api.get("/admin/status")
     async def status(self, request: Request):
         try:
-            self._admin(request)
+            require_admin(request.headers, self.admin_key_hash)
         except BadRequest as e:
             return e.response()
         return JSONResponse({"endpoints": await self._current_rollouts(), "rollout_version": self._rollout_version,
@@ -401,7 +286,7 @@ class Gateway:
         """deploy {model, version, role?, challenger_weight?} | weights {model, challenger_weight} |
         promote {model} | rollback {model}: MLflow's aliases change, then every replica serves them."""
         try:
-            self._admin(request)
+            require_admin(request.headers, self.admin_key_hash)
             body = json.loads(await request.body() or b"{}")
             if not isinstance(body, dict):
                 raise BadRequest("request body must be a JSON object")
@@ -429,32 +314,3 @@ class Gateway:
         self._checked = 0.0  # this replica serves the change from its next request on
         await self._current_rollouts()
         return JSONResponse({"object": "rollout", "action": action, "model": body.get("model"), **rollout})
-
-
-class _Metrics:
-    """Per endpoint and variant: requests (by status), errors, escalations, tokens, latency; exported
-    through Ray Serve's metrics (the Ray dashboard's Metrics view, Prometheus at the metrics port)."""
-
-    def __init__(self):
-        from ray.serve.metrics import Counter, Histogram
-
-        keys = ("endpoint", "variant")
-        self.requests = Counter("loop_requests", "Requests served", tag_keys=keys + ("status",))
-        self.errors = Counter("loop_errors", "Requests answered with an error", tag_keys=keys + ("status",))
-        self.escalations = Counter("loop_escalations", "Requests escalated to the teacher", tag_keys=keys)
-        self.tokens = Counter("loop_tokens", "Tokens processed", tag_keys=keys + ("kind",))
-        self.latency = Histogram("loop_latency_ms", "End-to-end latency",
-                                 boundaries=[10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000], tag_keys=keys)
-
-    def observe(self, endpoint, variant, status, prompt_tokens, completion_tokens, latency_ms,
-                escalated: bool = False) -> None:
-        tags = {"endpoint": endpoint, "variant": variant}
-        self.requests.inc(tags={**tags, "status": str(status)})
-        if status >= 400:
-            self.errors.inc(tags={**tags, "status": str(status)})
-        if escalated:
-            self.escalations.inc(tags=tags)
-        for kind, n in (("prompt", prompt_tokens), ("completion", completion_tokens)):
-            if n:  # Counter.inc refuses 0
-                self.tokens.inc(n, tags={**tags, "kind": kind})
-        self.latency.observe(latency_ms, tags=tags)

@@ -2,7 +2,8 @@
 
 Request validation gives one clear message naming the field; errors use OpenAI's error body.
 Bodies are built here, so the gateway, the teacher and the tests agree on one shape. So is the one
-`x-request-id` a response carries (`GatewayRequestId`, installed in Ray Serve's HTTP proxy).
+`x-request-id` a response carries: the gateway's own (`ServerRequestId`, the gateway app's
+middleware), and only it (`GatewayRequestId`, installed in Ray Serve's HTTP proxy).
 """
 from __future__ import annotations
 
@@ -144,6 +145,34 @@ def sse_chunk(request_id: str, model: str, chat: bool, delta: str | None, finish
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+class ServerRequestId:
+    """Every request gets the gateway's own id, `new_request_id()`, read by the routes as
+    `request.state.request_id` and sent back in `x-request-id` on every response (refusals too).
+    The client's `x-request-id` is only recorded (`client_request_id`), never a trace's id: were it
+    one, a tenant could give its request another tenant's id. Serve's proxy appends the id the
+    request arrived with after ours; `GatewayRequestId`, in the proxy, keeps ours only."""
+
+    def __init__(self, app):
+        from loop.traces.log import new_request_id
+
+        self.app, self.new_id = app, new_request_id
+
+    async def __call__(self, scope, receive, send):
+        from starlette.datastructures import MutableHeaders
+
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = self.new_id()
+        scope["state"] = {**scope.get("state", {}), "request_id": request_id}
+
+        async def stamped(message):
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        await self.app(scope, receive, stamped)
 
 
 class GatewayRequestId:

@@ -82,7 +82,7 @@ def import_request_id(digest: str, line: int) -> str:
 
 
 def chat_prompt(messages: list[dict]) -> str:
-    """The messages as the gateway stores a chat request's prompt (`_route` in loop/serving/gateway.py):
+    """The messages as the gateway stores a chat request's prompt (`route` in loop/serving/routing.py):
     each validated as a ChatMessage and dumped, so a live and an imported prompt compare equal."""
     from loop.serving.protocol import ChatMessage
 

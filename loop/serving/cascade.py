@@ -1,0 +1,28 @@
+"""The cascade's escalation: a request the student answered with too little confidence is answered
+by the teacher instead, through the `openai` client (the gateway decides when; this asks).
+"""
+from __future__ import annotations
+
+from loop.serving.protocol import ChatCompletionRequest
+
+
+class Escalation:
+    def __init__(self, teacher: dict):
+        """`teacher`: {"base_url", "model", "api_key"?, "timeout_s"?} of an OpenAI-compatible endpoint."""
+        self.teacher, self._client = teacher, None
+
+    async def answer(self, req) -> str:
+        """The teacher's greedy answer to the request (chat, or a text prompt as one user message)."""
+        import openai
+
+        if self._client is None:
+            t = self.teacher
+            self._client = openai.AsyncOpenAI(base_url=t["base_url"], api_key=t.get("api_key") or "unused",
+                                              timeout=t.get("timeout_s", 30), max_retries=1)
+        if isinstance(req, ChatCompletionRequest):
+            messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        else:
+            messages = [{"role": "user", "content": req.prompt}]
+        resp = await self._client.chat.completions.create(
+            model=self.teacher["model"], messages=messages, max_tokens=req.token_limit, temperature=0)
+        return resp.choices[0].message.content or ""

@@ -1,0 +1,89 @@
+"""The gateway's routing core: which endpoint, variant and version answer a request, and the trace
+record it starts. Pure functions of the request, the tenant's models and the rollouts: no Ray, no
+engine, no HTTP server, so it is unit-tested alone (tests/test_routing_core.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+
+from loop.serving.protocol import BadRequest, ChatCompletionRequest, parse_request
+
+
+def assign_variant(rollout: dict, user: str) -> str:
+    """Sticky split: a user's hash decides the arm, so one user sees one arm for the rollout's life."""
+    weight = float(rollout.get("challenger_weight") or 0.0)
+    if not rollout.get("challenger") or weight <= 0:
+        return "champion"
+    bucket = int(hashlib.sha256(f"{rollout.get('rollout_id', '')}/{user}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "challenger" if bucket < weight else "champion"
+
+
+@dataclass
+class Call:
+    """One authenticated request on its way through the gateway."""
+    request_id: str
+    started: float
+    model: str
+    endpoint: str
+    variant: str
+    version: dict
+    record: dict
+    headers: dict = field(default_factory=dict)
+
+
+def model_named(headers, model: str) -> str:
+    """The `model` field, or the endpoint named by a `Host: model-<id>.<domain>` header."""
+    if model:
+        return model
+    host = headers.get("host", "").split(":")[0]
+    if host.startswith("model-") and "." in host:
+        return host.split(".")[0]
+    raise BadRequest("model: required (or send Host: model-<id>.<domain>)", param="model")
+
+
+def route(headers, kind: type, body: bytes, *, request_id: str, started: float, tenant: str,
+          models: dict[str, str], rollouts: dict[str, dict], client_request_id: str = "") -> tuple[Call, object]:
+    """Parse `body` as `kind` and route it: `models` is the tenant's (`model-<id>` -> endpoint id),
+    `rollouts` what every endpoint serves now. Returns the call (variant, version, the trace record
+    so far, the response headers) and the parsed request; refusals are `BadRequest`s."""
+    req = parse_request(body, kind)
+    model = model_named(headers, req.model)
+    endpoint = models.get(model)
+    if endpoint is None:
+        # Another tenant's model is reported exactly like a missing one: no existence leak.
+        raise BadRequest(f"model '{model}' does not exist or you do not have access to it",
+                         param="model", status=404, code="model_not_found")
+    rollout = rollouts.get(endpoint)
+    if not rollout or not rollout.get("champion"):
+        raise BadRequest(f"model '{model}' has no deployed version yet", status=503, code="not_deployed",
+                         type_="server_error")
+    user = headers.get("x-loop-user") or req.user or ""
+    variant = assign_variant(rollout, user)
+    version = rollout[variant]
+    prompt = [m.model_dump() for m in req.messages] if kind is ChatCompletionRequest else req.prompt
+    # `ts` is set once here: a retried append is recognised as the same record.
+    record = dict(request_id=request_id, tenant=tenant, endpoint=endpoint, variant=variant,
+                  model_version=version["version"], adapter_digest=version.get("adapter_digest", ""),
+                  checkpoint_digest=version.get("checkpoint_digest", ""),
+                  training_run_id=version.get("training_run_id", ""),
+                  deployed_at=version.get("deployed_at", ""), user=user, prompt=json.dumps(prompt),
+                  client_request_id=client_request_id, ts=time.time())
+    call = Call(request_id, started, model, endpoint, variant, version, record,
+                {"x-model-version": version["version"], "x-variant": variant})
+    return call, req
+
+
+def engine_args(call: Call, req) -> dict:
+    """What the engine's `generate` takes for this call: the version's adapter unless the version has
+    an engine of its own (a merged version), and the request's sampling."""
+    adapter = None if call.version.get("engine_app") else call.version.get("adapter_path")
+    args = dict(max_tokens=req.token_limit, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                adapter_path=adapter, request_id=call.request_id)
+    if isinstance(req, ChatCompletionRequest):
+        args["messages"] = [m.model_dump() for m in req.messages]
+    else:
+        args["prompt"] = req.prompt
+    return args
