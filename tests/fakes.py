@@ -4,6 +4,7 @@ import time
 from dataclasses import dataclass
 
 from loop.serving.engine import Generation
+from loop.serving.protocol import cut_at_stop
 
 
 @dataclass
@@ -11,7 +12,7 @@ class FakeEngine:
     """Echoes which adapter answered, so the test sees routing in the completion text."""
 
     async def generate(self, messages=None, *, prompt=None, max_tokens, temperature=0.0, top_p=1.0, seed=None,
-                       adapter_path=None, request_id="", confidence=False):
+                       adapter_path=None, request_id="", confidence=False, sampling=None):
         text = messages[-1]["content"] if messages else prompt
         if text == "boom":
             raise RuntimeError("engine died")
@@ -20,13 +21,17 @@ class FakeEngine:
         if text == "slow":
             await asyncio.sleep(5)
         # Questions (text ending in "?") come back with low confidence, to exercise the cascade.
-        return Generation(text=f"adapter={adapter_path}", prompt_tokens=3, completion_tokens=2, ttft_ms=1.0,
+        answer = cut_at_stop(f"adapter={adapter_path}", (sampling or {}).get("stop"))
+        return Generation(text=answer, prompt_tokens=3, completion_tokens=2, ttft_ms=1.0,
                           finish_reason="stop", mean_logprob=-5.0 if text.endswith("?") else -0.1)
 
     async def generate_stream(self, messages=None, *, prompt=None, max_tokens, temperature=0.0, top_p=1.0,
-                              seed=None, adapter_path=None, request_id=""):
-        """Yields `max_tokens` one-token deltas 'tok0 ', 'tok1 ', ... (0.2 s apart for the prompt 'slow')."""
+                              seed=None, adapter_path=None, request_id="", sampling=None):
+        """Yields `max_tokens` one-token deltas 'tok0 ', 'tok1 ', ... (0.2 s apart for the prompt 'slow';
+        'boom' and 'long' fail before the first, as the engine does)."""
         text = messages[-1]["content"] if messages else prompt
+        if text in ("boom", "long"):
+            await self.generate(messages, prompt=prompt, max_tokens=max_tokens)
         for i in range(max_tokens):
             if text == "slow":
                 await asyncio.sleep(0.2)

@@ -186,6 +186,53 @@ def test_real_engine_streams_the_same_greedy_text(job):
     assert text.usage.completion_tokens >= 1 and text.object == "text_completion"
 
 
+def test_openai_parameters_through_the_real_engine(job):
+    """A stop string ends the answer before it (`finish_reason: stop`), streamed or not, chat or text;
+    text parts are one message; a stream over the context is a 400 before its first byte."""
+    cfg = load_config(job["config"])
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{cfg.serving.port}/v1", api_key="sk-loop-demo-acme",
+                           max_retries=0)
+    ask = dict(model="model-tiny-support", max_tokens=12, temperature=0)
+    msgs = [{"role": "user", "content": "What is the price of the Zorvex widget?"}]
+    whole = client.chat.completions.create(messages=msgs, **ask).choices[0].message.content
+    assert len(whole) >= 6, whole
+    stop = whole[len(whole) // 2:len(whole) // 2 + 2]
+    cut = whole[:whole.find(stop)]
+    stopped = client.chat.completions.create(messages=msgs, stop=[stop, "\u2603"], **ask).choices[0]
+    assert (stopped.message.content, stopped.finish_reason) == (cut, "stop"), (whole, stop)
+    chunks = [c for c in client.chat.completions.create(messages=msgs, stop=stop, stream=True, **ask) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == cut
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    text = client.completions.create(model="model-tiny-support", prompt="The Zorvex widget", max_tokens=8,
+                                     temperature=0).choices[0].text
+    assert len(text) >= 2, text
+    part = client.completions.create(model="model-tiny-support", prompt="The Zorvex widget", max_tokens=8,
+                                     temperature=0, stop=text[1:2]).choices[0]
+    assert (part.text, part.finish_reason) == (text[:text.find(text[1:2])], "stop")
+    # Text parts: the same answer as the joined string (vLLM's join, a newline).
+    two = [{"type": "text", "text": "What is the price"}, {"type": "text", "text": "of the Zorvex widget?"}]
+    joined = client.chat.completions.create(messages=[{"role": "user", "content": "What is the price\nof the "
+                                                       "Zorvex widget?"}], **ask).choices[0].message.content
+    assert client.chat.completions.create(messages=[{"role": "user", "content": two}],
+                                          **ask).choices[0].message.content == joined
+    # Penalties reach vLLM (its range checked there too): the request is served.
+    assert client.chat.completions.create(messages=msgs, presence_penalty=1.5, frequency_penalty=1.5,
+                                          **ask).choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(messages=[{"role": "user", "content": "widget " * 400}], stream=True, **ask)
+    assert e.value.body["code"] == "context_length_exceeded"
+    # A second client library, as its users call it: invoke, stream and batch, with the stop string.
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(base_url=str(client.base_url), api_key="sk-loop-demo-acme", model="model-tiny-support",
+                      max_tokens=12, temperature=0, max_retries=0)
+    question = msgs[0]["content"]
+    assert chat.invoke(question).content == whole
+    assert chat.invoke(question, stop=[stop]).content == cut
+    assert "".join(c.content for c in chat.stream(question, stop=[stop])) == cut
+    assert [m.content for m in chat.batch([question, question])] == [whole, whole]
+
+
 def test_real_engine_reports_confidence(job):
     cfg = load_config(job["config"])
     rows = [r for r in read_traces(cfg.storage.path("traces")) if r["endpoint"] == "globex-chat" and r["status"] == 200]

@@ -280,6 +280,48 @@ def test_bad_requests_are_4xx_in_openai_format(fake_gateway):
                       ).status_code == 200
 
 
+def test_stream_failures_before_the_first_byte_are_real_http_errors(fake_gateway):
+    c = _client(fake_gateway, "sk-t1-secret")
+    with pytest.raises(openai.BadRequestError) as e:  # the prompt over the context: the caller's mistake
+        c.chat.completions.create(model="model-e1", messages=[{"role": "user", "content": "long"}], stream=True)
+    assert e.value.body["param"] == "messages" and e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.InternalServerError) as e:  # the engine's: retry
+        c.chat.completions.create(model="model-e1", messages=[{"role": "user", "content": "boom"}], stream=True)
+    assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
+    rows = {r["request_id"]: r for r in read_traces(fake_gateway["traces"])}
+    assert rows[e.value.response.headers["x-request-id"]]["status"] == 503, "traced once, as refused"
+
+
+def test_openai_parameters_are_honoured_or_refused_by_name(fake_gateway):
+    import httpx
+
+    c = _client(fake_gateway, "sk-t2-secret")  # e2: champion only (its adapter is None)
+    stopped = c.chat.completions.create(model="model-e2", messages=[{"role": "user", "content": "x"}], stop=["="])
+    assert stopped.choices[0].message.content == "adapter", "the stop string reached the engine"
+    parts = c.chat.completions.create(model="model-e2", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
+    assert parts.choices[0].message.content == "adapter=None"
+    for extra, param in [({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+                         ({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"logprobs": True}, "logprobs")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="model-e2", messages=[{"role": "user", "content": "x"}], **extra)
+        assert e.value.body["param"] == param and e.value.body["code"] == "unsupported_parameter", e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="model-e2", messages=[{"role": "user", "content": "x"}],
+                                  extra_body={"top_k": 3})
+    assert e.value.body["param"] == "top_k" and e.value.body["code"] == "unknown_parameter"
+    # One model by id: the caller's own; another tenant's is missing, as one that does not exist.
+    assert c.models.retrieve("model-e2").id == "model-e2"
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("model-e1")
+    # Routes and methods that do not exist answer in OpenAI's error shape too.
+    auth = {"Authorization": "Bearer sk-t2-secret"}
+    for method, path, status in [("GET", "/nope", 404), ("GET", "/chat/completions", 405)]:
+        r = httpx.request(method, fake_gateway["url"] + path, headers=auth)
+        assert r.status_code == status and r.json()["error"]["message"] and r.json()["error"]["type"], r.text
+
+
 def test_low_confidence_escalates_to_the_teacher(fake_gateway, cycle_job):
     from loop.config import load_config
     from loop.sim.world import World

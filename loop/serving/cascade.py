@@ -12,7 +12,8 @@ class Escalation:
         self.teacher, self._client = teacher, None
 
     async def answer(self, req) -> str:
-        """The teacher's greedy answer to the request (chat, or a text prompt as one user message)."""
+        """The teacher's greedy answer to the request (chat, or a text prompt as one user message),
+        stopped where the request says."""
         import openai
 
         if self._client is None:
@@ -20,9 +21,10 @@ class Escalation:
             self._client = openai.AsyncOpenAI(base_url=t["base_url"], api_key=t.get("api_key") or "unused",
                                               timeout=t.get("timeout_s", 30), max_retries=1)
         if isinstance(req, ChatCompletionRequest):
-            messages = [{"role": m.role, "content": m.content} for m in req.messages]
+            messages = [m.as_dict() for m in req.messages]
         else:
             messages = [{"role": "user", "content": req.prompt}]
         resp = await self._client.chat.completions.create(
-            model=self.teacher["model"], messages=messages, max_tokens=req.token_limit, temperature=0)
+            model=self.teacher["model"], messages=messages, max_tokens=req.token_limit, temperature=0,
+            **({"stop": req.stop} if req.stop else {}))
         return resp.choices[0].message.content or ""

@@ -76,15 +76,17 @@ class StudentEngine:
         return list(ids)
 
     async def _outputs(self, messages, prompt, max_tokens, temperature, top_p, seed, adapter_path, request_id,
-                       delta: bool, confidence: bool = False):
-        """Generations as the engine makes them: deltas (`delta`) or the text so far."""
+                       delta: bool, confidence: bool = False, sampling: dict | None = None):
+        """Generations as the engine makes them: deltas (`delta`) or the text so far. `sampling`: more of
+        vLLM's SamplingParams (stop strings, presence and frequency penalties)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         ids = self._prompt_ids(messages, prompt)
         params = SamplingParams(max_tokens=min(max_tokens, self.max_model_len - len(ids)), temperature=temperature,
                                 top_p=top_p, seed=seed, logprobs=0 if confidence else None,
-                                output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.CUMULATIVE)
+                                output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.CUMULATIVE,
+                                **(sampling or {}))
         start, first = time.perf_counter(), None
         async for out in self.engine.generate({"prompt_token_ids": ids}, params, request_id,
                                               lora_request=self._lora(adapter_path)):
@@ -100,21 +102,23 @@ class StudentEngine:
 
     async def generate(self, messages: list[dict] | None = None, *, prompt: str | None = None, max_tokens: int,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                       adapter_path: str | None = None, request_id: str, confidence: bool = False) -> Generation:
+                       adapter_path: str | None = None, request_id: str, confidence: bool = False,
+                       sampling: dict | None = None) -> Generation:
         """The whole answer at once. `messages` (chat) or `prompt` (text completion); `confidence`
         also returns the mean token log-probability."""
         async for gen in self._outputs(messages, prompt, max_tokens, temperature, top_p, seed, adapter_path,
-                                       request_id, delta=False, confidence=confidence):
+                                       request_id, delta=False, confidence=confidence, sampling=sampling):
             pass
         gen.finish_reason = gen.finish_reason or "stop"
         return gen
 
     async def generate_stream(self, messages: list[dict] | None = None, *, prompt: str | None = None,
                               max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                              seed: int | None = None, adapter_path: str | None = None, request_id: str):
+                              seed: int | None = None, adapter_path: str | None = None, request_id: str,
+                              sampling: dict | None = None):
         """Yields Generation deltas as tokens are produced (text and token count of each step)."""
         async for gen in self._outputs(messages, prompt, max_tokens, temperature, top_p, seed, adapter_path,
-                                       request_id, delta=True):
+                                       request_id, delta=True, sampling=sampling):
             yield gen
 
     def info(self) -> dict:

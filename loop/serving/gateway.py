@@ -20,6 +20,7 @@ import os
 import time
 
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, StreamingResponse
 
 from loop.serving.auth import require_admin, tenant_of
@@ -29,12 +30,29 @@ from loop.serving.protocol import (REQUEST_ID_HEADER, SSE_DONE, BadRequest, Chat
                                    CompletionRequest, ServerRequestId, chat_completion_body, completion_body,
                                    error_response, sse_chunk)
 from loop.serving.rollouts import POLL_S
-from loop.serving.routing import Call, engine_args, route
+from loop.serving.routing import Call, engine_args, model_not_found, route
 
 CLIENT_CLOSED = 499  # a request whose client hung up before its answer was delivered (nginx's code)
 
 api = FastAPI(title="continual-loop gateway", version="0.1")
 api.add_middleware(ServerRequestId)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """A route that does not exist (404) or a method it does not take (405), in OpenAI's error shape."""
+    return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                          code="not_found" if exc.status_code == 404 else None, headers=exc.headers)
+
+
+async def _after(first: str, events):
+    """A stream whose first event was already read, then the rest; closing it closes `events`."""
+    try:
+        yield first
+        async for event in events:
+            yield event
+    finally:
+        await events.aclose()
 
 
 class Gateway:
@@ -125,15 +143,18 @@ class Gateway:
                              bool(call.record.get("escalated")))
 
     async def _failed(self, call: Call, e: Exception) -> JSONResponse:
+        return (await self._refusal(call, e)).response(headers=call.headers)
+
+    async def _refusal(self, call: Call, e: Exception) -> BadRequest:
+        """A failed generation, traced, as the error its client gets: a prompt over the context is the
+        caller's to fix (400), anything else the engine's (503, retry)."""
         cause = getattr(e, "cause", None) or e  # a Ray task error wraps the engine's exception
         is_context = isinstance(cause, ValueError) and "context" in str(cause)
-        status = 400 if is_context else 503
-        await self._trace(call, status=status, error=f"{type(cause).__name__}: {cause}")
+        await self._trace(call, status=400 if is_context else 503, error=f"{type(cause).__name__}: {cause}")
         if is_context:
-            return error_response(400, str(cause), param="messages", code="context_length_exceeded",
-                                  headers=call.headers)
-        return error_response(503, "the engine failed; retry shortly", type_="server_error",
-                              headers={**call.headers, "retry-after": "1"})
+            return BadRequest(str(cause), param="messages", code="context_length_exceeded")
+        call.headers["retry-after"] = "1"
+        return BadRequest("the engine failed; retry shortly", status=503, type_="server_error")
 
     # --- routes -------------------------------------------------------------------------------
     @api.post("/v1/chat/completions")
@@ -154,7 +175,12 @@ class Gateway:
             return e.response()
         threshold = self.cascade.get(call.endpoint) if self.teacher else None
         if req.stream and threshold is None:
-            return StreamingResponse(self._stream(call, req), media_type="text/event-stream", headers=call.headers)
+            events = self._stream(call, req)
+            try:  # the first event before the headers: a refusal or a failure up to it is a real 4xx / 5xx
+                first = await events.__anext__()
+            except BadRequest as e:
+                return e.response(headers=call.headers)
+            return StreamingResponse(_after(first, events), media_type="text/event-stream", headers=call.headers)
         try:
             gen = await self._engine(call.version).generate.remote(**engine_args(call, req),
                                                                   confidence=threshold is not None)
@@ -198,7 +224,7 @@ class Gateway:
 
     async def _stream(self, call: Call, req):
         chat = isinstance(req, ChatCompletionRequest)
-        text, n_prompt, n_out, ttft, status, error, traced = [], 0, 0, 0.0, 200, "", False
+        text, n_prompt, n_out, ttft, status, error, traced, started = [], 0, 0, 0.0, 200, "", False, False
 
         async def trace():
             nonlocal traced
@@ -213,6 +239,7 @@ class Gateway:
             async for delta in stream:
                 text.append(delta.text)
                 n_prompt, n_out, ttft = delta.prompt_tokens, n_out + delta.completion_tokens, delta.ttft_ms
+                started = True
                 yield sse_chunk(call.request_id, call.model, chat, delta.text,
                                 finish_reason=delta.finish_reason or None)
             # Durable before the stream is acknowledged as complete, as for non-streaming answers.
@@ -224,11 +251,17 @@ class Gateway:
             # Cancelled while awaiting the engine, or closed while paused at a `yield`.
             status, error = CLIENT_CLOSED, "client closed the stream"
             raise
-        except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, trace, end the stream
+        except Exception as e:  # noqa: BLE001 - every failure is traced and answered, never dropped
+            if not started:  # no byte sent yet: the caller gets a real HTTP error (_complete's)
+                traced = True
+                raise await self._refusal(call, e) from None
+            # Headers are sent: the error in-band, in OpenAI's shape, then the stream ends cleanly.
             cause = getattr(e, "cause", None) or e
             status, error = 503, f"{type(cause).__name__}: {cause}"
             await trace()
-            yield f"data: {json.dumps({'error': {'message': 'the engine failed; retry shortly', 'type': 'server_error'}})}\n\n"
+            yield "data: " + json.dumps({"error": {"message": "the engine failed mid-answer; retry shortly",
+                                                   "type": "server_error", "param": None, "code": None}}) + "\n\n"
+            yield SSE_DONE
         finally:
             # Shielded: a client that hangs up mid-stream still leaves its trace record.
             await asyncio.shield(trace())
@@ -270,6 +303,18 @@ class Gateway:
         data = [{"id": m, "object": "model", "created": 0, "owned_by": tenant}
                 for m, e in sorted(self.tenant_models[tenant].items()) if self.rollouts.get(e)]
         return JSONResponse({"object": "list", "data": data})
+
+    @api.get("/v1/models/{model_id}")
+    async def model(self, model_id: str, request: Request):
+        """One of the caller's served models; another tenant's is missing, as one that does not exist."""
+        try:
+            tenant = self._tenant(request)
+            await self._current_rollouts()
+            if not self.rollouts.get(self.tenant_models[tenant].get(model_id, "")):
+                raise model_not_found(model_id)
+        except BadRequest as e:
+            return e.response()
+        return JSONResponse({"id": model_id, "object": "model", "created": 0, "owned_by": tenant})
 
     # --- admin ------------------------------------------------------------------------------
     @api.get("/admin/status")

@@ -11,7 +11,7 @@ import json
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.responses import JSONResponse
 
 MAX_BODY_BYTES = 1 << 20
@@ -21,9 +21,30 @@ PROXY_CALLBACK = "loop.serving.protocol.proxy_middlewares"
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """A message as OpenAI's chat API takes it; `content` a string or an array of text parts, joined
+    by newlines as vLLM's own server joins them."""
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer"]
     content: str
+    name: str | None = Field(default=None, max_length=64)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, content):
+        if not isinstance(content, list):
+            return content
+        texts = []
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+                raise ValueError(f"part {i} is {kind!r}: this server takes text parts only, "
+                                 '{"type": "text", "text": "..."}')
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+    def as_dict(self) -> dict:
+        """The message as the chat template, the trace and the teacher take it."""
+        return self.model_dump(exclude_none=True)
 
 
 class StreamOptions(BaseModel):
@@ -31,18 +52,68 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+_NOT_YET = "is not supported by this server yet (README: the OpenAI parameters)"
+REFUSED = {
+    "logprobs": _NOT_YET, "top_logprobs": _NOT_YET, "logit_bias": _NOT_YET,
+    "tools": _NOT_YET, "tool_choice": _NOT_YET, "parallel_tool_calls": _NOT_YET,
+    "functions": _NOT_YET, "function_call": _NOT_YET, "response_format": _NOT_YET,
+    "echo": _NOT_YET, "best_of": _NOT_YET, "suffix": _NOT_YET,
+    "audio": "is not supported: the student is a text model", "modalities": "is not supported: the student is a text model",
+    "prediction": _NOT_YET, "reasoning_effort": "is not supported: the student is not a reasoning model",
+    "verbosity": _NOT_YET, "web_search_options": "is not supported: the server has no web search",
+    "store": "is not supported: every request is traced for the loop, by design",
+    "metadata": _NOT_YET, "service_tier": "is not supported: one tier serves every request",
+    "prompt_cache_key": _NOT_YET, "safety_identifier": _NOT_YET,
+}
+"""OpenAI request parameters this server does not honour, and why: a request that sets one (to
+anything but its neutral value) is refused with a 400 naming it, never served as if it were honoured."""
+
+
+def _neutral(name: str, value) -> bool:
+    """Whether `value` asks nothing of the server (absent, off or empty), so it can be ignored honestly."""
+    if name == "response_format":
+        return value is None or value == {"type": "text"}
+    return value is None or value is False or value == [] or value == {}
+
+
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     model: str = Field(default="", max_length=128)
     """`model-<endpoint>`; may be empty when the Host header names the endpoint."""
     max_tokens: int | None = Field(default=None, ge=1, le=4096)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
+    stop: list[str] | None = None
+    """A string or up to 4: the answer ends before the first of them (finish_reason `stop`)."""
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=1)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop
+        if stops is not None and not (isinstance(stops, list) and len(stops) <= 4
+                                      and all(isinstance(s, str) and s for s in stops)):
+            raise ValueError("a string or a list of up to 4 non-empty strings")
+        return stops
+
+    def sampling(self) -> dict:
+        """What vLLM's SamplingParams takes beyond length, temperature, top_p and seed: only what the
+        request set (an empty dict for a request that set none)."""
+        out = {"stop": self.stop, "presence_penalty": self.presence_penalty,
+               "frequency_penalty": self.frequency_penalty}
+        return {k: v for k, v in out.items() if v}
+
+
+def cut_at_stop(text: str, stops: list[str] | None) -> str:
+    """`text` up to the first of `stops` (the stop string itself left out), as vLLM stops."""
+    cuts = [i for i in (text.find(s) for s in stops or []) if i >= 0]
+    return text[:min(cuts)] if cuts else text
 
 
 class ChatCompletionRequest(_Sampling):
@@ -91,11 +162,18 @@ def parse_request(body: bytes, model: type[BaseModel]):
         raise BadRequest(f"request body is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise BadRequest("request body must be a JSON object")
+    for name, why in REFUSED.items():
+        if name in raw and not _neutral(name, raw[name]):
+            raise BadRequest(f"{name} {why}; remove it from the request", param=name, code="unsupported_parameter")
+    raw = {k: v for k, v in raw.items() if k not in REFUSED}  # those left are neutral: nothing asked
     try:
         return model.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
+        if err["type"] == "extra_forbidden":
+            raise BadRequest(f"{param}: not a parameter of OpenAI's API that this route takes; remove it",
+                             param=param, code="unknown_parameter") from None
         raise BadRequest(f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
 
 

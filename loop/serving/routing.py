@@ -34,6 +34,12 @@ class Call:
     headers: dict = field(default_factory=dict)
 
 
+def model_not_found(model: str) -> BadRequest:
+    """Another tenant's model is reported exactly like a missing one: no existence leak."""
+    return BadRequest(f"model '{model}' does not exist or you do not have access to it", param="model",
+                      status=404, code="model_not_found")
+
+
 def model_named(headers, model: str) -> str:
     """The `model` field, or the endpoint named by a `Host: model-<id>.<domain>` header."""
     if model:
@@ -53,9 +59,7 @@ def route(headers, kind: type, body: bytes, *, request_id: str, started: float, 
     model = model_named(headers, req.model)
     endpoint = models.get(model)
     if endpoint is None:
-        # Another tenant's model is reported exactly like a missing one: no existence leak.
-        raise BadRequest(f"model '{model}' does not exist or you do not have access to it",
-                         param="model", status=404, code="model_not_found")
+        raise model_not_found(model)
     rollout = rollouts.get(endpoint)
     if not rollout or not rollout.get("champion"):
         raise BadRequest(f"model '{model}' has no deployed version yet", status=503, code="not_deployed",
@@ -63,7 +67,7 @@ def route(headers, kind: type, body: bytes, *, request_id: str, started: float, 
     user = headers.get("x-loop-user") or req.user or ""
     variant = assign_variant(rollout, user)
     version = rollout[variant]
-    prompt = [m.model_dump() for m in req.messages] if kind is ChatCompletionRequest else req.prompt
+    prompt = [m.as_dict() for m in req.messages] if kind is ChatCompletionRequest else req.prompt
     # `ts` is set once here: a retried append is recognised as the same record.
     record = dict(request_id=request_id, tenant=tenant, endpoint=endpoint, variant=variant,
                   model_version=version["version"], adapter_digest=version.get("adapter_digest", ""),
@@ -81,9 +85,9 @@ def engine_args(call: Call, req) -> dict:
     an engine of its own (a merged version), and the request's sampling."""
     adapter = None if call.version.get("engine_app") else call.version.get("adapter_path")
     args = dict(max_tokens=req.token_limit, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                adapter_path=adapter, request_id=call.request_id)
+                adapter_path=adapter, request_id=call.request_id, sampling=req.sampling())
     if isinstance(req, ChatCompletionRequest):
-        args["messages"] = [m.model_dump() for m in req.messages]
+        args["messages"] = [m.as_dict() for m in req.messages]
     else:
         args["prompt"] = req.prompt
     return args

@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse
 
 from loop.config import LoopConfig
-from loop.serving.protocol import BadRequest, chat_completion_body, parse_chat_request
+from loop.serving.protocol import BadRequest, chat_completion_body, cut_at_stop, parse_chat_request
 from loop.sim.world import World
 from loop.traces.log import new_request_id
 
@@ -54,7 +54,7 @@ class ReferenceTeacher:
             return e.response()
         self.calls += 1
         question = next((m.content for m in reversed(req.messages) if m.role == "user"), "")
-        answer = self.world.answer(question)
+        answer = cut_at_stop(self.world.answer(question), req.stop)
         n_prompt, n_completion = self._usage([{"role": m.role, "content": m.content} for m in req.messages], answer)
         return JSONResponse(chat_completion_body(new_request_id(), self.model, answer, n_prompt, n_completion))
 

@@ -83,10 +83,13 @@ def import_request_id(digest: str, line: int) -> str:
 
 def chat_prompt(messages: list[dict]) -> str:
     """The messages as the gateway stores a chat request's prompt (`route` in loop/serving/routing.py):
-    each validated as a ChatMessage and dumped, so a live and an imported prompt compare equal."""
+    each validated as a ChatMessage and dumped, so a live and an imported prompt compare equal. A
+    logged message's other fields (a response's `refusal`, `annotations`) are not part of the prompt."""
     from loop.serving.protocol import ChatMessage
 
-    return json.dumps([ChatMessage.model_validate(m).model_dump() for m in messages])
+    keep = set(ChatMessage.model_fields)
+    return json.dumps([ChatMessage.model_validate({k: v for k, v in m.items() if k in keep}).as_dict()
+                       for m in messages])
 
 
 @functools.cache

@@ -1,0 +1,95 @@
+"""OpenAI's request parameters without a cluster: each one the gateway takes reaches the engine's
+SamplingParams, each one it does not honour is a 400 naming it, and a field that is not OpenAI's is
+refused (loop/serving/protocol.py). The same behaviour through the real vLLM engine and the `openai`
+SDK is test_cycle_job.py's `test_openai_parameters_through_the_real_engine`."""
+import json
+
+import pytest
+
+from loop.serving.protocol import (REFUSED, BadRequest, ChatCompletionRequest, CompletionRequest, cut_at_stop,
+                                   parse_request)
+from loop.serving.routing import Call, engine_args
+from loop.traces.importer import chat_prompt
+
+
+def _chat(**fields) -> bytes:
+    return json.dumps({"model": "model-e1", "messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+
+
+def _refusal(body: bytes, kind=ChatCompletionRequest) -> BadRequest:
+    with pytest.raises(BadRequest) as e:
+        parse_request(body, kind)
+    assert e.value.status == 400
+    return e.value
+
+
+def _args(req) -> dict:
+    call = Call("req-1", 0.0, "model-e1", "e1", "champion", {"version": "v1"}, {})
+    return engine_args(call, req)
+
+
+def test_stop_and_the_penalties_reach_the_engine():
+    req = parse_request(_chat(stop="\n", presence_penalty=0.5, frequency_penalty=-1.0), ChatCompletionRequest)
+    assert _args(req)["sampling"] == {"stop": ["\n"], "presence_penalty": 0.5, "frequency_penalty": -1.0}
+    req = parse_request(json.dumps({"model": "m", "prompt": "p", "stop": ["a", "b"]}).encode(), CompletionRequest)
+    assert _args(req)["sampling"] == {"stop": ["a", "b"]}
+    assert _args(parse_request(_chat(), ChatCompletionRequest))["sampling"] == {}, "nothing set, nothing sent"
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"), ({"stop": 3}, "stop"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
+])
+def test_out_of_range_sampling_names_the_field(fields, param):
+    assert _refusal(_chat(**fields)).param == param
+
+
+@pytest.mark.parametrize("fields", [
+    {"logprobs": True, "top_logprobs": 2}, {"tools": [{"type": "function", "function": {"name": "f"}}]},
+    {"tool_choice": "required"}, {"response_format": {"type": "json_object"}}, {"logit_bias": {"50256": -100}},
+    {"store": True}, {"metadata": {"a": "b"}}, {"reasoning_effort": "low"},
+])
+def test_an_openai_parameter_not_honoured_is_refused_by_name(fields):
+    err = _refusal(_chat(**fields))
+    assert err.param in fields and err.code == "unsupported_parameter" and err.param in err.message
+    assert err.param in REFUSED
+
+
+def test_neutral_values_of_refused_parameters_ask_nothing_and_pass():
+    req = parse_request(_chat(logprobs=False, tools=[], response_format={"type": "text"}, logit_bias={}),
+                        ChatCompletionRequest)
+    assert req.messages[0].content == "hi"
+
+
+def test_a_field_that_is_not_openais_is_refused():
+    for body, kind, param in [(_chat(top_k=5), ChatCompletionRequest, "top_k"),
+                              (_chat(temprature=0.2), ChatCompletionRequest, "temprature"),
+                              (json.dumps({"model": "m", "prompt": "p", "messages": []}).encode(), CompletionRequest,
+                               "messages"),
+                              (_chat(messages=[{"role": "user", "content": "x", "mood": "sad"}]), ChatCompletionRequest,
+                               "messages.0.mood")]:
+        err = _refusal(body, kind)
+        assert err.param == param and err.code == "unknown_parameter", (param, err.message)
+    # The completions route's own refusals.
+    assert _refusal(json.dumps({"model": "m", "prompt": "p", "echo": True}).encode(), CompletionRequest).param == "echo"
+
+
+def test_text_parts_are_joined_as_vllm_joins_them_and_other_parts_are_refused():
+    parts = [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]
+    req = parse_request(_chat(messages=[{"role": "user", "content": parts, "name": "ann"}]), ChatCompletionRequest)
+    assert _args(req)["messages"] == [{"role": "user", "content": "first\nsecond", "name": "ann"}]
+    err = _refusal(_chat(messages=[{"role": "user", "content": [parts[0], {"type": "image_url", "image_url": {}}]}]))
+    assert err.param == "messages.0.content" and "part 1 is 'image_url'" in err.message
+
+
+def test_a_live_and_an_imported_prompt_compare_equal():
+    live = parse_request(_chat(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}]),
+                         ChatCompletionRequest)
+    logged = [{"role": "user", "content": "hi", "refusal": None}]
+    assert chat_prompt(logged) == json.dumps([m.as_dict() for m in live.messages]) == json.dumps(
+        [{"role": "user", "content": "hi"}])
+
+
+def test_cut_at_stop_leaves_the_stop_string_out():
+    assert cut_at_stop("one. two. three", [". t", "x"]) == "one"
+    assert cut_at_stop("abc", None) == cut_at_stop("abc", ["z"]) == "abc"
