@@ -28,13 +28,15 @@ class FakeEngine:
     async def generate_stream(self, messages=None, *, prompt=None, max_tokens, temperature=0.0, top_p=1.0,
                               seed=None, adapter_path=None, request_id="", sampling=None):
         """Yields `max_tokens` one-token deltas 'tok0 ', 'tok1 ', ... (0.2 s apart for the prompt 'slow';
-        'boom' and 'long' fail before the first, as the engine does)."""
+        'boom' and 'long' fail before the first, as the engine does; 'boom-late' after the first)."""
         text = messages[-1]["content"] if messages else prompt
         if text in ("boom", "long"):
             await self.generate(messages, prompt=prompt, max_tokens=max_tokens)
         for i in range(max_tokens):
             if text == "slow":
                 await asyncio.sleep(0.2)
+            if text == "boom-late" and i == 1:
+                raise RuntimeError("engine died mid-answer")
             yield Generation(text=f"tok{i} ", prompt_tokens=3, completion_tokens=1, ttft_ms=1.0,
                              finish_reason="length" if i == max_tokens - 1 else "")
 

@@ -230,7 +230,8 @@ def test_openai_parameters_through_the_real_engine(job):
     assert chat.invoke(question).content == whole
     assert chat.invoke(question, stop=[stop]).content == cut
     assert "".join(c.content for c in chat.stream(question, stop=[stop])) == cut
-    assert [m.content for m in chat.batch([question, question])] == [whole, whole]
+    # One at a time: greedy text is the same at batch 1 (vLLM's batches of 2 need not be bit-equal).
+    assert [m.content for m in chat.batch([question, question], config={"max_concurrency": 1})] == [whole, whole]
 
 
 def test_real_engine_reports_confidence(job):

@@ -288,8 +288,20 @@ def test_stream_failures_before_the_first_byte_are_real_http_errors(fake_gateway
     with pytest.raises(openai.InternalServerError) as e:  # the engine's: retry
         c.chat.completions.create(model="model-e1", messages=[{"role": "user", "content": "boom"}], stream=True)
     assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
-    rows = {r["request_id"]: r for r in read_traces(fake_gateway["traces"])}
-    assert rows[e.value.response.headers["x-request-id"]]["status"] == 503, "traced once, as refused"
+    rows = [r for r in read_traces(fake_gateway["traces"]) if r["request_id"] == e.value.response.headers["x-request-id"]]
+    assert [r["status"] for r in rows] == [503], "traced once, as refused"
+    # A failure after the first byte: an error event in OpenAI's shape, then the stream ends cleanly.
+    import httpx
+
+    with httpx.stream("POST", fake_gateway["url"] + "/chat/completions", headers={"Authorization": "Bearer sk-t1-secret"},
+                      json={"model": "model-e1", "messages": [{"role": "user", "content": "boom-late"}],
+                            "stream": True}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200 and events[-1] == "[DONE]", events
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and error["message"] and "param" in error, error
+    rows = [x for x in read_traces(fake_gateway["traces"]) if x["request_id"] == r.headers["x-request-id"]]
+    assert [x["status"] for x in rows] == [503] and rows[0]["completion"] == "tok0 ", rows
 
 
 def test_openai_parameters_are_honoured_or_refused_by_name(fake_gateway):

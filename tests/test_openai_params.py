@@ -33,7 +33,8 @@ def test_stop_and_the_penalties_reach_the_engine():
     assert _args(req)["sampling"] == {"stop": ["\n"], "presence_penalty": 0.5, "frequency_penalty": -1.0}
     req = parse_request(json.dumps({"model": "m", "prompt": "p", "stop": ["a", "b"]}).encode(), CompletionRequest)
     assert _args(req)["sampling"] == {"stop": ["a", "b"]}
-    assert _args(parse_request(_chat(), ChatCompletionRequest))["sampling"] == {}, "nothing set, nothing sent"
+    assert "sampling" not in _args(parse_request(_chat(presence_penalty=None), ChatCompletionRequest)), \
+        "nothing set, nothing sent (an engine of an earlier release takes no sampling)"
 
 
 @pytest.mark.parametrize("fields, param", [
@@ -56,9 +57,16 @@ def test_an_openai_parameter_not_honoured_is_refused_by_name(fields):
 
 
 def test_neutral_values_of_refused_parameters_ask_nothing_and_pass():
-    req = parse_request(_chat(logprobs=False, tools=[], response_format={"type": "text"}, logit_bias={}),
-                        ChatCompletionRequest)
+    req = parse_request(_chat(logprobs=False, tools=[], response_format={"type": "text"}, logit_bias={},
+                              modalities=["text"], service_tier="auto", tool_choice="none", top_logprobs=0,
+                              parallel_tool_calls=True), ChatCompletionRequest)
     assert req.messages[0].content == "hi"
+    # An assistant turn replayed from an OpenAI response: its neutral fields pass, a tool call does not.
+    replayed = {"role": "assistant", "content": "ok", "refusal": None, "annotations": [], "tool_calls": None}
+    req = parse_request(_chat(messages=[{"role": "user", "content": "hi"}, replayed]), ChatCompletionRequest)
+    assert req.messages[1].as_dict() == {"role": "assistant", "content": "ok"}
+    err = _refusal(_chat(messages=[{**replayed, "tool_calls": [{"id": "1", "type": "function"}]}]))
+    assert err.param == "messages.0" and "tool_calls" in err.message
 
 
 def test_a_field_that_is_not_openais_is_refused():

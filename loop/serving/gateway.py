@@ -254,7 +254,7 @@ class Gateway:
         except Exception as e:  # noqa: BLE001 - every failure is traced and answered, never dropped
             if not started:  # no byte sent yet: the caller gets a real HTTP error (_complete's)
                 traced = True
-                raise await self._refusal(call, e) from None
+                raise await asyncio.shield(self._refusal(call, e)) from None
             # Headers are sent: the error in-band, in OpenAI's shape, then the stream ends cleanly.
             cause = getattr(e, "cause", None) or e
             status, error = 503, f"{type(cause).__name__}: {cause}"

@@ -11,7 +11,7 @@ import json
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.responses import JSONResponse
 
 MAX_BODY_BYTES = 1 << 20
@@ -28,6 +28,18 @@ class ChatMessage(BaseModel):
     content: str
     name: str | None = Field(default=None, max_length=64)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _replayed_fields(cls, message):
+        """An assistant message replayed from an OpenAI response carries `refusal: null`, `annotations:
+        []` and the like: neutral, they ask nothing; set, they ask what this server does not do."""
+        if isinstance(message, dict):
+            for name in _REPLAYED.intersection(message):
+                if not _neutral(name, message[name]):
+                    raise ValueError(f"{name} {_NOT_YET}")
+            message = {k: v for k, v in message.items() if k not in _REPLAYED}
+        return message
+
     @field_validator("content", mode="before")
     @classmethod
     def _text_parts(cls, content):
@@ -36,9 +48,12 @@ class ChatMessage(BaseModel):
         texts = []
         for i, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            if kind != "text" or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+            if kind != "text":
                 raise ValueError(f"part {i} is {kind!r}: this server takes text parts only, "
                                  '{"type": "text", "text": "..."}')
+            if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+                raise ValueError(f"part {i}: a text part is {{\"type\": \"text\", \"text\": a string}}, "
+                                 f"nothing else (it has {sorted(part)})")
             texts.append(part["text"])
         return "\n".join(texts)
 
@@ -53,6 +68,7 @@ class StreamOptions(BaseModel):
 
 
 _NOT_YET = "is not supported by this server yet (README: the OpenAI parameters)"
+_REPLAYED = {"refusal", "annotations", "tool_calls", "function_call", "audio"}
 REFUSED = {
     "logprobs": _NOT_YET, "top_logprobs": _NOT_YET, "logit_bias": _NOT_YET,
     "tools": _NOT_YET, "tool_choice": _NOT_YET, "parallel_tool_calls": _NOT_YET,
@@ -69,11 +85,16 @@ REFUSED = {
 anything but its neutral value) is refused with a 400 naming it, never served as if it were honoured."""
 
 
+_NEUTRAL = {"response_format": [{"type": "text"}], "modalities": [["text"]], "service_tier": ["auto", "default"],
+            "tool_choice": ["none"], "top_logprobs": [0], "best_of": [1]}
+
+
 def _neutral(name: str, value) -> bool:
-    """Whether `value` asks nothing of the server (absent, off or empty), so it can be ignored honestly."""
-    if name == "response_format":
-        return value is None or value == {"type": "text"}
-    return value is None or value is False or value == [] or value == {}
+    """Whether `value` asks nothing of the server (absent, off, empty, or the default behaviour), so
+    it can be ignored honestly. `parallel_tool_calls` means nothing without `tools`, refused themselves."""
+    if name == "parallel_tool_calls" or value is None or value is False or value == [] or value == {}:
+        return True
+    return any(value == v and type(value) is type(v) for v in _NEUTRAL.get(name, []))
 
 
 class _Sampling(BaseModel):
@@ -85,8 +106,8 @@ class _Sampling(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: list[str] | None = None
     """A string or up to 4: the answer ends before the first of them (finish_reason `stop`)."""
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)
@@ -172,7 +193,7 @@ def parse_request(body: bytes, model: type[BaseModel]):
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
         if err["type"] == "extra_forbidden":
-            raise BadRequest(f"{param}: not a parameter of OpenAI's API that this route takes; remove it",
+            raise BadRequest(f"{param}: not a parameter this route takes (README: the OpenAI parameters); remove it",
                              param=param, code="unknown_parameter") from None
         raise BadRequest(f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
 

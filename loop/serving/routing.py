@@ -85,7 +85,9 @@ def engine_args(call: Call, req) -> dict:
     an engine of its own (a merged version), and the request's sampling."""
     adapter = None if call.version.get("engine_app") else call.version.get("adapter_path")
     args = dict(max_tokens=req.token_limit, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                adapter_path=adapter, request_id=call.request_id, sampling=req.sampling())
+                adapter_path=adapter, request_id=call.request_id)
+    if req.sampling():  # only when set: an engine started by an earlier release takes no `sampling`
+        args["sampling"] = req.sampling()
     if isinstance(req, ChatCompletionRequest):
         args["messages"] = [m.as_dict() for m in req.messages]
     else:

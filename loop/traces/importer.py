@@ -116,6 +116,8 @@ def _messages(msgs, where: str, roles: tuple[str, ...], problems: list) -> None:
             problems.append((f"{at}.role", "required"))
         elif m["role"] not in roles:
             problems.append((f"{at}.role", f"{m['role']!r} is not one of {', '.join(roles)}"))
+        if "name" in m and not (isinstance(m["name"], str) and 0 < len(m["name"]) <= 64):
+            problems.append((f"{at}.name", "must be a string of 1 to 64 characters"))
         if not isinstance(m.get("content"), str):
             problems.append((f"{at}.content", "required: a string" if "content" not in m
                              else f"must be a string, not {type(m['content']).__name__}"))
