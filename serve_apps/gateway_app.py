@@ -50,6 +50,19 @@ def deploy_engine(cfg: LoopConfig) -> None:
     _engine_app(cfg, ENGINE_APP, str(cfg.model_path(cfg.student)), lora=True)
 
 
+def engine_matches(cfg: LoopConfig) -> bool:
+    """Whether the running multi-LoRA engine app is the one `cfg` would start (the same base model,
+    engine settings and dtype), so a caller may keep it instead of paying an engine start."""
+    if not _running(ENGINE_APP):
+        return False
+    try:
+        info = serve.get_deployment_handle(ENGINE_APP, app_name=ENGINE_APP).info.remote().result(timeout_s=30)
+    except Exception:  # noqa: BLE001 - an engine that cannot say what it serves is not kept
+        return False
+    return info == {**info, "model": str(cfg.model_path(cfg.student)), "lora": True, "dtype": cfg.student.dtype,
+                    "engine": cfg.serving.engine.model_dump(mode="json")}
+
+
 def deploy_merged_engine(cfg: LoopConfig, endpoint: str, number: int, model_dir: str, draft_dir: str | None) -> str:
     """The engine of one merged version with its draft; returns its app (and deployment) name."""
     name = f"{MERGED_PREFIX}{endpoint}-{number}"

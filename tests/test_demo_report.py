@@ -1,11 +1,11 @@
-"""The continual-learning demo on tiny models: two more cycles of `globex-chat` (world epochs 2 and 3)
-run by the demo's entrypoint on the session's cluster, then its report: accuracy lines, regression,
-draft acceptance, stage times, cost per request, the plot.
+"""The continual-learning demo on tiny models: one more cycle of `globex-chat` (world epoch 2) run by
+the demo's entrypoint on the session's cluster, then its report: accuracy lines, regression, draft
+acceptance, stage times, cost per request, the plot.
 
-Marked `last` (it moves globex-chat on two cycles); it runs before test_resume, which only moves
-tiny-support. (Tried with one cycle to save two minutes of CI: the real-path test that follows then
-starts from another champion, and its tiny student's held-out agreement, 6 prompts near 0.01, fell
-instead of rising. Two cycles keep the state that test was measured on.)"""
+Marked `last` (it moves globex-chat on a cycle); it runs before test_resume, which only moves
+tiny-support. (It ran two cycles while the real-path test that follows asserted its tiny student's
+held-out agreement rose; that test no longer does (a 2-layer random student does not carry a policy
+to an unseen phrasing), and one cycle shows every line of the report: about 4 minutes of CI less.)"""
 import json
 import re
 import subprocess
@@ -34,7 +34,7 @@ def demo(cycle_job):
     raw["cost"] = {"student_usd_per_million_prompt_tokens": 0.02, "student_usd_per_million_completion_tokens": 0.08}
     config = cycle_job["config"].with_name("tiny-demo.yaml")
     config.write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, "jobs/run_loop.py", "--config", str(config), "--cycles", "2",
+    proc = subprocess.run([sys.executable, "jobs/run_loop.py", "--config", str(config), "--cycles", "1",
                            "--endpoint", ENDPOINT], env=cycle_job["env"], capture_output=True, text=True, cwd=ROOT,
                           timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -47,7 +47,7 @@ def demo(cycle_job):
 
 def test_report_has_a_line_per_cycle_with_every_number(demo):
     rep = demo["report"]
-    assert [(c["endpoint"], c["cycle"], c["epoch"]) for c in rep["cycles"]] == [(ENDPOINT, 2, 2), (ENDPOINT, 3, 3)]
+    assert [(c["endpoint"], c["cycle"], c["epoch"]) for c in rep["cycles"]] == [(ENDPOINT, 2, 2)]
     for c in rep["cycles"]:
         for key in ("static_acc", "champion_acc_before", "champion_acc", "teacher_acc", "regression_acc",
                     "base_regression_acc", "draft_acceptance_stale", "draft_acceptance_cotrained"):
@@ -65,7 +65,7 @@ def test_the_continual_line_is_above_the_static_line(demo):
     assert demo["report"]["targets"]["champion_above_static"]["met"] is True
 
 
-def test_cost_counts_every_request_of_the_two_cycles(demo):
+def test_cost_counts_every_request_of_the_cycle(demo):
     rep, cfg = demo["report"], demo["cfg"]
     money = rep["cost"]
     assert money["requests"] == sum(c["requests"] for c in rep["cycles"]), "traffic + canary, nothing else"
@@ -91,8 +91,8 @@ def test_report_files_and_printout(demo):
     with open(f"{out}/accuracy.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     md = open(f"{out}/report.md").read()
-    assert "![accuracy per epoch](accuracy.png)" in md and f"| {ENDPOINT} | 3 | 3 |" in md and "## Cost" in md
+    assert "![accuracy per epoch](accuracy.png)" in md and f"| {ENDPOINT} | 2 | 2 |" in md and "## Cost" in md
     stdout = demo["proc"].stdout
-    assert "1 of 2 cycles" in stdout and "2 of 2 cycles" in stdout, "progress through the run"
-    assert re.search(r"epoch 3 model-globex-chat: static \d\.\d\d, champion", stdout)
+    assert "1 of 1 cycles" in stdout, "progress through the run"
+    assert re.search(r"epoch 2 model-globex-chat: static \d\.\d\d, champion", stdout)
     assert "answered by the student" in stdout and "mlflow ui --backend-store-uri" in stdout

@@ -37,19 +37,24 @@ def bench_config(cfg: LoopConfig, root: Path) -> tuple[LoopConfig, dict[str, str
 
 
 def fresh_services(cfg: LoopConfig):
-    """The loop's services for `cfg`, replacing any gateway, engine or teacher already on the cluster."""
+    """The loop's services for `cfg`, replacing any gateway already on the cluster, and the
+    engine and the reference teacher unless they are the ones `cfg` would start (an engine start is
+    ~50 s on CPU; the slots are filled before the mixed batches)."""
     from ray import serve
 
     from loop.services import init_ray, start_services
-    from serve_apps.gateway_app import APP_NAME, ENGINE_APP
-    from loop.sim.teacher import APP_NAME as TEACHER_APP
+    from serve_apps.gateway_app import APP_NAME, ENGINE_APP, engine_matches
 
     init_ray(cfg)
     try:
         running = set(serve.status().applications)
     except Exception:  # noqa: BLE001 - Serve not started on this cluster: nothing to replace
         running = set()
-    for app in (APP_NAME, ENGINE_APP, TEACHER_APP):
+    if ENGINE_APP in running and engine_matches(cfg):
+        running.discard(ENGINE_APP)
+        print("[bench] the running engine serves this config's student: kept", flush=True)
+    # The reference teacher is kept by start_services when it is this config's (same world and epoch).
+    for app in (APP_NAME, ENGINE_APP):
         if app in running:
             serve.delete(app)
     return start_services(cfg, epoch=1)

@@ -50,6 +50,7 @@ class StudentEngine:
         self.lora_enabled = lora
         self.spec = extra.get("speculative_config")
         self.model_dir = model_dir
+        self.settings = {"engine": engine.model_dump(mode="json"), "dtype": dtype}
         self.tokenizer = self.engine.get_tokenizer()
         self.max_model_len = engine.max_model_len
         self._lora_ids: dict[str, int] = {}
@@ -122,8 +123,9 @@ class StudentEngine:
             yield gen
 
     def info(self) -> dict:
-        """What this engine serves: its model, whether it takes adapters, its speculative decoding."""
-        return {"model": self.model_dir, "lora": self.lora_enabled, "speculative": self.spec}
+        """What this engine serves: its model, whether it takes adapters, its speculative decoding, and
+        the engine settings and dtype it was started with."""
+        return {"model": self.model_dir, "lora": self.lora_enabled, "speculative": self.spec, **self.settings}
 
     async def check_health(self) -> None:
         """Serve's health probe: a dead engine core fails it, so Serve replaces the replica."""
