@@ -59,8 +59,9 @@ def engine_matches(cfg: LoopConfig) -> bool:
         info = serve.get_deployment_handle(ENGINE_APP, app_name=ENGINE_APP).info.remote().result(timeout_s=30)
     except Exception:  # noqa: BLE001 - an engine that cannot say what it serves is not kept
         return False
-    return info == {**info, "model": str(cfg.model_path(cfg.student)), "lora": True, "dtype": cfg.student.dtype,
-                    "engine": cfg.serving.engine.model_dump(mode="json")}
+    wanted = {"model": str(cfg.model_path(cfg.student)), "lora": True, "dtype": cfg.student.dtype,
+              "engine": cfg.serving.engine.model_dump(mode="json")}
+    return all(info.get(k) == v for k, v in wanted.items())
 
 
 def deploy_merged_engine(cfg: LoopConfig, endpoint: str, number: int, model_dir: str, draft_dir: str | None) -> str:

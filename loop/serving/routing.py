@@ -86,8 +86,8 @@ def engine_args(call: Call, req) -> dict:
     adapter = None if call.version.get("engine_app") else call.version.get("adapter_path")
     args = dict(max_tokens=req.token_limit, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                 adapter_path=adapter, request_id=call.request_id)
-    if req.sampling():  # only when set: an engine started by an earlier release takes no `sampling`
-        args["sampling"] = req.sampling()
+    if sampling := req.sampling():  # only when set: an engine started by an earlier release takes none
+        args["sampling"] = sampling
     if isinstance(req, ChatCompletionRequest):
         args["messages"] = [m.as_dict() for m in req.messages]
     else:

@@ -55,7 +55,7 @@ class ReferenceTeacher:
         self.calls += 1
         question = next((m.content for m in reversed(req.messages) if m.role == "user"), "")
         answer = cut_at_stop(self.world.answer(question), req.stop)
-        n_prompt, n_completion = self._usage([{"role": m.role, "content": m.content} for m in req.messages], answer)
+        n_prompt, n_completion = self._usage([m.as_dict() for m in req.messages], answer)
         return JSONResponse(chat_completion_body(new_request_id(), self.model, answer, n_prompt, n_completion))
 
     def _usage(self, messages: list[dict], answer: str) -> tuple[int, int]:
