@@ -3,13 +3,14 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from loop.serving.engine import Generation
+from loop.serving.engine import EngineRequestError, Generation
 from loop.serving.protocol import cut_at_stop
 
 
 @dataclass
 class FakeEngine:
-    """Echoes which adapter answered, so the test sees routing in the completion text."""
+    """Echoes which adapter answered, so the test sees routing in the completion text; with n > 1
+    choice i says `#i` after it; asked for log-probabilities, each token's is -0.5 (top: itself, "x")."""
 
     async def generate(self, messages=None, *, prompt=None, max_tokens, temperature=0.0, top_p=1.0, seed=None,
                        adapter_path=None, request_id="", confidence=False, sampling=None):
@@ -17,13 +18,20 @@ class FakeEngine:
         if text == "boom":
             raise RuntimeError("engine died")
         if text == "long":
-            raise ValueError("prompt is 999 tokens; this endpoint's context is 256")
+            raise EngineRequestError("prompt is 999 tokens; this endpoint's context is 256", param="messages",
+                                     code="context_length_exceeded")
         if text == "slow":
             await asyncio.sleep(5)
         # Questions (text ending in "?") come back with low confidence, to exercise the cascade.
-        answer = cut_at_stop(f"adapter={adapter_path}", (sampling or {}).get("stop"))
-        return Generation(text=answer, prompt_tokens=3, completion_tokens=2, ttft_ms=1.0,
-                          finish_reason="stop", mean_logprob=-5.0 if text.endswith("?") else -0.1)
+        sampling = sampling or {}
+        gens = []
+        for i in range(sampling.get("n", 1)):
+            answer = cut_at_stop(f"adapter={adapter_path}" + (f" #{i}" if i else ""), sampling.get("stop"))
+            gens.append(Generation(text=answer, prompt_tokens=3, completion_tokens=2 + i, ttft_ms=1.0, index=i,
+                                   finish_reason="stop", mean_logprob=-5.0 if text.endswith("?") else -0.1,
+                                   logprobs=_logprobs(answer.split(" "), sampling)))
+        gens[0].others = gens[1:]
+        return gens[0]
 
     async def generate_stream(self, messages=None, *, prompt=None, max_tokens, temperature=0.0, top_p=1.0,
                               seed=None, adapter_path=None, request_id="", sampling=None):
@@ -37,8 +45,16 @@ class FakeEngine:
                 await asyncio.sleep(0.2)
             if text == "boom-late" and i == 1:
                 raise RuntimeError("engine died mid-answer")
-            yield Generation(text=f"tok{i} ", prompt_tokens=3, completion_tokens=1, ttft_ms=1.0,
-                             finish_reason="length" if i == max_tokens - 1 else "")
+            for choice in range((sampling or {}).get("n", 1)):  # with n > 1 the choices interleave
+                yield Generation(text=f"tok{i} ", prompt_tokens=3, completion_tokens=1, ttft_ms=1.0, index=choice,
+                                 finish_reason="length" if i == max_tokens - 1 else "",
+                                 logprobs=_logprobs([f"tok{i} "], sampling or {}))
+
+
+def _logprobs(tokens: list[str], sampling: dict) -> list[dict] | None:
+    if sampling.get("logprobs") is None:
+        return None
+    return [{"token": t, "logprob": -0.5, "top": [[t, -0.5], ["x", -1.0]]} for t in tokens]
 
 
 def serve_gateway(name: str, route: str, rollouts: dict, *bind_args) -> None:

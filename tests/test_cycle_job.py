@@ -234,6 +234,65 @@ def test_openai_parameters_through_the_real_engine(job):
     assert [m.content for m in chat.batch([question, question], config={"max_concurrency": 1})] == [whole, whole]
 
 
+def test_logprobs_n_logit_bias_and_json_through_the_real_engine(job):
+    """top_logprobs k: k entries per token whose values are the served version's (the base with its
+    adapter, recomputed here with Hugging Face + peft); n: 2 choices; logit_bias moves the answer;
+    json_schema: the answer parses and validates; the engine's refusals are 400s naming the field."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loop.lineage.registry import Registry
+
+    cfg = load_config(job["config"])
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{cfg.serving.port}/v1", api_key="sk-loop-demo-acme",
+                           max_retries=0)
+    msgs = [{"role": "user", "content": "Who owns the Zorvex widget?"}]
+    ask = dict(model="model-tiny-support", messages=msgs, max_tokens=6, temperature=0)
+    got = client.chat.completions.create(logprobs=True, top_logprobs=3, **ask).choices[0]
+    content = got.logprobs.content
+    assert len(content) == 6 and all(len(t.top_logprobs) == 3 for t in content)
+    assert "".join(t.token for t in content) == got.message.content
+    served = Registry(cfg).version_info("tiny-support")
+    base_dir = str(cfg.model_path(cfg.student))
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32),
+                                      served["adapter_path"]).eval()
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
+    for t in content:  # greedy: the sampled token is the likeliest, then its runners-up
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+        top = logp.topk(3)
+        assert max(abs(a.logprob - v) for a, v in zip(t.top_logprobs, top.values.tolist())) < 1e-3, t
+        assert abs(t.logprob - top.values[0].item()) < 1e-3
+        ids.append(top.indices[0].item())
+    # n: two sampled choices (with a seed, vLLM's own per-choice seeds); each traced under its own id.
+    raw = client.chat.completions.with_raw_response.create(**{**ask, "temperature": 1.0}, n=2, seed=7)
+    two, rid = raw.parse(), raw.headers["x-request-id"]
+    assert [c.index for c in two.choices] == [0, 1] and all(c.message.content for c in two.choices)
+    rows = {r["request_id"]: r["completion"] for r in read_traces(cfg.storage.path("traces"))
+            if r["request_id"] in (rid, rid + "-1")}
+    assert rows == {rid: two.choices[0].message.content, rid + "-1": two.choices[1].message.content}
+    # logit_bias: a token pushed by +100 is every token of the answer.
+    forced = client.chat.completions.create(logit_bias={str(ids[-1]): 100}, logprobs=True, **ask).choices[0]
+    assert {t.token for t in forced.logprobs.content} == {tok.convert_tokens_to_string([tok.convert_ids_to_tokens(
+        ids[-1])])}
+    # json_schema, decoded under vLLM's structured outputs (the random student's whitespace biased away).
+    schema = {"type": "object", "properties": {"a": {"enum": ["yes", "no"]}}, "required": ["a"],
+              "additionalProperties": False}
+    blank = {str(i): -100 for i in range(len(tok)) if not tok.decode([i]).strip()}
+    answer = client.chat.completions.create(**{**ask, "max_tokens": 40}, logit_bias=blank, response_format={
+        "type": "json_schema", "json_schema": {"name": "yes_no", "schema": schema}}).choices[0].message.content
+    assert json.loads(answer)["a"] in ("yes", "no"), answer
+    for extra, param in [({"logit_bias": {str(10 ** 6): 1}}, "logit_bias"),
+                         ({"response_format": {"type": "json_schema", "json_schema": {
+                             "name": "bad", "schema": {"type": "frob"}}}}, "response_format")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**ask, **extra)
+        assert e.value.body["param"] == param, e.value.body
+
+
 def test_real_engine_reports_confidence(job):
     cfg = load_config(job["config"])
     rows = [r for r in read_traces(cfg.storage.path("traces")) if r["endpoint"] == "globex-chat" and r["status"] == 200]

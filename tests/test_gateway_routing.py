@@ -314,8 +314,7 @@ def test_openai_parameters_are_honoured_or_refused_by_name(fake_gateway):
         {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
     assert parts.choices[0].message.content == "adapter=None"
     for extra, param in [({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-                         ({"response_format": {"type": "json_object"}}, "response_format"),
-                         ({"logprobs": True}, "logprobs")]:
+                         ({"store": True}, "store")]:
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model="model-e2", messages=[{"role": "user", "content": "x"}], **extra)
         assert e.value.body["param"] == param and e.value.body["code"] == "unsupported_parameter", e.value.body
@@ -332,6 +331,44 @@ def test_openai_parameters_are_honoured_or_refused_by_name(fake_gateway):
     for method, path, status in [("GET", "/nope", 404), ("GET", "/chat/completions", 405)]:
         r = httpx.request(method, fake_gateway["url"] + path, headers=auth)
         assert r.status_code == status and r.json()["error"]["message"] and r.json()["error"]["type"], r.text
+
+
+def test_n_choices_each_traced_with_their_logprobs(fake_gateway):
+    """n > 1: n choices from the variant that serves the request, each its own trace record (and
+    feedback target); log-probabilities in each route's shape; streamed, the choices interleave."""
+    c = _client(fake_gateway, "sk-t1-secret")
+    raw = c.chat.completions.with_raw_response.create(model="model-e1", messages=[{"role": "user", "content": "hi"}],
+                                                      n=3, logprobs=True, top_logprobs=1, user="u1")
+    resp, rid = raw.parse(), raw.headers["x-request-id"]
+    adapter = resp.choices[0].message.content
+    assert [ch.message.content for ch in resp.choices] == [adapter, adapter + " #1", adapter + " #2"]
+    assert [ch.index for ch in resp.choices] == [0, 1, 2] and resp.usage.completion_tokens == 2 + 3 + 4
+    assert [t.token for t in resp.choices[2].logprobs.content] == (adapter + " #2").split(" ")
+    assert [[a.token for a in t.top_logprobs] for t in resp.choices[0].logprobs.content] == [[adapter]]
+    rows = {r["request_id"]: r for r in read_traces(fake_gateway["traces"]) if r["request_id"].startswith(rid)}
+    assert sorted(rows) == [rid, rid + "-1", rid + "-2"]
+    assert [rows[i]["completion"] for i in sorted(rows)] == [ch.message.content for ch in resp.choices]
+    assert len({rows[i]["model_version"] for i in rows}) == 1 and rows[rid]["variant"] == raw.headers["x-variant"]
+    import httpx
+
+    fb = httpx.post(fake_gateway["url"] + "/feedback", headers={"Authorization": "Bearer sk-t1-secret"},
+                    json={"request_id": rid + "-2", "score": 1.0})
+    assert fb.status_code == 200, fb.text
+    text = c.completions.create(model="model-e1", prompt="hi", n=2, logprobs=1, user="u1")
+    assert text.choices[1].logprobs.tokens == text.choices[1].text.split(" ")
+    assert text.choices[1].logprobs.top_logprobs[0] == {text.choices[1].logprobs.tokens[0]: -0.5, "x": -1.0}
+    assert text.choices[1].logprobs.text_offset[:2] == [0, len(text.choices[1].logprobs.tokens[0])]
+    stream = c.chat.completions.with_raw_response.create(
+        model="model-e1", messages=[{"role": "user", "content": "hi"}], n=2, max_tokens=3, stream=True,
+        logprobs=True, stream_options={"include_usage": True})
+    chunks, sid = list(stream.parse()), stream.headers["x-request-id"]
+    got = {0: "", 1: ""}
+    for ch in chunks[:-1]:
+        got[ch.choices[0].index] += ch.choices[0].delta.content
+        assert ch.choices[0].logprobs.content[0].token == ch.choices[0].delta.content
+    assert got == {0: "tok0 tok1 tok2 ", 1: "tok0 tok1 tok2 "} and chunks[-1].usage.completion_tokens == 6
+    rows = [r for r in read_traces(fake_gateway["traces"]) if r["request_id"].startswith(sid)]
+    assert sorted((r["request_id"], r["completion"]) for r in rows) == [(sid, got[0]), (sid + "-1", got[1])]
 
 
 def test_low_confidence_escalates_to_the_teacher(fake_gateway, cycle_job):
@@ -355,6 +392,14 @@ def test_low_confidence_escalates_to_the_teacher(fake_gateway, cycle_job):
     assert "".join(ch.choices[0].delta.content or "" for ch in stream.parse()) == fact.answer()
     rows = [r for r in read_traces(fake_gateway["traces"]) if r["request_id"] == stream.headers["x-request-id"]]
     assert len(rows) == 1 and rows[0]["escalated"] and rows[0]["completion"] == fact.answer()
+    # n choices: each one the student is unsure of is the teacher's (its log-probabilities are not the
+    # student's: none given); each traced as escalated, beside the student's own.
+    two = c.chat.completions.with_raw_response.create(model="model-e2", messages=[{"role": "user", "content":
+                                                      fact.question(0)}], n=2, logprobs=True)
+    assert [(ch.message.content, ch.logprobs) for ch in two.parse().choices] == [(fact.answer(), None)] * 2
+    rows = [r for r in read_traces(fake_gateway["traces"]) if r["request_id"].startswith(two.headers["x-request-id"])]
+    assert sorted(r["student_completion"] for r in rows) == ["adapter=None", "adapter=None #1"]
+    assert all(r["escalated"] for r in rows)
     sure = c.chat.completions.with_raw_response.create(model="model-e2", messages=[{"role": "user", "content": "hi"}])
     assert "x-loop-escalated" not in sure.headers and sure.parse().choices[0].message.content == "adapter=None"
     # e1 has no cascade: its questions are answered by the student, whatever the confidence.

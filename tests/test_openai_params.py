@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from loop.serving.protocol import (REFUSED, BadRequest, ChatCompletionRequest, CompletionRequest, cut_at_stop,
-                                   parse_request)
-from loop.serving.routing import Call, engine_args
+from loop.serving.protocol import (REFUSED, BadRequest, ChatCompletionRequest, CompletionRequest, chat_logprobs,
+                                   completion_logprobs, cut_at_stop, parse_request)
+from loop.serving.routing import Call, choice_request_id, engine_args
 from loop.traces.importer import chat_prompt
 
 
@@ -46,9 +46,8 @@ def test_out_of_range_sampling_names_the_field(fields, param):
 
 
 @pytest.mark.parametrize("fields", [
-    {"logprobs": True, "top_logprobs": 2}, {"tools": [{"type": "function", "function": {"name": "f"}}]},
-    {"tool_choice": "required"}, {"response_format": {"type": "json_object"}}, {"logit_bias": {"50256": -100}},
-    {"store": True}, {"metadata": {"a": "b"}}, {"reasoning_effort": "low"},
+    {"tools": [{"type": "function", "function": {"name": "f"}}]},
+    {"tool_choice": "required"}, {"store": True}, {"metadata": {"a": "b"}}, {"reasoning_effort": "low"},
 ])
 def test_an_openai_parameter_not_honoured_is_refused_by_name(fields):
     err = _refusal(_chat(**fields))
@@ -59,8 +58,8 @@ def test_an_openai_parameter_not_honoured_is_refused_by_name(fields):
 def test_neutral_values_of_refused_parameters_ask_nothing_and_pass():
     req = parse_request(_chat(logprobs=False, tools=[], response_format={"type": "text"}, logit_bias={},
                               modalities=["text"], service_tier="auto", tool_choice="none", top_logprobs=0,
-                              parallel_tool_calls=True), ChatCompletionRequest)
-    assert req.messages[0].content == "hi"
+                              parallel_tool_calls=True, n=1), ChatCompletionRequest)
+    assert req.messages[0].content == "hi" and "sampling" not in _args(req), "nothing asked, nothing sent"
     # An assistant turn replayed from an OpenAI response: its neutral fields pass, a tool call does not.
     replayed = {"role": "assistant", "content": "ok", "refusal": None, "annotations": [], "tool_calls": None}
     req = parse_request(_chat(messages=[{"role": "user", "content": "hi"}, replayed]), ChatCompletionRequest)
@@ -101,3 +100,58 @@ def test_a_live_and_an_imported_prompt_compare_equal():
 def test_cut_at_stop_leaves_the_stop_string_out():
     assert cut_at_stop("one. two. three", [". t", "x"]) == "one"
     assert cut_at_stop("abc", None) == cut_at_stop("abc", ["z"]) == "abc"
+
+
+def test_n_logprobs_logit_bias_and_structured_outputs_reach_the_engine():
+    """Each as vLLM's own server passes it: chat's top_logprobs k (0 with logprobs alone) and the
+    completions' logprobs k are SamplingParams' logprobs; response_format is structured outputs."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    req = parse_request(_chat(n=3, logprobs=True, top_logprobs=4, logit_bias={"7": 100, "9": -100.0},
+                              response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}),
+                        ChatCompletionRequest)
+    assert _args(req)["sampling"] == {"n": 3, "logprobs": 4, "logit_bias": {7: 100.0, 9: -100.0},
+                                      "structured_outputs": {"json": schema}}
+    assert _args(parse_request(_chat(logprobs=True), ChatCompletionRequest))["sampling"] == {"logprobs": 0}
+    assert _args(parse_request(_chat(response_format={"type": "json_object"}), ChatCompletionRequest))[
+        "sampling"] == {"structured_outputs": {"json_object": True}}
+    text = parse_request(json.dumps({"model": "m", "prompt": "p", "logprobs": 0, "n": 2}).encode(), CompletionRequest)
+    assert _args(text)["sampling"] == {"n": 2, "logprobs": 0}
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"n": 0}, "n"), ({"n": 17}, "n"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"), ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "json_object", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}}, "response_format.json_schema.name"),
+])
+def test_bad_values_of_honoured_parameters_name_the_field(fields, param):
+    err = _refusal(_chat(**fields))
+    assert err.param == param, err.message
+    assert "top_logprobs needs logprobs: true" in _refusal(_chat(top_logprobs=2)).message
+    assert _refusal(json.dumps({"model": "m", "prompt": "p", "logprobs": 6}).encode(), CompletionRequest).param \
+        == "logprobs"
+
+
+def test_logprobs_in_each_routes_shape():
+    """The engine's per-token entries (sampled token first, as vLLM orders them) as OpenAI's chat
+    `logprobs.content` (top k) and the completions' token lists (top k + 1, text offsets)."""
+    tokens = [{"token": "He", "logprob": -0.5, "top": [["He", -0.5], ["She", -1.5], ["It", -2.0]]},
+              {"token": "llo", "logprob": -9999.0, "top": [["llo", -9999.0], ["y", -0.1]]}]
+    chat = chat_logprobs(tokens, 2)
+    she = {"token": "She", "logprob": -1.5, "bytes": [83, 104, 101]}
+    assert chat["content"][0] == {"token": "He", "logprob": -0.5, "bytes": [72, 101], "top_logprobs": [
+        {"token": "He", "logprob": -0.5, "bytes": [72, 101]}, she]}
+    assert [len(c["top_logprobs"]) for c in chat_logprobs(tokens, 0)["content"]] == [0, 0]
+    text = completion_logprobs(tokens, 1, offset=3)
+    assert text == {"tokens": ["He", "llo"], "token_logprobs": [-0.5, -9999.0],
+                    "top_logprobs": [{"He": -0.5, "She": -1.5}, {"llo": -9999.0, "y": -0.1}], "text_offset": [3, 5]}
+    req = parse_request(_chat(logprobs=True, top_logprobs=1), ChatCompletionRequest)
+    assert req.format_logprobs(tokens) == chat_logprobs(tokens, 1)
+    assert parse_request(_chat(), ChatCompletionRequest).format_logprobs(tokens) is None, "not asked, not given"
+    assert completion_logprobs(None, 1) is None and chat_logprobs(None, 1) is None
+
+
+def test_each_choice_has_its_own_trace_id():
+    assert [choice_request_id("req-a", i) for i in range(3)] == ["req-a", "req-a-1", "req-a-2"]

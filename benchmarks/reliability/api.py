@@ -85,7 +85,6 @@ def bad_requests(keys: dict[str, str], models: dict[str, str]) -> list[tuple[str
         ("negative temperature", "POST", c, chat(temperature=-1), auth, 400),
         ("top_p zero", "POST", c, chat(top_p=0), auth, 400),
         ("top_p above one", "POST", c, chat(top_p=1.5), auth, 400),
-        ("n above one", "POST", c, chat(n=3), auth, 400),
         ("stream not a boolean", "POST", c, chat(stream="yes please"), auth, 400),
         ("stream_options not an object", "POST", c, chat(stream=True, stream_options="all"), auth, 400),
         ("stream_options unknown field", "POST", c, chat(stream=True, stream_options={"bogus": 1}), auth, 400),
@@ -104,7 +103,13 @@ def bad_requests(keys: dict[str, str], models: dict[str, str]) -> list[tuple[str
         ("a field that is not OpenAI's", "POST", c, chat(top_k=3), auth, 400),
         ("tools, not honoured here", "POST", c,
          chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), auth, 400),
-        ("response_format, not honoured here", "POST", c, chat(response_format={"type": "json_object"}), auth, 400),
+        ("json_schema without its schema", "POST", c, chat(response_format={"type": "json_schema"}), auth, 400),
+        ("a schema vLLM cannot compile", "POST", c, chat(response_format={"type": "json_schema", "json_schema": {
+            "name": "bad", "schema": {"type": "frob"}}}), auth, 400),
+        ("logit_bias on a token outside the vocabulary", "POST", c, chat(logit_bias={str(10 ** 9): 5}), auth, 400),
+        ("logit_bias beyond 100", "POST", c, chat(logit_bias={"1": 500}), auth, 400),
+        ("top_logprobs without logprobs", "POST", c, chat(top_logprobs=3), auth, 400),
+        ("n above 16", "POST", c, chat(n=17), auth, 400),
         ("an image part", "POST", c, chat(messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]), auth, 400),
         ("five stop strings", "POST", c, chat(stop=["a", "b", "c", "d", "e"]), auth, 400),

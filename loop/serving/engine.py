@@ -24,6 +24,25 @@ class Generation:
     """Mean log-probability of the generated tokens, when asked for (the cascade's confidence)."""
     token_ids: list[int] = field(default_factory=list)
     """The generated token ids (of this step, for a stream's delta)."""
+    index: int = 0
+    """Which of the request's `n` choices this is."""
+    logprobs: list[dict] | None = None
+    """Per generated token, when asked for (`sampling["logprobs"]`): {"token", "logprob", "top":
+    [[token, logprob], ...]}, `top` in vLLM's order (the sampled token first, then the likeliest)."""
+    others: list[Generation] = field(default_factory=list)
+    """The other choices of a request with n > 1 (whole answers, indexes 1..n-1)."""
+
+
+class EngineRequestError(ValueError):
+    """A request that is the caller's to fix (a prompt over the context, a token id outside the
+    vocabulary, a schema vLLM cannot compile): the gateway answers it with a 400 naming `param`."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+    def __reduce__(self):  # Ray pickles it to the gateway: keep param and code
+        return type(self), (str(self), self.param, self.code)
 
 
 class StudentEngine:
@@ -73,54 +92,121 @@ class StudentEngine:
         else:
             ids = self.tokenizer(prompt or "", add_special_tokens=False)["input_ids"]
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt is {len(ids)} tokens; this endpoint's context is {self.max_model_len}")
+            raise EngineRequestError(f"prompt is {len(ids)} tokens; this endpoint's context is {self.max_model_len}",
+                                     param="messages" if messages is not None else "prompt",
+                                     code="context_length_exceeded")
         return list(ids)
+
+    def _params(self, max_tokens: int, temperature, top_p, seed, delta: bool, confidence: bool, sampling: dict):
+        """vLLM's SamplingParams for one request: the request's own fields (`sampling`: stop strings,
+        penalties, n, logprobs, logit_bias, structured outputs), with vLLM's refusals as the caller's."""
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        sampling = dict(sampling)
+        if sampling.get("structured_outputs"):
+            sampling["structured_outputs"] = StructuredOutputsParams(**sampling["structured_outputs"])
+        if confidence:  # the cascade's mean log-probability needs the sampled tokens' log-probabilities
+            sampling["logprobs"] = max(sampling.get("logprobs") or 0, 0)
+        # n > 1 without deltas: the n whole answers at the end (vLLM aggregates them only then).
+        kind = (RequestOutputKind.DELTA if delta else
+                RequestOutputKind.FINAL_ONLY if sampling.get("n", 1) > 1 else RequestOutputKind.CUMULATIVE)
+        try:
+            return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                  output_kind=kind, **sampling)
+        except (VLLMValidationError, ValueError) as e:
+            raise EngineRequestError(str(e), param=getattr(e, "parameter", None)) from None
+
+    def _token(self, token_id: int, logprob) -> str:
+        """A token as vLLM's OpenAI server names it: the detokenizer's text, else the decoded id."""
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return self.tokenizer.decode(token_id)
+
+    def _logprobs(self, choice, asked: bool) -> list[dict] | None:
+        """The choice's per-token log-probabilities (-9999 for minus infinity, as vLLM's server)."""
+        if not asked or choice.logprobs is None:
+            return None
+        out = []
+        for token_id, step in zip(choice.token_ids, choice.logprobs):
+            chosen = step.get(token_id)
+            out.append({"token": self._token(token_id, chosen),
+                        "logprob": None if chosen is None else max(chosen.logprob, -9999.0),
+                        "top": [[self._token(t, lp), max(lp.logprob, -9999.0)] for t, lp in step.items()]})
+        return out
 
     async def _outputs(self, messages, prompt, max_tokens, temperature, top_p, seed, adapter_path, request_id,
                        delta: bool, confidence: bool = False, sampling: dict | None = None):
-        """Generations as the engine makes them: deltas (`delta`) or the text so far. `sampling`: more of
-        vLLM's SamplingParams (stop strings, presence and frequency penalties)."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        """Lists of generations as the engine makes them, one per choice it has news of: deltas
+        (`delta`) or the text so far. `sampling`: more of vLLM's SamplingParams, only what the request
+        set (stop strings, penalties, n, logprobs, logit_bias, structured outputs)."""
+        from vllm.exceptions import VLLMClientError
 
         ids = self._prompt_ids(messages, prompt)
-        params = SamplingParams(max_tokens=min(max_tokens, self.max_model_len - len(ids)), temperature=temperature,
-                                top_p=top_p, seed=seed, logprobs=0 if confidence else None,
-                                output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.CUMULATIVE,
-                                **(sampling or {}))
+        sampling = sampling or {}
+        params = self._params(min(max_tokens, self.max_model_len - len(ids)), temperature, top_p, seed, delta,
+                              confidence, sampling)
+        asked = sampling.get("logprobs") is not None
         start, first = time.perf_counter(), None
-        async for out in self.engine.generate({"prompt_token_ids": ids}, params, request_id,
-                                              lora_request=self._lora(adapter_path)):
-            choice = out.outputs[0]
-            if first is None and choice.token_ids:
-                first = (time.perf_counter() - start) * 1000
-            mean = None
-            if confidence and choice.cumulative_logprob is not None and choice.token_ids:
-                mean = choice.cumulative_logprob / len(choice.token_ids)
-            yield Generation(text=choice.text, prompt_tokens=len(ids), completion_tokens=len(choice.token_ids),
-                             ttft_ms=first or 0.0, finish_reason=choice.finish_reason or "", mean_logprob=mean,
-                             token_ids=list(choice.token_ids))
+        outputs = self.engine.generate({"prompt_token_ids": ids}, params, request_id,
+                                       lora_request=self._lora(adapter_path))
+        try:
+            while True:
+                try:
+                    out = await outputs.__anext__()
+                except StopAsyncIteration:
+                    return
+                except (VLLMClientError, ValueError) as e:
+                    if first is not None:
+                        raise
+                    # vLLM checks a request as it adds it (token ids in logit_bias, a schema it cannot
+                    # compile): before any token, the caller's to fix
+                    param = getattr(e, "parameter", None) or ("structured_outputs" if params.structured_outputs
+                                                              else None)
+                    raise EngineRequestError(str(e), param=param) from None
+                if first is None and any(c.token_ids for c in out.outputs):
+                    first = (time.perf_counter() - start) * 1000
+                yield [self._generation(c, len(ids), first or 0.0, confidence, asked) for c in out.outputs]
+        finally:
+            await outputs.aclose()  # a client that hung up: vLLM aborts the request
+
+    def _generation(self, choice, n_prompt: int, ttft_ms: float, confidence: bool, asked: bool) -> Generation:
+        mean = None
+        if confidence and choice.cumulative_logprob is not None and choice.token_ids:
+            mean = choice.cumulative_logprob / len(choice.token_ids)
+        return Generation(text=choice.text, prompt_tokens=n_prompt, completion_tokens=len(choice.token_ids),
+                          ttft_ms=ttft_ms, finish_reason=choice.finish_reason or "", mean_logprob=mean,
+                          token_ids=list(choice.token_ids), index=choice.index,
+                          logprobs=self._logprobs(choice, asked))
 
     async def generate(self, messages: list[dict] | None = None, *, prompt: str | None = None, max_tokens: int,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                        adapter_path: str | None = None, request_id: str, confidence: bool = False,
                        sampling: dict | None = None) -> Generation:
-        """The whole answer at once. `messages` (chat) or `prompt` (text completion); `confidence`
-        also returns the mean token log-probability."""
-        async for gen in self._outputs(messages, prompt, max_tokens, temperature, top_p, seed, adapter_path,
-                                       request_id, delta=False, confidence=confidence, sampling=sampling):
-            pass
-        gen.finish_reason = gen.finish_reason or "stop"
-        return gen
+        """The whole answer at once (with n > 1, the first choice, the others in its `others`).
+        `messages` (chat) or `prompt` (text completion); `confidence` also returns the mean token
+        log-probability."""
+        latest: dict[int, Generation] = {}
+        async for gens in self._outputs(messages, prompt, max_tokens, temperature, top_p, seed, adapter_path,
+                                        request_id, delta=False, confidence=confidence, sampling=sampling):
+            latest.update((g.index, g) for g in gens)
+        first, *others = [latest[i] for i in sorted(latest)]
+        for gen in latest.values():
+            gen.finish_reason = gen.finish_reason or "stop"
+        first.others = others
+        return first
 
     async def generate_stream(self, messages: list[dict] | None = None, *, prompt: str | None = None,
                               max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                               seed: int | None = None, adapter_path: str | None = None, request_id: str,
                               sampling: dict | None = None):
-        """Yields Generation deltas as tokens are produced (text and token count of each step)."""
-        async for gen in self._outputs(messages, prompt, max_tokens, temperature, top_p, seed, adapter_path,
-                                       request_id, delta=True, sampling=sampling):
-            yield gen
+        """Yields Generation deltas as tokens are produced (text and token count of each step, and the
+        choice it belongs to: with n > 1 the choices' deltas interleave)."""
+        async for gens in self._outputs(messages, prompt, max_tokens, temperature, top_p, seed, adapter_path,
+                                        request_id, delta=True, sampling=sampling):
+            for gen in gens:
+                yield gen
 
     def info(self) -> dict:
         """What this engine serves: its model, whether it takes adapters, its speculative decoding, and

@@ -25,13 +25,16 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from loop.serving.auth import require_admin, tenant_of
 from loop.serving.cascade import Escalation
+from loop.serving.engine import EngineRequestError
 from loop.serving.feedback import RequestOwners, log_holds_request, not_found, parse_feedback
-from loop.serving.protocol import (REQUEST_ID_HEADER, SSE_DONE, BadRequest, ChatCompletionRequest,
+from loop.serving.protocol import (REQUEST_ID_HEADER, SSE_DONE, BadRequest, ChatCompletionRequest, Choice,
                                    CompletionRequest, ServerRequestId, chat_completion_body, completion_body,
                                    error_response, sse_chunk)
 from loop.serving.rollouts import POLL_S
-from loop.serving.routing import Call, engine_args, model_not_found, route
+from loop.serving.routing import Call, choice_request_id, engine_args, model_not_found, route
 
+ENGINE_PARAMS = {"structured_outputs": "response_format"}
+"""vLLM's name of a parameter -> the OpenAI request's, where they differ."""
 CLIENT_CLOSED = 499  # a request whose client hung up before its answer was delivered (nginx's code)
 
 api = FastAPI(title="continual-loop gateway", version="0.1")
@@ -131,28 +134,35 @@ class Gateway:
             self._engines[app] = serve.get_deployment_handle(app, app_name=app)
         return self._engines[app]
 
-    async def _trace(self, call: Call, status: int = 200, error: str = "", **fields) -> None:
+    async def _trace(self, call: Call, status: int = 200, error: str = "", choices: list[dict] | None = None,
+                     **fields) -> None:
+        """The request's trace record (`fields`), or with n > 1 one record per choice (`choices`: each
+        choice's own fields, under `choice_request_id`)."""
         error = fields.pop("error", error)
         call.record.update(status=status, error=error[:500], latency_ms=(time.perf_counter() - call.started) * 1000,
                            **fields)
-        # Acknowledge only what is durable: the record is in the write-ahead log before we answer.
-        await self.trace_log.append.remote([call.record])
-        self.owners.add(call.record["tenant"], call.request_id)  # before the answer: feedback may follow at once
-        self.metrics.observe(call.endpoint, call.variant, status, call.record.get("prompt_tokens", 0),
-                             call.record.get("completion_tokens", 0), call.record["latency_ms"],
-                             bool(call.record.get("escalated")))
+        records = [call.record] if not choices else [
+            {**call.record, **c, "error": c.get("error", error)[:500],
+             "request_id": choice_request_id(call.request_id, i)} for i, c in enumerate(choices)]
+        # Acknowledge only what is durable: the records are in the write-ahead log before we answer.
+        await self.trace_log.append.remote(records)
+        for r in records:
+            self.owners.add(r["tenant"], r["request_id"])  # before the answer: feedback may follow at once
+            self.metrics.observe(call.endpoint, call.variant, status, r.get("prompt_tokens", 0),
+                                 r.get("completion_tokens", 0), r["latency_ms"], bool(r.get("escalated")))
 
     async def _failed(self, call: Call, e: Exception) -> JSONResponse:
         return (await self._refusal(call, e)).response(headers=call.headers)
 
     async def _refusal(self, call: Call, e: Exception) -> BadRequest:
-        """A failed generation, traced, as the error its client gets: a prompt over the context is the
-        caller's to fix (400), anything else the engine's (503, retry)."""
+        """A failed generation, traced, as the error its client gets: what the engine refused as the
+        caller's to fix (a prompt over the context, a token id outside the vocabulary, a schema it
+        cannot compile) is a 400 naming the parameter; anything else the engine's (503, retry)."""
         cause = getattr(e, "cause", None) or e  # a Ray task error wraps the engine's exception
-        is_context = isinstance(cause, ValueError) and "context" in str(cause)
-        await self._trace(call, status=400 if is_context else 503, error=f"{type(cause).__name__}: {cause}")
-        if is_context:
-            return BadRequest(str(cause), param="messages", code="context_length_exceeded")
+        callers = isinstance(cause, EngineRequestError)
+        await self._trace(call, status=400 if callers else 503, error=f"{type(cause).__name__}: {cause}")
+        if callers:
+            return BadRequest(str(cause), param=ENGINE_PARAMS.get(cause.param, cause.param), code=cause.code)
         call.headers["retry-after"] = "1"
         return BadRequest("the engine failed; retry shortly", status=503, type_="server_error")
 
@@ -184,14 +194,11 @@ class Gateway:
         try:
             gen = await self._engine(call.version).generate.remote(**engine_args(call, req),
                                                                   confidence=threshold is not None)
-            text, extra = gen.text, {"confidence": gen.mean_logprob or 0.0}
-            if threshold is not None and gen.mean_logprob is not None and gen.mean_logprob < threshold:
-                try:
-                    text = await self.escalation.answer(req)
-                    extra.update(escalated=True, student_completion=gen.text)
-                    call.headers["x-loop-escalated"] = "true"
-                except Exception as e:  # noqa: BLE001 - the student's answer still serves; the miss is traced
-                    extra["error"] = f"escalation failed: {type(e).__name__}: {e}"
+            gens = [gen, *gen.others]
+            answers = [dict(completion=g.text, prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
+                            ttft_ms=g.ttft_ms, confidence=g.mean_logprob or 0.0) for g in gens]
+            if threshold is not None:
+                await self._escalate(call, req, gens, answers, threshold)
         except asyncio.CancelledError:
             # Serve's proxy cancels the request when its client hangs up: nothing was delivered, and
             # the record says so (never a 200). Shielded, as the stream's is.
@@ -203,49 +210,74 @@ class Gateway:
             raise
         except Exception as e:  # noqa: BLE001 - every failure is traced and answered, never dropped
             return await self._failed(call, e)
-        await self._trace(call, completion=text, prompt_tokens=gen.prompt_tokens,
-                          completion_tokens=gen.completion_tokens, ttft_ms=gen.ttft_ms, **extra)
+        await self._trace(call, choices=answers if len(answers) > 1 else None, **answers[0])
+        # An escalated answer is the teacher's: the student's log-probabilities are not its.
+        choices = [Choice(a["completion"], g.finish_reason, None if a.get("escalated") else
+                          req.format_logprobs(g.logprobs)) for g, a in zip(gens, answers)]
+        usage = gen.prompt_tokens, sum(g.completion_tokens for g in gens)
         if req.stream:
             # A cascade endpoint judges the whole answer before the caller sees any of it, so its
-            # stream is the final answer (the student's or the teacher's) in one chunk.
-            return StreamingResponse(self._replay(call, req, text, gen), media_type="text/event-stream",
+            # stream is the final answer (the student's or the teacher's) in one chunk per choice.
+            return StreamingResponse(self._replay(call, req, choices, usage), media_type="text/event-stream",
                                      headers=call.headers)
         build = chat_completion_body if kind is ChatCompletionRequest else completion_body
-        return JSONResponse(build(call.request_id, call.model, text, gen.prompt_tokens, gen.completion_tokens,
-                                  gen.finish_reason), headers=call.headers)
+        return JSONResponse(build(call.request_id, call.model, choices, *usage), headers=call.headers)
+
+    async def _escalate(self, call: Call, req, gens: list, answers: list[dict], threshold: float) -> None:
+        """The cascade: each choice less confident than `threshold` becomes the teacher's answer (asked
+        once); the student's is kept beside it. A failed escalation keeps the student's, traced."""
+        low = [i for i, g in enumerate(gens) if g.mean_logprob is not None and g.mean_logprob < threshold]
+        if not low:
+            return
+        try:
+            text = await self.escalation.answer(req)
+        except Exception as e:  # noqa: BLE001 - the student's answer still serves; the miss is traced
+            for i in low:
+                answers[i]["error"] = f"escalation failed: {type(e).__name__}: {e}"
+            return
+        for i in low:
+            answers[i].update(completion=text, escalated=True, student_completion=gens[i].text)
+        call.headers["x-loop-escalated"] = "true"
 
     @staticmethod
-    async def _replay(call: Call, req, text: str, gen):
+    async def _replay(call: Call, req, choices: list[Choice], usage: tuple[int, int]):
         chat = isinstance(req, ChatCompletionRequest)
-        yield sse_chunk(call.request_id, call.model, chat, text, finish_reason=gen.finish_reason)
+        for i, c in enumerate(choices):
+            yield sse_chunk(call.request_id, call.model, chat, c.text, finish_reason=c.finish_reason, index=i,
+                            logprobs=c.logprobs)
         if req.stream_options and req.stream_options.include_usage:
-            yield sse_chunk(call.request_id, call.model, chat, None, usage=(gen.prompt_tokens, gen.completion_tokens))
+            yield sse_chunk(call.request_id, call.model, chat, None, usage=usage)
         yield SSE_DONE
 
     async def _stream(self, call: Call, req):
         chat = isinstance(req, ChatCompletionRequest)
-        text, n_prompt, n_out, ttft, status, error, traced, started = [], 0, 0, 0.0, 200, "", False, False
+        texts, outs = [[] for _ in range(req.n)], [0] * req.n  # per choice: its deltas, its token count
+        n_prompt, ttft, status, error, traced, started = 0, 0.0, 200, "", False, False
 
         async def trace():
             nonlocal traced
             if not traced:
                 traced = True
-                await self._trace(call, status=status, error=error, completion="".join(text),
-                                  prompt_tokens=n_prompt, completion_tokens=n_out, ttft_ms=ttft)
+                choices = [dict(completion="".join(t), prompt_tokens=n_prompt, completion_tokens=n, ttft_ms=ttft)
+                           for t, n in zip(texts, outs)]
+                await self._trace(call, status=status, error=error, choices=choices if req.n > 1 else None,
+                                  **choices[0])
 
         try:
             stream = self._engine(call.version).options(stream=True).generate_stream.remote(
                 **engine_args(call, req))
             async for delta in stream:
-                text.append(delta.text)
-                n_prompt, n_out, ttft = delta.prompt_tokens, n_out + delta.completion_tokens, delta.ttft_ms
+                i = delta.index
+                logprobs = req.format_logprobs(delta.logprobs, offset=sum(map(len, texts[i])))
+                texts[i].append(delta.text)
+                n_prompt, outs[i], ttft = delta.prompt_tokens, outs[i] + delta.completion_tokens, delta.ttft_ms
                 started = True
-                yield sse_chunk(call.request_id, call.model, chat, delta.text,
+                yield sse_chunk(call.request_id, call.model, chat, delta.text, index=i, logprobs=logprobs,
                                 finish_reason=delta.finish_reason or None)
             # Durable before the stream is acknowledged as complete, as for non-streaming answers.
             await trace()
             if req.stream_options and req.stream_options.include_usage:
-                yield sse_chunk(call.request_id, call.model, chat, None, usage=(n_prompt, n_out))
+                yield sse_chunk(call.request_id, call.model, chat, None, usage=(n_prompt, sum(outs)))
             yield SSE_DONE
         except (asyncio.CancelledError, GeneratorExit):
             # Cancelled while awaiting the engine, or closed while paused at a `yield`.

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.responses import JSONResponse
 
 MAX_BODY_BYTES = 1 << 20
+MAX_CHOICES = 16
+MAX_TOP_LOGPROBS = 20  # OpenAI's bounds, and vLLM's default max_logprobs
+MAX_COMPLETION_LOGPROBS = 5
 REQUEST_ID_HEADER = "x-request-id"
 PROXY_CALLBACK = "loop.serving.protocol.proxy_middlewares"
 """What RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH names, in the environment of Serve's proxies."""
@@ -70,9 +74,8 @@ class StreamOptions(BaseModel):
 _NOT_YET = "is not supported by this server yet (README: the OpenAI parameters)"
 _REPLAYED = {"refusal", "annotations", "tool_calls", "function_call", "audio"}
 REFUSED = {
-    "logprobs": _NOT_YET, "top_logprobs": _NOT_YET, "logit_bias": _NOT_YET,
     "tools": _NOT_YET, "tool_choice": _NOT_YET, "parallel_tool_calls": _NOT_YET,
-    "functions": _NOT_YET, "function_call": _NOT_YET, "response_format": _NOT_YET,
+    "functions": _NOT_YET, "function_call": _NOT_YET,
     "echo": _NOT_YET, "best_of": _NOT_YET, "suffix": _NOT_YET,
     "audio": "is not supported: the student is a text model", "modalities": "is not supported: the student is a text model",
     "prediction": _NOT_YET, "reasoning_effort": "is not supported: the student is not a reasoning model",
@@ -85,8 +88,7 @@ REFUSED = {
 anything but its neutral value) is refused with a 400 naming it, never served as if it were honoured."""
 
 
-_NEUTRAL = {"response_format": [{"type": "text"}], "modalities": [["text"]], "service_tier": ["auto", "default"],
-            "tool_choice": ["none"], "top_logprobs": [0], "best_of": [1]}
+_NEUTRAL = {"modalities": [["text"]], "service_tier": ["auto", "default"], "tool_choice": ["none"], "best_of": [1]}
 
 
 def _neutral(name: str, value) -> bool:
@@ -112,7 +114,20 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)
     seed: int | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    """Choices sampled for the prompt (vLLM's n): each is traced as its own record."""
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string, OpenAI's form) -> bias added to its logit, -100..100."""
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, bias):
+        for token, value in (bias or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"key {token!r} is not a token id: keys are token ids as strings, e.g. \"50256\"")
+            if not -100 <= value <= 100:
+                raise ValueError(f"bias {value} for token {token} is outside -100..100")
+        return bias
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -123,12 +138,30 @@ class _Sampling(BaseModel):
             raise ValueError("a string or a list of up to 4 non-empty strings")
         return stops
 
+    @property
+    def logprob_count(self) -> int | None:
+        """vLLM's `logprobs`: alternatives per token (None: no log-probabilities asked)."""
+        return None
+
+    def structured(self) -> dict | None:
+        """vLLM's StructuredOutputsParams fields the request asks for (None: free text)."""
+        return None
+
+    def format_logprobs(self, tokens: list[dict] | None, offset: int = 0) -> dict | None:
+        """A choice's `logprobs` in this route's shape, from the engine's (None when not asked)."""
+        return None
+
     def sampling(self) -> dict:
         """What vLLM's SamplingParams takes beyond length, temperature, top_p and seed: only what the
         request set (an empty dict for a request that set none)."""
         out = {"stop": self.stop, "presence_penalty": self.presence_penalty,
-               "frequency_penalty": self.frequency_penalty}
-        return {k: v for k, v in out.items() if v}
+               "frequency_penalty": self.frequency_penalty, "n": self.n if self.n > 1 else None,
+               "logit_bias": {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+               "structured_outputs": self.structured()}
+        out = {k: v for k, v in out.items() if v}
+        if self.logprob_count is not None:  # 0 is asked too: the sampled token's own log-probability
+            out["logprobs"] = self.logprob_count
+        return out
 
 
 def cut_at_stop(text: str, stops: list[str] | None) -> str:
@@ -137,21 +170,79 @@ def cut_at_stop(text: str, stops: list[str] | None) -> str:
     return text[:min(cuts)] if cuts else text
 
 
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`text` (free), `json_object` (any JSON object) or `json_schema` (JSON valid against the schema),
+    enforced while decoding by vLLM's structured outputs."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only with it")
+        return self
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
+    logprobs: bool | None = None
+    """Return the sampled tokens' log-probabilities (choices[].logprobs.content)."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    """With logprobs: the k likeliest alternatives at each token."""
+    response_format: ResponseFormat | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, top, info):
+        if top and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
 
     @property
     def token_limit(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 256
 
+    @property
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def format_logprobs(self, tokens: list[dict] | None, offset: int = 0) -> dict | None:
+        return chat_logprobs(tokens, self.top_logprobs or 0) if self.logprobs else None
+
+    def structured(self) -> dict | None:
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return {"json_object": True}
+        return {"json": fmt.json_schema.schema_}
+
 
 class CompletionRequest(_Sampling):
     prompt: str = Field(min_length=1)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    """The k likeliest alternatives at each token, beside the sampled one (choices[].logprobs)."""
 
     @property
     def token_limit(self) -> int:
         return self.max_tokens or 16
+
+    @property
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+    def format_logprobs(self, tokens: list[dict] | None, offset: int = 0) -> dict | None:
+        return None if self.logprobs is None else completion_logprobs(tokens, self.logprobs, offset)
 
 
 def error_response(status: int, message: str, *, type_: str = "invalid_request_error",
@@ -207,35 +298,71 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_completion_body(request_id: str, model: str, text: str, prompt_tokens: int,
-                         completion_tokens: int, finish_reason: str = "stop") -> dict:
+def _bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8", errors="replace"))
+
+
+def chat_logprobs(tokens: list[dict] | None, top: int) -> dict | None:
+    """The engine's per-token log-probabilities (Generation.logprobs) as a chat choice's `logprobs`,
+    with the first `top` alternatives at each token, as vLLM's server gives them."""
+    if tokens is None:
+        return None
+    return {"content": [{"token": t["token"], "logprob": t["logprob"], "bytes": _bytes(t["token"]),
+                         "top_logprobs": [{"token": k, "logprob": v, "bytes": _bytes(k)} for k, v in t["top"][:top]]}
+                        for t in tokens], "refusal": None}
+
+
+def completion_logprobs(tokens: list[dict] | None, top: int, offset: int = 0) -> dict | None:
+    """The same as a text completion's `logprobs`: tokens, their log-probabilities, the sampled one
+    and `top` alternatives per token (vLLM's k + 1), and each token's offset in the text (from `offset`)."""
+    if tokens is None:
+        return None
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t["token"])
+    return {"tokens": [t["token"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
+            "top_logprobs": [dict(t["top"][:top + 1]) for t in tokens], "text_offset": offsets}
+
+
+@dataclass
+class Choice:
+    """One choice of a response: its text, why it ended, and its log-probabilities in the route's shape."""
+    text: str
+    finish_reason: str = "stop"
+    logprobs: dict | None = None
+
+
+def chat_completion_body(request_id: str, model: str, choices: list[Choice], prompt_tokens: int,
+                         completion_tokens: int) -> dict:
     return {
         "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                     "finish_reason": c.finish_reason, "logprobs": c.logprobs} for i, c in enumerate(choices)],
         "usage": _usage(prompt_tokens, completion_tokens),
     }
 
 
-def completion_body(request_id: str, model: str, text: str, prompt_tokens: int, completion_tokens: int,
-                    finish_reason: str = "stop") -> dict:
+def completion_body(request_id: str, model: str, choices: list[Choice], prompt_tokens: int,
+                    completion_tokens: int) -> dict:
     return {
         "id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": c.logprobs}
+                    for i, c in enumerate(choices)],
         "usage": _usage(prompt_tokens, completion_tokens),
     }
 
 
 def sse_chunk(request_id: str, model: str, chat: bool, delta: str | None, finish_reason: str | None = None,
-              usage: tuple[int, int] | None = None) -> str:
-    """One server-sent event of a streamed chat or text completion."""
+              usage: tuple[int, int] | None = None, index: int = 0, logprobs: dict | None = None) -> str:
+    """One server-sent event of a streamed chat or text completion (of choice `index`)."""
     if usage is not None:
         choices = []
     elif chat:
-        choices = [{"index": 0, "delta": {} if delta is None else {"role": "assistant", "content": delta},
-                    "finish_reason": finish_reason, "logprobs": None}]
+        choices = [{"index": index, "delta": {} if delta is None else {"role": "assistant", "content": delta},
+                    "finish_reason": finish_reason, "logprobs": logprobs}]
     else:
-        choices = [{"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}]
+        choices = [{"index": index, "text": delta or "", "finish_reason": finish_reason, "logprobs": logprobs}]
     body = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": choices}
     if usage is not None:

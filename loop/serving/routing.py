@@ -80,6 +80,12 @@ def route(headers, kind: type, body: bytes, *, request_id: str, started: float, 
     return call, req
 
 
+def choice_request_id(request_id: str, index: int) -> str:
+    """The trace record's id of choice `index` of a request (n > 1): the response's own id for the
+    first, `<id>-<index>` for the others; feedback may name each."""
+    return request_id if index == 0 else f"{request_id}-{index}"
+
+
 def engine_args(call: Call, req) -> dict:
     """What the engine's `generate` takes for this call: the version's adapter unless the version has
     an engine of its own (a merged version), and the request's sampling."""

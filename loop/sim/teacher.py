@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse
 
 from loop.config import LoopConfig
-from loop.serving.protocol import BadRequest, chat_completion_body, cut_at_stop, parse_chat_request
+from loop.serving.protocol import BadRequest, Choice, chat_completion_body, cut_at_stop, parse_chat_request
 from loop.sim.world import World
 from loop.traces.log import new_request_id
 
@@ -50,13 +50,21 @@ class ReferenceTeacher:
             req = parse_chat_request(await request.body())
             if req.stream:
                 raise BadRequest("the reference teacher does not stream; send stream: false", param="stream")
+            # Its answers are looked up, not sampled: nothing to score, to bias, to sample n times or to shape.
+            for name in ("logprobs", "logit_bias", "response_format"):
+                if getattr(req, name):
+                    raise BadRequest(f"{name}: the reference teacher does not support it", param=name,
+                                     code="unsupported_parameter")
+            if req.n > 1:
+                raise BadRequest("n: the reference teacher answers once; send n: 1", param="n")
         except BadRequest as e:
             return e.response()
         self.calls += 1
         question = next((m.content for m in reversed(req.messages) if m.role == "user"), "")
         answer = cut_at_stop(self.world.answer(question), req.stop)
         n_prompt, n_completion = self._usage([m.as_dict() for m in req.messages], answer)
-        return JSONResponse(chat_completion_body(new_request_id(), self.model, answer, n_prompt, n_completion))
+        return JSONResponse(chat_completion_body(new_request_id(), self.model, [Choice(answer)], n_prompt,
+                                                 n_completion))
 
     def _usage(self, messages: list[dict], answer: str) -> tuple[int, int]:
         if self.tokenizer is None:
