@@ -242,7 +242,7 @@ def test_logprobs_n_logit_bias_and_json_through_the_real_engine(job):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loop.lineage.registry import Registry
+    from loop.lineage.registry import Lineage
 
     cfg = load_config(job["config"])
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{cfg.serving.port}/v1", api_key="sk-loop-demo-acme",
@@ -253,7 +253,7 @@ def test_logprobs_n_logit_bias_and_json_through_the_real_engine(job):
     content = got.logprobs.content
     assert len(content) == 6 and all(len(t.top_logprobs) == 3 for t in content)
     assert "".join(t.token for t in content) == got.message.content
-    served = Registry(cfg).version_info("tiny-support")
+    served = Lineage(cfg.storage.tracking_uri, cfg.storage.path("mlartifacts")).version_info("tiny-support")
     base_dir = str(cfg.model_path(cfg.student))
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32),
