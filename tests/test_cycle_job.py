@@ -285,6 +285,25 @@ def test_logprobs_n_logit_bias_and_json_through_the_real_engine(job):
     answer = client.chat.completions.create(**{**ask, "max_tokens": 40}, logit_bias=blank, response_format={
         "type": "json_schema", "json_schema": {"name": "yes_no", "schema": schema}}).choices[0].message.content
     assert json.loads(answer)["a"] in ("yes", "no"), answer
+    # A forced tool call: its arguments decoded under the function's schema, as `tool_calls`, streamed
+    # whole in one chunk; langchain's bind_tools gets it as its tool call.
+    tool = {"type": "function", "function": {"name": "answer", "parameters": schema}}
+    forced = dict(**{**ask, "max_tokens": 40}, logit_bias=blank, tools=[tool],
+                  tool_choice={"type": "function", "function": {"name": "answer"}})
+    called = client.chat.completions.create(**forced).choices[0]
+    assert called.finish_reason == "tool_calls" and called.message.content is None
+    (call,) = called.message.tool_calls
+    assert call.function.name == "answer" and json.loads(call.function.arguments)["a"] in ("yes", "no")
+    chunks = [c for c in client.chat.completions.create(**forced, stream=True) if c.choices]
+    streamed = chunks[0].choices[0].delta.tool_calls[0]
+    assert (streamed.function.name, streamed.function.arguments) == ("answer", call.function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    from langchain_openai import ChatOpenAI
+
+    bound = ChatOpenAI(base_url=str(client.base_url), api_key="sk-loop-demo-acme", model="model-tiny-support",
+                       max_tokens=40, temperature=0, max_retries=0, logit_bias=blank).bind_tools(
+        [tool], tool_choice="answer")
+    assert bound.invoke(msgs[0]["content"]).tool_calls[0]["args"] == json.loads(call.function.arguments)
     for extra, param in [({"logit_bias": {str(10 ** 6): 1}}, "logit_bias"),
                          ({"response_format": {"type": "json_schema", "json_schema": {
                              "name": "bad", "schema": {"type": "frob"}}}}, "response_format")]:

@@ -313,7 +313,8 @@ def test_openai_parameters_are_honoured_or_refused_by_name(fake_gateway):
     parts = c.chat.completions.create(model="model-e2", messages=[{"role": "user", "content": [
         {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
     assert parts.choices[0].message.content == "adapter=None"
-    for extra, param in [({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    for extra, param in [({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+                          "tool_choice"),  # OpenAI's default, auto: no tool-call parser here
                          ({"store": True}, "store")]:
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model="model-e2", messages=[{"role": "user", "content": "x"}], **extra)

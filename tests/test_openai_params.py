@@ -46,8 +46,7 @@ def test_out_of_range_sampling_names_the_field(fields, param):
 
 
 @pytest.mark.parametrize("fields", [
-    {"tools": [{"type": "function", "function": {"name": "f"}}]},
-    {"tool_choice": "required"}, {"store": True}, {"metadata": {"a": "b"}}, {"reasoning_effort": "low"},
+    {"store": True}, {"functions": [{"name": "f"}]}, {"metadata": {"a": "b"}}, {"reasoning_effort": "low"},
 ])
 def test_an_openai_parameter_not_honoured_is_refused_by_name(fields):
     err = _refusal(_chat(**fields))
@@ -155,3 +154,47 @@ def test_logprobs_in_each_routes_shape():
 
 def test_each_choice_has_its_own_trace_id():
     assert [choice_request_id("req-a", i) for i in range(3)] == ["req-a", "req-a-1", "req-a-2"]
+
+
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+NOTE = {"type": "function", "function": {"name": "note"}}
+
+
+def test_forced_tool_calls_are_structured_outputs_and_come_back_as_tool_calls():
+    named = parse_request(_chat(tools=[WEATHER, NOTE], tool_choice={"type": "function", "function": {
+        "name": "weather"}}), ChatCompletionRequest)
+    args = _args(named)
+    assert args["sampling"] == {"structured_outputs": {"json": WEATHER["function"]["parameters"]}}
+    assert [t["function"]["name"] for t in args["tools"]] == ["weather", "note"], "the template shows the tools"
+    (call,) = named.tool_calls('{"city": "Oslo"}')
+    assert call["type"] == "function" and call["function"] == {"name": "weather", "arguments": '{"city": "Oslo"}'}
+    assert call["id"].startswith("call_") and named.tool_calls('{"city": "Os') is None, "cut short: no call"
+    required = parse_request(_chat(tools=[WEATHER, NOTE], tool_choice="required", parallel_tool_calls=False),
+                             ChatCompletionRequest)
+    schema = _args(required)["sampling"]["structured_outputs"]["json"]
+    assert schema["type"] == "array" and schema["minItems"] == schema["maxItems"] == 1
+    assert [o["properties"]["name"]["enum"] for o in schema["items"]["anyOf"]] == [["weather"], ["note"]]
+    assert schema["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object", "properties": {}}
+    calls = required.tool_calls('[{"name": "note", "parameters": {"text": "hi"}}]')
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("note", {"text": "hi"})]
+    free = parse_request(_chat(tools=[WEATHER], tool_choice="none"), ChatCompletionRequest)
+    assert "tools" not in _args(free) and free.tool_calls("hi") is None, "tool_choice none: free text"
+
+
+@pytest.mark.parametrize("fields, param, words", [
+    ({"tools": [WEATHER]}, "tool_choice", "tool-call parser"),
+    ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice", "tool-call parser"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
+     "not in tools"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}], "tool_choice": "required"},
+     "tools.0.function.name", "pattern"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "response_format", "one of"),
+])
+def test_tool_requests_that_cannot_be_honoured_name_the_field(fields, param, words):
+    err = _refusal(_chat(**fields))
+    assert err.param == param and words in err.message, err.message
+    text = json.dumps({"model": "m", "prompt": "p", "tools": [WEATHER]}).encode()
+    assert _refusal(text, CompletionRequest).code == "unsupported_parameter"

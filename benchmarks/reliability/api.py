@@ -101,7 +101,7 @@ def bad_requests(keys: dict[str, str], models: dict[str, str]) -> list[tuple[str
         ("prompt over the context, streamed", "POST", c,
          chat(stream=True, messages=[{"role": "user", "content": "word " * 3000}]), auth, 400),
         ("a field that is not OpenAI's", "POST", c, chat(top_k=3), auth, 400),
-        ("tools, not honoured here", "POST", c,
+        ("tools with tool_choice auto (no tool-call parser)", "POST", c,
          chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), auth, 400),
         ("json_schema without its schema", "POST", c, chat(response_format={"type": "json_schema"}), auth, 400),
         ("a schema vLLM cannot compile", "POST", c, chat(response_format={"type": "json_schema", "json_schema": {

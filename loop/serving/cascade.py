@@ -13,7 +13,8 @@ class Escalation:
 
     async def answer(self, req) -> str:
         """The teacher's greedy answer to the request (chat, or a text prompt as one user message),
-        stopped where the request says."""
+        stopped where the request says, in the JSON shape it asks for (a teacher that refuses it
+        fails the escalation, and the student's answer serves)."""
         import openai
 
         if self._client is None:
@@ -26,5 +27,12 @@ class Escalation:
             messages = [{"role": "user", "content": req.prompt}]
         resp = await self._client.chat.completions.create(
             model=self.teacher["model"], messages=messages, max_tokens=req.token_limit, temperature=0,
-            **({"stop": req.stop} if req.stop else {}))
+            **({"stop": req.stop} if req.stop else {}), **_shape(req))
         return resp.choices[0].message.content or ""
+
+
+def _shape(req) -> dict:
+    fmt = getattr(req, "response_format", None)
+    if fmt is None or fmt.type == "text":
+        return {}
+    return {"response_format": fmt.model_dump(by_alias=True, exclude_none=True)}

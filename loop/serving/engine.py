@@ -84,9 +84,11 @@ class StudentEngine:
         lora_id = self._lora_ids.setdefault(adapter_path, len(self._lora_ids) + 1)
         return LoRARequest(f"adapter-{lora_id}", lora_id, adapter_path)
 
-    def _prompt_ids(self, messages: list[dict] | None, prompt: str | None) -> list[int]:
+    def _prompt_ids(self, messages: list[dict] | None, prompt: str | None,
+                    tools: list[dict] | None = None) -> list[int]:
         if messages is not None:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     **({"tools": tools} if tools else {}))
             if hasattr(ids, "input_ids") or isinstance(ids, dict):
                 ids = ids["input_ids"]
         else:
@@ -137,13 +139,15 @@ class StudentEngine:
         return out
 
     async def _outputs(self, messages, prompt, max_tokens, temperature, top_p, seed, adapter_path, request_id,
-                       delta: bool, confidence: bool = False, sampling: dict | None = None):
+                       delta: bool, confidence: bool = False, sampling: dict | None = None,
+                       tools: list[dict] | None = None):
         """Lists of generations as the engine makes them, one per choice it has news of: deltas
         (`delta`) or the text so far. `sampling`: more of vLLM's SamplingParams, only what the request
-        set (stop strings, penalties, n, logprobs, logit_bias, structured outputs)."""
+        set (stop strings, penalties, n, logprobs, logit_bias, structured outputs). `tools`: the
+        functions the chat template shows the model."""
         from vllm.exceptions import VLLMClientError
 
-        ids = self._prompt_ids(messages, prompt)
+        ids = self._prompt_ids(messages, prompt, tools)
         sampling = sampling or {}
         params = self._params(min(max_tokens, self.max_model_len - len(ids)), temperature, top_p, seed, delta,
                               confidence, sampling)
@@ -183,13 +187,14 @@ class StudentEngine:
     async def generate(self, messages: list[dict] | None = None, *, prompt: str | None = None, max_tokens: int,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                        adapter_path: str | None = None, request_id: str, confidence: bool = False,
-                       sampling: dict | None = None) -> Generation:
+                       sampling: dict | None = None, tools: list[dict] | None = None) -> Generation:
         """The whole answer at once (with n > 1, the first choice, the others in its `others`).
         `messages` (chat) or `prompt` (text completion); `confidence` also returns the mean token
         log-probability."""
         latest: dict[int, Generation] = {}
         async for gens in self._outputs(messages, prompt, max_tokens, temperature, top_p, seed, adapter_path,
-                                        request_id, delta=False, confidence=confidence, sampling=sampling):
+                                        request_id, delta=False, confidence=confidence, sampling=sampling,
+                                        tools=tools):
             latest.update((g.index, g) for g in gens)
         first, *others = [latest[i] for i in sorted(latest)]
         for gen in latest.values():
@@ -200,11 +205,11 @@ class StudentEngine:
     async def generate_stream(self, messages: list[dict] | None = None, *, prompt: str | None = None,
                               max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                               seed: int | None = None, adapter_path: str | None = None, request_id: str,
-                              sampling: dict | None = None):
+                              sampling: dict | None = None, tools: list[dict] | None = None):
         """Yields Generation deltas as tokens are produced (text and token count of each step, and the
         choice it belongs to: with n > 1 the choices' deltas interleave)."""
         async for gens in self._outputs(messages, prompt, max_tokens, temperature, top_p, seed, adapter_path,
-                                        request_id, delta=True, sampling=sampling):
+                                        request_id, delta=True, sampling=sampling, tools=tools):
             for gen in gens:
                 yield gen
 

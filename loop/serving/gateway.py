@@ -183,8 +183,10 @@ class Gateway:
                 await self.trace_log.append.remote([e.record])
                 self.owners.add(e.record["tenant"], e.record["request_id"])
             return e.response()
-        threshold = self.cascade.get(call.endpoint) if self.teacher else None
-        if req.stream and threshold is None:
+        # A tool call is answered by the student (the teacher is not asked to call tools).
+        tools = isinstance(req, ChatCompletionRequest) and req.calls_tools
+        threshold = self.cascade.get(call.endpoint) if self.teacher and not tools else None
+        if req.stream and threshold is None and not tools:
             events = self._stream(call, req)
             try:  # the first event before the headers: a refusal or a failure up to it is a real 4xx / 5xx
                 first = await events.__anext__()
@@ -212,16 +214,24 @@ class Gateway:
             return await self._failed(call, e)
         await self._trace(call, choices=answers if len(answers) > 1 else None, **answers[0])
         # An escalated answer is the teacher's: the student's log-probabilities are not its.
-        choices = [Choice(a["completion"], g.finish_reason, None if a.get("escalated") else
-                          req.format_logprobs(g.logprobs)) for g, a in zip(gens, answers)]
+        choices = [self._choice(req, g, a) for g, a in zip(gens, answers)]
         usage = gen.prompt_tokens, sum(g.completion_tokens for g in gens)
         if req.stream:
             # A cascade endpoint judges the whole answer before the caller sees any of it, so its
-            # stream is the final answer (the student's or the teacher's) in one chunk per choice.
+            # stream is the final answer (the student's or the teacher's) in one chunk per choice;
+            # so is a tool call's (its arguments decoded whole).
             return StreamingResponse(self._replay(call, req, choices, usage), media_type="text/event-stream",
                                      headers=call.headers)
         build = chat_completion_body if kind is ChatCompletionRequest else completion_body
         return JSONResponse(build(call.request_id, call.model, choices, *usage), headers=call.headers)
+
+    @staticmethod
+    def _choice(req, gen, answer: dict) -> Choice:
+        """A choice as the response carries it: an escalated answer is the teacher's (the student's
+        log-probabilities are not its); a tool call's JSON is its `tool_calls`."""
+        logprobs = None if answer.get("escalated") else req.format_logprobs(gen.logprobs)
+        calls = req.tool_calls(answer["completion"]) if isinstance(req, ChatCompletionRequest) else None
+        return Choice(answer["completion"], "tool_calls" if calls else gen.finish_reason, logprobs, calls)
 
     async def _escalate(self, call: Call, req, gens: list, answers: list[dict], threshold: float) -> None:
         """The cascade: each choice less confident than `threshold` becomes the teacher's answer (asked
@@ -244,7 +254,7 @@ class Gateway:
         chat = isinstance(req, ChatCompletionRequest)
         for i, c in enumerate(choices):
             yield sse_chunk(call.request_id, call.model, chat, c.text, finish_reason=c.finish_reason, index=i,
-                            logprobs=c.logprobs)
+                            logprobs=c.logprobs, tool_calls=c.tool_calls)
         if req.stream_options and req.stream_options.include_usage:
             yield sse_chunk(call.request_id, call.model, chat, None, usage=usage)
         yield SSE_DONE

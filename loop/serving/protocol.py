@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Literal
 
@@ -74,8 +75,10 @@ class StreamOptions(BaseModel):
 _NOT_YET = "is not supported by this server yet (README: the OpenAI parameters)"
 _REPLAYED = {"refusal", "annotations", "tool_calls", "function_call", "audio"}
 REFUSED = {
-    "tools": _NOT_YET, "tool_choice": _NOT_YET, "parallel_tool_calls": _NOT_YET,
-    "functions": _NOT_YET, "function_call": _NOT_YET,
+    "tools": "is not supported on text completions: send tools to /v1/chat/completions",
+    "tool_choice": "is not supported on text completions", "parallel_tool_calls": "is not supported on text completions",
+    "functions": "is deprecated by OpenAI and not supported: send tools", "function_call":
+        "is deprecated by OpenAI and not supported: send tool_choice",
     "echo": _NOT_YET, "best_of": _NOT_YET, "suffix": _NOT_YET,
     "audio": "is not supported: the student is a text model", "modalities": "is not supported: the student is a text model",
     "prediction": _NOT_YET, "reasoning_effort": "is not supported: the student is not a reasoning model",
@@ -85,7 +88,8 @@ REFUSED = {
     "prompt_cache_key": _NOT_YET, "safety_identifier": _NOT_YET,
 }
 """OpenAI request parameters this server does not honour, and why: a request that sets one (to
-anything but its neutral value) is refused with a 400 naming it, never served as if it were honoured."""
+anything but its neutral value) is refused with a 400 naming it, never served as if it were honoured.
+A route whose request model has the field (chat's tools) takes it instead."""
 
 
 _NEUTRAL = {"modalities": [["text"]], "service_tier": ["auto", "default"], "tool_choice": ["none"], "best_of": [1]}
@@ -192,6 +196,48 @@ class ResponseFormat(BaseModel):
         return self
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    """A JSON schema of the arguments (none: any JSON object)."""
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def _arguments(params: dict | None) -> dict:
+    return params or {"type": "object", "properties": {}}
+
+
+def tool_calls_schema(tools: list[Tool], parallel: bool | None) -> dict:
+    """`tool_choice: required` as vLLM's server decodes it: a JSON array of at least one
+    {name, parameters} of the given tools (at most one when `parallel_tool_calls` is false)."""
+    schema = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": [
+        {"properties": {"name": {"type": "string", "enum": [t.function.name]},
+                        "parameters": _arguments(t.function.parameters)}, "required": ["name", "parameters"]}
+        for t in tools]}}
+    if parallel is False:
+        schema["maxItems"] = 1
+    return schema
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
@@ -200,6 +246,50 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     """With logprobs: the k likeliest alternatives at each token."""
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """`required` or a named function: decoded under structured outputs as vLLM's server does;
+    `auto` (OpenAI's default with tools) needs a tool-call parser for the base model: refused."""
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _tools_asked(self):
+        tools, choice = self.tools or [], self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in tools}:
+            raise BadRequest(f"tool_choice: names the function {choice.function.name!r}, which is not in tools",
+                             param="tool_choice")
+        if choice in ("required", "auto") and not tools:
+            raise BadRequest(f"tool_choice: {choice!r} needs tools", param="tool_choice")
+        if tools and choice in (None, "auto"):
+            raise BadRequest("tool_choice: 'auto' (the default with tools) needs a tool-call parser for the base "
+                             "model, which this server does not have; send tool_choice 'required' or "
+                             '{"type": "function", "function": {"name": ...}}, or "none"', param="tool_choice",
+                             code="unsupported_parameter")
+        if self.calls_tools and self.response_format and self.response_format.type != "text":
+            raise BadRequest("response_format: a tool call's arguments are already JSON; send one of "
+                             "response_format and tool_choice", param="response_format")
+        return self
+
+    @property
+    def calls_tools(self) -> bool:
+        """The answer is a tool call (tool_choice required or named), never free text."""
+        return bool(self.tools) and self.tool_choice not in (None, "none", "auto")
+
+    def tool_calls(self, text: str) -> list[dict] | None:
+        """The answer decoded for a tool call as OpenAI's `tool_calls` (None when it is not one, or was
+        cut short by max_tokens before its JSON closed)."""
+        if not self.calls_tools:
+            return None
+        try:
+            decoded = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            calls = [(self.tool_choice.function.name, text)]
+        else:
+            calls = [(c["name"], json.dumps(c["parameters"])) for c in decoded]
+        return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                 "function": {"name": name, "arguments": arguments}} for name, arguments in calls]
 
     @field_validator("top_logprobs")
     @classmethod
@@ -220,6 +310,11 @@ class ChatCompletionRequest(_Sampling):
         return chat_logprobs(tokens, self.top_logprobs or 0) if self.logprobs else None
 
     def structured(self) -> dict | None:
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tools:
+            named = next(t for t in self.tools if t.function.name == self.tool_choice.function.name)
+            return {"json": _arguments(named.function.parameters)}
+        if self.calls_tools:
+            return {"json": tool_calls_schema(self.tools, self.parallel_tool_calls)}
         fmt = self.response_format
         if fmt is None or fmt.type == "text":
             return None
@@ -274,10 +369,11 @@ def parse_request(body: bytes, model: type[BaseModel]):
         raise BadRequest(f"request body is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise BadRequest("request body must be a JSON object")
-    for name, why in REFUSED.items():
+    refused = {name: why for name, why in REFUSED.items() if name not in model.model_fields}
+    for name, why in refused.items():
         if name in raw and not _neutral(name, raw[name]):
             raise BadRequest(f"{name} {why}; remove it from the request", param=name, code="unsupported_parameter")
-    raw = {k: v for k, v in raw.items() if k not in REFUSED}  # those left are neutral: nothing asked
+    raw = {k: v for k, v in raw.items() if k not in refused}  # those left are neutral: nothing asked
     try:
         return model.model_validate(raw)
     except ValidationError as e:
@@ -327,18 +423,25 @@ def completion_logprobs(tokens: list[dict] | None, top: int, offset: int = 0) ->
 
 @dataclass
 class Choice:
-    """One choice of a response: its text, why it ended, and its log-probabilities in the route's shape."""
+    """One choice of a response: its text (or its tool calls), why it ended, and its log-probabilities
+    in the route's shape."""
     text: str
     finish_reason: str = "stop"
     logprobs: dict | None = None
+    tool_calls: list[dict] | None = None
+
+    def message(self) -> dict:
+        if self.tool_calls:
+            return {"role": "assistant", "content": None, "tool_calls": self.tool_calls}
+        return {"role": "assistant", "content": self.text}
 
 
 def chat_completion_body(request_id: str, model: str, choices: list[Choice], prompt_tokens: int,
                          completion_tokens: int) -> dict:
     return {
         "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                     "finish_reason": c.finish_reason, "logprobs": c.logprobs} for i, c in enumerate(choices)],
+        "choices": [{"index": i, "message": c.message(), "finish_reason": c.finish_reason, "logprobs": c.logprobs}
+                    for i, c in enumerate(choices)],
         "usage": _usage(prompt_tokens, completion_tokens),
     }
 
@@ -354,12 +457,18 @@ def completion_body(request_id: str, model: str, choices: list[Choice], prompt_t
 
 
 def sse_chunk(request_id: str, model: str, chat: bool, delta: str | None, finish_reason: str | None = None,
-              usage: tuple[int, int] | None = None, index: int = 0, logprobs: dict | None = None) -> str:
-    """One server-sent event of a streamed chat or text completion (of choice `index`)."""
+              usage: tuple[int, int] | None = None, index: int = 0, logprobs: dict | None = None,
+              tool_calls: list[dict] | None = None) -> str:
+    """One server-sent event of a streamed chat or text completion (of choice `index`; `tool_calls`
+    whole, in one chunk)."""
     if usage is not None:
         choices = []
     elif chat:
-        choices = [{"index": index, "delta": {} if delta is None else {"role": "assistant", "content": delta},
+        message = {"role": "assistant", "content": delta}
+        if tool_calls:
+            message = {"role": "assistant", "content": None,
+                       "tool_calls": [{"index": i, **call} for i, call in enumerate(tool_calls)]}
+        choices = [{"index": index, "delta": {} if delta is None and not tool_calls else message,
                     "finish_reason": finish_reason, "logprobs": logprobs}]
     else:
         choices = [{"index": index, "text": delta or "", "finish_reason": finish_reason, "logprobs": logprobs}]

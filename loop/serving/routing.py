@@ -96,6 +96,8 @@ def engine_args(call: Call, req) -> dict:
         args["sampling"] = sampling
     if isinstance(req, ChatCompletionRequest):
         args["messages"] = [m.as_dict() for m in req.messages]
+        if req.calls_tools:  # the chat template shows the model its tools
+            args["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
     else:
         args["prompt"] = req.prompt
     return args
