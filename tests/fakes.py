@@ -10,10 +10,11 @@ from loop.serving.protocol import cut_at_stop
 @dataclass
 class FakeEngine:
     """Echoes which adapter answered, so the test sees routing in the completion text; with n > 1
-    choice i says `#i` after it; asked for log-probabilities, each token's is -0.5 (top: itself, "x")."""
+    choice i says `#i` after it (and of a question, only the even choices are unsure); asked for
+    log-probabilities, each token's is -0.5 (top: itself, "x")."""
 
     async def generate(self, messages=None, *, prompt=None, max_tokens, temperature=0.0, top_p=1.0, seed=None,
-                       adapter_path=None, request_id="", confidence=False, sampling=None):
+                       adapter_path=None, request_id="", confidence=False, sampling=None, tools=None):
         text = messages[-1]["content"] if messages else prompt
         if text == "boom":
             raise RuntimeError("engine died")
@@ -28,13 +29,14 @@ class FakeEngine:
         for i in range(sampling.get("n", 1)):
             answer = cut_at_stop(f"adapter={adapter_path}" + (f" #{i}" if i else ""), sampling.get("stop"))
             gens.append(Generation(text=answer, prompt_tokens=3, completion_tokens=2 + i, ttft_ms=1.0, index=i,
-                                   finish_reason="stop", mean_logprob=-5.0 if text.endswith("?") else -0.1,
+                                   finish_reason="stop",
+                                   mean_logprob=-5.0 if text.endswith("?") and i % 2 == 0 else -0.1,
                                    logprobs=_logprobs(answer.split(" "), sampling)))
         gens[0].others = gens[1:]
         return gens[0]
 
     async def generate_stream(self, messages=None, *, prompt=None, max_tokens, temperature=0.0, top_p=1.0,
-                              seed=None, adapter_path=None, request_id="", sampling=None):
+                              seed=None, adapter_path=None, request_id="", sampling=None, tools=None):
         """Yields `max_tokens` one-token deltas 'tok0 ', 'tok1 ', ... (0.2 s apart for the prompt 'slow';
         'boom' and 'long' fail before the first, as the engine does; 'boom-late' after the first)."""
         text = messages[-1]["content"] if messages else prompt

@@ -393,14 +393,19 @@ def test_low_confidence_escalates_to_the_teacher(fake_gateway, cycle_job):
     assert "".join(ch.choices[0].delta.content or "" for ch in stream.parse()) == fact.answer()
     rows = [r for r in read_traces(fake_gateway["traces"]) if r["request_id"] == stream.headers["x-request-id"]]
     assert len(rows) == 1 and rows[0]["escalated"] and rows[0]["completion"] == fact.answer()
-    # n choices: each one the student is unsure of is the teacher's (its log-probabilities are not the
-    # student's: none given); each traced as escalated, beside the student's own.
+    # n choices: the one the student is unsure of (choice 0) is the teacher's, without log-probabilities
+    # (they would not be its); the sure one stays the student's. Each record says only its own.
     two = c.chat.completions.with_raw_response.create(model="model-e2", messages=[{"role": "user", "content":
                                                       fact.question(0)}], n=2, logprobs=True)
-    assert [(ch.message.content, ch.logprobs) for ch in two.parse().choices] == [(fact.answer(), None)] * 2
-    rows = [r for r in read_traces(fake_gateway["traces"]) if r["request_id"].startswith(two.headers["x-request-id"])]
-    assert sorted(r["student_completion"] for r in rows) == ["adapter=None", "adapter=None #1"]
-    assert all(r["escalated"] for r in rows)
+    choices = two.parse().choices
+    assert [ch.message.content for ch in choices] == [fact.answer(), "adapter=None #1"]
+    assert choices[0].logprobs is None and [t.token for t in choices[1].logprobs.content] == ["adapter=None", "#1"]
+    rid = two.headers["x-request-id"]
+    rows = {r["request_id"]: r for r in read_traces(fake_gateway["traces"]) if r["request_id"].startswith(rid)}
+    assert (rows[rid]["escalated"], rows[rid]["student_completion"], rows[rid]["completion"]) == (
+        True, "adapter=None", fact.answer())
+    assert (rows[rid + "-1"]["escalated"], rows[rid + "-1"]["student_completion"], rows[rid + "-1"]["completion"]) == (
+        False, "", "adapter=None #1")
     sure = c.chat.completions.with_raw_response.create(model="model-e2", messages=[{"role": "user", "content": "hi"}])
     assert "x-loop-escalated" not in sure.headers and sure.parse().choices[0].message.content == "adapter=None"
     # e1 has no cascade: its questions are answered by the student, whatever the confidence.

@@ -177,7 +177,8 @@ def test_forced_tool_calls_are_structured_outputs_and_come_back_as_tool_calls():
     assert [o["properties"]["name"]["enum"] for o in schema["items"]["anyOf"]] == [["weather"], ["note"]]
     assert schema["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object", "properties": {}}
     calls = required.tool_calls('[{"name": "note", "parameters": {"text": "hi"}}]')
-    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("note", {"text": "hi"})]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("note", {"text": "hi"})]
     free = parse_request(_chat(tools=[WEATHER], tool_choice="none"), ChatCompletionRequest)
     assert "tools" not in _args(free) and free.tool_calls("hi") is None, "tool_choice none: free text"
 
@@ -198,3 +199,16 @@ def test_tool_requests_that_cannot_be_honoured_name_the_field(fields, param, wor
     assert err.param == param and words in err.message, err.message
     text = json.dumps({"model": "m", "prompt": "p", "tools": [WEATHER]}).encode()
     assert _refusal(text, CompletionRequest).code == "unsupported_parameter"
+
+
+def test_tool_schemas_defs_are_hoisted_so_references_resolve():
+    shared = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}, "$defs": {"P": shared}}}}
+    req = parse_request(_chat(tools=[tool], tool_choice="required"), ChatCompletionRequest)
+    schema = _args(req)["sampling"]["structured_outputs"]["json"]
+    assert schema["$defs"] == {"P": shared} and "$defs" not in schema["items"]["anyOf"][0]["properties"]["parameters"]
+    assert "$defs" in req.tools[0].function.parameters, "the request's own schema is left as sent"
+    other = {"type": "function", "function": {"name": "g", "parameters": {"$defs": {"P": {"type": "string"}}}}}
+    err = _refusal(_chat(tools=[tool, other], tool_choice="required"))
+    assert err.param == "tools" and "two different schemas" in err.message

@@ -162,7 +162,8 @@ class StudentEngine:
                 except StopAsyncIteration:
                     return
                 except (VLLMClientError, ValueError) as e:
-                    if first is not None:
+                    # A plain ValueError is the caller's only as a schema the grammar compiler refused.
+                    if first is not None or not (isinstance(e, VLLMClientError) or params.structured_outputs):
                         raise
                     # vLLM checks a request as it adds it (token ids in logit_bias, a schema it cannot
                     # compile): before any token, the caller's to fix
@@ -171,7 +172,9 @@ class StudentEngine:
                     raise EngineRequestError(str(e), param=param) from None
                 if first is None and any(c.token_ids for c in out.outputs):
                     first = (time.perf_counter() - start) * 1000
-                yield [self._generation(c, len(ids), first or 0.0, confidence, asked) for c in out.outputs]
+                # Cumulative outputs: the log-probabilities once, of the finished answer (not at every step).
+                yield [self._generation(c, len(ids), first or 0.0, confidence, asked and (delta or c.finished()))
+                       for c in out.outputs]
         finally:
             await outputs.aclose()  # a client that hung up: vLLM aborts the request
 

@@ -33,8 +33,6 @@ from loop.serving.protocol import (REQUEST_ID_HEADER, SSE_DONE, BadRequest, Chat
 from loop.serving.rollouts import POLL_S
 from loop.serving.routing import Call, choice_request_id, engine_args, model_not_found, route
 
-ENGINE_PARAMS = {"structured_outputs": "response_format"}
-"""vLLM's name of a parameter -> the OpenAI request's, where they differ."""
 CLIENT_CLOSED = 499  # a request whose client hung up before its answer was delivered (nginx's code)
 
 api = FastAPI(title="continual-loop gateway", version="0.1")
@@ -136,25 +134,26 @@ class Gateway:
 
     async def _trace(self, call: Call, status: int = 200, error: str = "", choices: list[dict] | None = None,
                      **fields) -> None:
-        """The request's trace record (`fields`), or with n > 1 one record per choice (`choices`: each
-        choice's own fields, under `choice_request_id`)."""
-        error = fields.pop("error", error)
-        call.record.update(status=status, error=error[:500], latency_ms=(time.perf_counter() - call.started) * 1000,
-                           **fields)
-        records = [call.record] if not choices else [
-            {**call.record, **c, "error": c.get("error", error)[:500],
-             "request_id": choice_request_id(call.request_id, i)} for i, c in enumerate(choices)]
+        """The request's trace record (`fields`), or one record per choice (`choices`: each choice's own
+        fields, under `choice_request_id`; nothing of one choice leaks into another's record)."""
+        base = {**call.record, "status": status, "latency_ms": (time.perf_counter() - call.started) * 1000}
+        records = [{**base, "error": error, **c} for c in (choices or [fields])]
+        for i, r in enumerate(records):
+            r.update(error=r["error"][:500], request_id=choice_request_id(call.request_id, i))
+        call.record.update(records[0])
         # Acknowledge only what is durable: the records are in the write-ahead log before we answer.
         await self.trace_log.append.remote(records)
         for r in records:
             self.owners.add(r["tenant"], r["request_id"])  # before the answer: feedback may follow at once
-            self.metrics.observe(call.endpoint, call.variant, status, r.get("prompt_tokens", 0),
-                                 r.get("completion_tokens", 0), r["latency_ms"], bool(r.get("escalated")))
+        # One request, one observation (its choices' tokens summed).
+        self.metrics.observe(call.endpoint, call.variant, status, records[0].get("prompt_tokens", 0),
+                             sum(r.get("completion_tokens", 0) for r in records), base["latency_ms"],
+                             any(r.get("escalated") for r in records))
 
-    async def _failed(self, call: Call, e: Exception) -> JSONResponse:
-        return (await self._refusal(call, e)).response(headers=call.headers)
+    async def _failed(self, call: Call, req, e: Exception) -> JSONResponse:
+        return (await self._refusal(call, req, e)).response(headers=call.headers)
 
-    async def _refusal(self, call: Call, e: Exception) -> BadRequest:
+    async def _refusal(self, call: Call, req, e: Exception) -> BadRequest:
         """A failed generation, traced, as the error its client gets: what the engine refused as the
         caller's to fix (a prompt over the context, a token id outside the vocabulary, a schema it
         cannot compile) is a 400 naming the parameter; anything else the engine's (503, retry)."""
@@ -162,7 +161,10 @@ class Gateway:
         callers = isinstance(cause, EngineRequestError)
         await self._trace(call, status=400 if callers else 503, error=f"{type(cause).__name__}: {cause}")
         if callers:
-            return BadRequest(str(cause), param=ENGINE_PARAMS.get(cause.param, cause.param), code=cause.code)
+            param = cause.param
+            if param == "structured_outputs":  # the request's schema: its tools' or its response_format's
+                param = "tools" if isinstance(req, ChatCompletionRequest) and req.calls_tools else "response_format"
+            return BadRequest(str(cause), param=param, code=cause.code)
         call.headers["retry-after"] = "1"
         return BadRequest("the engine failed; retry shortly", status=503, type_="server_error")
 
@@ -211,8 +213,8 @@ class Gateway:
                 pass
             raise
         except Exception as e:  # noqa: BLE001 - every failure is traced and answered, never dropped
-            return await self._failed(call, e)
-        await self._trace(call, choices=answers if len(answers) > 1 else None, **answers[0])
+            return await self._failed(call, req, e)
+        await self._trace(call, choices=answers)
         # An escalated answer is the teacher's: the student's log-probabilities are not its.
         choices = [self._choice(req, g, a) for g, a in zip(gens, answers)]
         usage = gen.prompt_tokens, sum(g.completion_tokens for g in gens)
@@ -231,7 +233,10 @@ class Gateway:
         log-probabilities are not its); a tool call's JSON is its `tool_calls`."""
         logprobs = None if answer.get("escalated") else req.format_logprobs(gen.logprobs)
         calls = req.tool_calls(answer["completion"]) if isinstance(req, ChatCompletionRequest) else None
-        return Choice(answer["completion"], "tool_calls" if calls else gen.finish_reason, logprobs, calls)
+        # As OpenAI's and vLLM's servers: `tool_calls` for tool_choice required, `stop` for a named function.
+        finish = "tool_calls" if calls and req.tool_choice == "required" and gen.finish_reason == "stop" else \
+            gen.finish_reason
+        return Choice(answer["completion"], finish, logprobs, calls)
 
     async def _escalate(self, call: Call, req, gens: list, answers: list[dict], threshold: float) -> None:
         """The cascade: each choice less confident than `threshold` becomes the teacher's answer (asked
@@ -261,7 +266,9 @@ class Gateway:
 
     async def _stream(self, call: Call, req):
         chat = isinstance(req, ChatCompletionRequest)
-        texts, outs = [[] for _ in range(req.n)], [0] * req.n  # per choice: its deltas, its token count
+        # Per choice: its deltas, its token count, the text offset of its next token (by the tokens
+        # reported, as vLLM's server counts it: text held back for a stop string is not reported yet).
+        texts, outs, offsets = [[] for _ in range(req.n)], [0] * req.n, [0] * req.n
         n_prompt, ttft, status, error, traced, started = 0, 0.0, 200, "", False, False
 
         async def trace():
@@ -270,15 +277,15 @@ class Gateway:
                 traced = True
                 choices = [dict(completion="".join(t), prompt_tokens=n_prompt, completion_tokens=n, ttft_ms=ttft)
                            for t, n in zip(texts, outs)]
-                await self._trace(call, status=status, error=error, choices=choices if req.n > 1 else None,
-                                  **choices[0])
+                await self._trace(call, status=status, error=error, choices=choices)
 
         try:
             stream = self._engine(call.version).options(stream=True).generate_stream.remote(
                 **engine_args(call, req))
             async for delta in stream:
                 i = delta.index
-                logprobs = req.format_logprobs(delta.logprobs, offset=sum(map(len, texts[i])))
+                logprobs = req.format_logprobs(delta.logprobs, offset=offsets[i])
+                offsets[i] += sum(len(t["token"]) for t in delta.logprobs or [])
                 texts[i].append(delta.text)
                 n_prompt, outs[i], ttft = delta.prompt_tokens, outs[i] + delta.completion_tokens, delta.ttft_ms
                 started = True
@@ -296,7 +303,7 @@ class Gateway:
         except Exception as e:  # noqa: BLE001 - every failure is traced and answered, never dropped
             if not started:  # no byte sent yet: the caller gets a real HTTP error (_complete's)
                 traced = True
-                raise await asyncio.shield(self._refusal(call, e)) from None
+                raise await asyncio.shield(self._refusal(call, req, e)) from None
             # Headers are sent: the error in-band, in OpenAI's shape, then the stream ends cleanly.
             cause = getattr(e, "cause", None) or e
             status, error = 503, f"{type(cause).__name__}: {cause}"

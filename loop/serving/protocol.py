@@ -76,7 +76,8 @@ _NOT_YET = "is not supported by this server yet (README: the OpenAI parameters)"
 _REPLAYED = {"refusal", "annotations", "tool_calls", "function_call", "audio"}
 REFUSED = {
     "tools": "is not supported on text completions: send tools to /v1/chat/completions",
-    "tool_choice": "is not supported on text completions", "parallel_tool_calls": "is not supported on text completions",
+    "tool_choice": "is not supported on text completions",
+    "parallel_tool_calls": "is not supported on text completions",
     "functions": "is deprecated by OpenAI and not supported: send tools", "function_call":
         "is deprecated by OpenAI and not supported: send tool_choice",
     "echo": _NOT_YET, "best_of": _NOT_YET, "suffix": _NOT_YET,
@@ -229,12 +230,19 @@ def _arguments(params: dict | None) -> dict:
 def tool_calls_schema(tools: list[Tool], parallel: bool | None) -> dict:
     """`tool_choice: required` as vLLM's server decodes it: a JSON array of at least one
     {name, parameters} of the given tools (at most one when `parallel_tool_calls` is false)."""
-    schema = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": [
-        {"properties": {"name": {"type": "string", "enum": [t.function.name]},
-                        "parameters": _arguments(t.function.parameters)}, "required": ["name", "parameters"]}
-        for t in tools]}}
+    defs, items = {}, []
+    for t in tools:
+        params = dict(_arguments(t.function.parameters))
+        for name, sub in params.pop("$defs", {}).items():  # hoisted, so `#/$defs/...` still resolves
+            if defs.setdefault(name, sub) != sub:
+                raise BadRequest(f"tools: $defs {name!r} has two different schemas", param="tools")
+        items.append({"properties": {"name": {"type": "string", "enum": [t.function.name]}, "parameters": params},
+                      "required": ["name", "parameters"]})
+    schema = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": items}}
     if parallel is False:
         schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
     return schema
 
 
@@ -265,6 +273,8 @@ class ChatCompletionRequest(_Sampling):
                              "model, which this server does not have; send tool_choice 'required' or "
                              '{"type": "function", "function": {"name": ...}}, or "none"', param="tool_choice",
                              code="unsupported_parameter")
+        if choice == "required":
+            tool_calls_schema(tools, self.parallel_tool_calls)  # a refusal (conflicting $defs) at once
         if self.calls_tools and self.response_format and self.response_format.type != "text":
             raise BadRequest("response_format: a tool call's arguments are already JSON; send one of "
                              "response_format and tool_choice", param="response_format")
