@@ -133,11 +133,11 @@ def stop_services(cfg: LoopConfig) -> None:
 
 def start_serve(cfg: LoopConfig) -> None:
     """Serve on `serving.host:port`, its HTTP proxies running the gateway's proxy middleware (one
-    `x-request-id` per response, the gateway's own: loop/serving/protocol.py). The proxies inherit
+    `x-request-id` per response, the gateway's own: loop/serving/request_id.py). The proxies inherit
     the controller's environment; both are set only when Serve first starts on the cluster."""
     from ray import serve
 
-    from loop.serving.protocol import PROXY_CALLBACK
+    from loop.serving.request_id import PROXY_CALLBACK
 
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port},
                 controller_options={"runtime_env": {"env_vars": {

@@ -163,8 +163,8 @@ def test_the_client_gets_one_x_request_id_the_gateways_own():
     every response, refusals included, names the gateway's id once; the client's id reaches the app."""
     from ray.serve._private.http_util import RequestIdMiddleware
 
-    from loop.serving.protocol import ServerRequestId
-    from loop.serving.protocol import GatewayRequestId
+    from loop.serving.request_id import ServerRequestId
+    from loop.serving.request_id import GatewayRequestId
 
     async def route(request):
         status = 200 if request.headers.get("authorization") else 401

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from loop.serving.protocol import (REFUSED, BadRequest, ChatCompletionRequest, CompletionRequest, chat_logprobs,
-                                   completion_logprobs, cut_at_stop, parse_request)
+from loop.serving.protocol import (REFUSED, BadRequest, ChatCompletionRequest, CompletionRequest, cut_at_stop,
+                                   parse_request)
+from loop.serving.responses import chat_logprobs, completion_logprobs
 from loop.serving.routing import Call, choice_request_id, engine_args
 from loop.traces.importer import chat_prompt
 

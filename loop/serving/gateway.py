@@ -5,7 +5,7 @@ A plain class behind a FastAPI app that Ray Serve mounts (`serve_apps/gateway_ap
 `serve.ingress(api)` and `serve.deployment`). Its rooms: who is calling (`auth.py`), which variant
 answers (`routing.py`, the routing core, tested without a cluster), the teacher's escalation
 (`cascade.py`), the metrics (`metrics.py`), feedback's parsing and ownership (`feedback.py`), the
-request id (`protocol.ServerRequestId`). The engine and the trace log are handles passed in, so the
+request id (`request_id.ServerRequestId`). The engine and the trace log are handles passed in, so the
 routes are tested with a fake engine. Rollouts come from a RolloutStore actor, read on the request
 path at most every POLL_S (or, without one, from Serve's `user_config`): a new version or weight is
 live without restarting this replica or the engine.
@@ -27,9 +27,9 @@ from loop.serving.auth import require_admin, tenant_of
 from loop.serving.cascade import Escalation
 from loop.serving.engine import EngineRequestError
 from loop.serving.feedback import RequestOwners, log_holds_request, not_found, parse_feedback
-from loop.serving.protocol import (REQUEST_ID_HEADER, SSE_DONE, BadRequest, ChatCompletionRequest, Choice,
-                                   CompletionRequest, ServerRequestId, chat_completion_body, completion_body,
-                                   error_response, sse_chunk)
+from loop.serving.protocol import BadRequest, ChatCompletionRequest, CompletionRequest, error_response
+from loop.serving.request_id import REQUEST_ID_HEADER, ServerRequestId
+from loop.serving.responses import SSE_DONE, Choice, chat_completion_body, completion_body, sse_chunk
 from loop.serving.rollouts import POLL_S
 from loop.serving.routing import Call, choice_request_id, engine_args, model_not_found, route
 

@@ -1,28 +1,24 @@
-"""The slice of the OpenAI HTTP protocol the gateway and the reference teacher speak.
+"""The requests of the OpenAI HTTP protocol the gateway and the reference teacher take.
 
-Request validation gives one clear message naming the field; errors use OpenAI's error body.
-Bodies are built here, so the gateway, the teacher and the tests agree on one shape. So is the one
-`x-request-id` a response carries: the gateway's own (`ServerRequestId`, the gateway app's
-middleware), and only it (`GatewayRequestId`, installed in Ray Serve's HTTP proxy).
+Request validation gives one clear message naming the field; errors use OpenAI's error body. What
+goes back (bodies, log-probabilities, stream events) is `responses.py`; the `x-request-id` a
+response carries is `request_id.py`.
 """
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.responses import JSONResponse
 
+from loop.serving.responses import chat_logprobs, completion_logprobs
+
 MAX_BODY_BYTES = 1 << 20
 MAX_CHOICES = 16
 MAX_TOP_LOGPROBS = 20  # OpenAI's bounds, and vLLM's default max_logprobs
 MAX_COMPLETION_LOGPROBS = 5
-REQUEST_ID_HEADER = "x-request-id"
-PROXY_CALLBACK = "loop.serving.protocol.proxy_middlewares"
-"""What RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH names, in the environment of Serve's proxies."""
 
 
 class ChatMessage(BaseModel):
@@ -397,164 +393,3 @@ def parse_request(body: bytes, model: type[BaseModel]):
 
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     return parse_request(body, ChatCompletionRequest)
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _bytes(token: str) -> list[int]:
-    return list(token.encode("utf-8", errors="replace"))
-
-
-def chat_logprobs(tokens: list[dict] | None, top: int) -> dict | None:
-    """The engine's per-token log-probabilities (Generation.logprobs) as a chat choice's `logprobs`,
-    with the first `top` alternatives at each token, as vLLM's server gives them."""
-    if tokens is None:
-        return None
-    return {"content": [{"token": t["token"], "logprob": t["logprob"], "bytes": _bytes(t["token"]),
-                         "top_logprobs": [{"token": k, "logprob": v, "bytes": _bytes(k)} for k, v in t["top"][:top]]}
-                        for t in tokens], "refusal": None}
-
-
-def completion_logprobs(tokens: list[dict] | None, top: int, offset: int = 0) -> dict | None:
-    """The same as a text completion's `logprobs`: tokens, their log-probabilities, the sampled one
-    and `top` alternatives per token (vLLM's k + 1), and each token's offset in the text (from `offset`)."""
-    if tokens is None:
-        return None
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t["token"])
-    return {"tokens": [t["token"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
-            "top_logprobs": [dict(t["top"][:top + 1]) for t in tokens], "text_offset": offsets}
-
-
-@dataclass
-class Choice:
-    """One choice of a response: its text (or its tool calls), why it ended, and its log-probabilities
-    in the route's shape."""
-    text: str
-    finish_reason: str = "stop"
-    logprobs: dict | None = None
-    tool_calls: list[dict] | None = None
-
-    def message(self) -> dict:
-        if self.tool_calls:
-            return {"role": "assistant", "content": None, "tool_calls": self.tool_calls}
-        return {"role": "assistant", "content": self.text}
-
-
-def chat_completion_body(request_id: str, model: str, choices: list[Choice], prompt_tokens: int,
-                         completion_tokens: int) -> dict:
-    return {
-        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "message": c.message(), "finish_reason": c.finish_reason, "logprobs": c.logprobs}
-                    for i, c in enumerate(choices)],
-        "usage": _usage(prompt_tokens, completion_tokens),
-    }
-
-
-def completion_body(request_id: str, model: str, choices: list[Choice], prompt_tokens: int,
-                    completion_tokens: int) -> dict:
-    return {
-        "id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": c.logprobs}
-                    for i, c in enumerate(choices)],
-        "usage": _usage(prompt_tokens, completion_tokens),
-    }
-
-
-def sse_chunk(request_id: str, model: str, chat: bool, delta: str | None, finish_reason: str | None = None,
-              usage: tuple[int, int] | None = None, index: int = 0, logprobs: dict | None = None,
-              tool_calls: list[dict] | None = None) -> str:
-    """One server-sent event of a streamed chat or text completion (of choice `index`; `tool_calls`
-    whole, in one chunk)."""
-    if usage is not None:
-        choices = []
-    elif chat:
-        message = {"role": "assistant", "content": delta}
-        if tool_calls:
-            message = {"role": "assistant", "content": None,
-                       "tool_calls": [{"index": i, **call} for i, call in enumerate(tool_calls)]}
-        choices = [{"index": index, "delta": {} if delta is None and not tool_calls else message,
-                    "finish_reason": finish_reason, "logprobs": logprobs}]
-    else:
-        choices = [{"index": index, "text": delta or "", "finish_reason": finish_reason, "logprobs": logprobs}]
-    body = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": choices}
-    if usage is not None:
-        body["usage"] = _usage(*usage)
-    return f"data: {json.dumps(body)}\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"
-
-
-class ServerRequestId:
-    """Every request gets the gateway's own id, `new_request_id()`, read by the routes as
-    `request.state.request_id` and sent back in `x-request-id` on every response (refusals too).
-    The client's `x-request-id` is only recorded (`client_request_id`), never a trace's id: were it
-    one, a tenant could give its request another tenant's id. Serve's proxy appends the id the
-    request arrived with after ours; `GatewayRequestId`, in the proxy, keeps ours only."""
-
-    def __init__(self, app):
-        from loop.traces.log import new_request_id
-
-        self.app, self.new_id = app, new_request_id
-
-    async def __call__(self, scope, receive, send):
-        from starlette.datastructures import MutableHeaders
-
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        request_id = self.new_id()
-        scope["state"] = {**scope.get("state", {}), "request_id": request_id}
-
-        async def stamped(message):
-            if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
-            await send(message)
-
-        await self.app(scope, receive, stamped)
-
-
-class GatewayRequestId:
-    """A response names its request by one `x-request-id`: the first, which is the gateway's own.
-
-    Ray Serve's proxy appends the id the request arrived with (the client's, or one it made up) to
-    every response, whatever the response already says (`RequestIdMiddleware` in
-    ray/serve/_private/http_util.py: `headers.append("X-Request-ID", request_id)`). The gateway sets
-    its own id, so a client would get two; this ASGI middleware, outside Serve's, drops the later
-    ones. A response Serve makes itself (no route, no replica) keeps Serve's id, its only one."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def first_id_only(message):
-            if message["type"] == "http.response.start":
-                name, seen, kept = REQUEST_ID_HEADER.encode(), False, []
-                for k, v in message.get("headers", []):
-                    if k.lower() == name:
-                        if seen:
-                            continue
-                        seen = True
-                    kept.append((k, v))
-                message = {**message, "headers": kept}
-            await send(message)
-
-        await self.app(scope, receive, first_id_only)
-
-
-def proxy_middlewares() -> list:
-    """Serve's HTTP proxy callback (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=PROXY_CALLBACK, set
-    where Serve starts, e.g. `serve.start(controller_options={"runtime_env": {"env_vars": ...}})`:
-    the proxies inherit the controller's environment)."""
-    from starlette.middleware import Middleware
-
-    return [Middleware(GatewayRequestId)]
