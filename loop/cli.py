@@ -32,6 +32,11 @@ def _config_check(args) -> int:
     for path in args.files:
         try:
             cfg = load_config(path)
+            if cfg.student.tool_call_parser:
+                from loop.serving.engine import tool_parser_problem
+
+                if problem := tool_parser_problem(cfg.student.tool_call_parser, cfg.model_path(cfg.student)):
+                    raise ConfigError(f"{path}: {problem}")
             print(f"{path}: ok ({cfg.name}: {len(cfg.endpoints())} endpoint(s), student {cfg.student.name})")
         except ConfigError as e:
             print(e, file=sys.stderr)

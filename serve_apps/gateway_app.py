@@ -15,7 +15,7 @@ import time
 from ray import serve
 
 from loop.config import LoopConfig
-from loop.serving.engine import StudentEngine
+from loop.serving.engine import StudentEngine, tool_parser_problem
 from loop.serving.gateway import Gateway, api
 
 APP_NAME = "gateway"
@@ -93,11 +93,14 @@ def build_gateway_app(cfg: LoopConfig, trace_log, rollouts: dict, teacher_url: s
     engine = serve.get_deployment_handle(ENGINE_APP, app_name=ENGINE_APP) if _multi_lora(cfg) else None
     tenants = {t.id: {"api_key_hashes": t.api_key_hashes, "endpoints": [e.id for e in t.endpoints]}
                for t in cfg.tenants}
+    parser = cfg.student.tool_call_parser
+    if parser and (problem := tool_parser_problem(parser, cfg.model_path(cfg.student))):
+        raise ValueError(problem)
     gateway = serve.deployment(
         ingress_gateway(), name="gateway", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256,
         user_config={"endpoints": rollouts},
     ).bind(engine, trace_log, tenants, cfg.serving.admin_key_hash, *_cascade(cfg, teacher_url), rollout_store,
-           controller)
+           controller, parser)
     return gateway
 
 

@@ -318,6 +318,60 @@ def test_logprobs_n_logit_bias_and_json_through_the_real_engine(job):
         assert e.value.body["param"] == param, e.value.body
 
 
+def test_tool_choice_auto_and_an_agents_tool_turns_through_the_real_engine(job, tmp_path):
+    """A gateway with a tool-call parser (student.tool_call_parser: hermes) on the real multi-LoRA
+    engine: tool_choice auto is decoded freely with the tools in the chat template and read by vLLM's
+    Hermes parser (the random student calls nothing: its text is the answer, the same streamed); an
+    agent's turns (the assistant's tool call, the tool's result) render through the real template;
+    each record says what tools were offered. The parser reading calls is test_openai_params'."""
+    import ray
+    from fakes import serve_gateway
+    from ray import serve
+
+    from loop.config import hash_api_key
+    from loop.lineage.registry import Lineage
+    from loop.traces.log import TraceLog
+
+    cfg = load_config(job["config"])
+    ray.init(address=job["env"]["RAY_ADDRESS"], namespace="loop-tests", ignore_reinit_error=True)
+    served = Lineage(cfg.storage.tracking_uri, cfg.storage.path("mlartifacts")).version_info("tiny-support")
+    trace_log = ray.remote(TraceLog).options(num_cpus=0).remote(str(tmp_path))
+    rollouts = {"tiny-support": {"champion": served, "challenger": None, "challenger_weight": 0.0, "rollout_id": "t"}}
+    engine = serve.get_deployment_handle("student-engine", app_name="student-engine")
+    serve_gateway("tools-gateway", "/tools", rollouts, engine, trace_log,
+                  {"acme": {"api_key_hashes": [hash_api_key("sk-tools")], "endpoints": ["tiny-support"]}},
+                  None, None, None, None, None, "hermes")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{cfg.serving.port}/tools/v1", api_key="sk-tools",
+                               max_retries=0)
+        weather = {"type": "function", "function": {"name": "weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+        ask = dict(model="model-tiny-support", max_tokens=8, temperature=0, tools=[weather])
+        msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+        raw = client.chat.completions.with_raw_response.create(messages=msgs, **ask)
+        auto, rid = raw.parse().choices[0], raw.headers["x-request-id"]
+        assert auto.finish_reason in ("stop", "length") and auto.message.tool_calls is None and auto.message.content
+        chunks = [c for c in client.chat.completions.create(messages=msgs, stream=True, **ask) if c.choices]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == auto.message.content
+        turns = [*msgs, {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                 "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+                 {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+        after = client.chat.completions.with_raw_response.create(messages=turns, **ask)
+        assert after.parse().choices[0].message.content is not None
+        # The template rendered the turns: the prompt is longer than the question alone.
+        assert after.parse().usage.prompt_tokens > raw.parse().usage.prompt_tokens
+        rows = {r["request_id"]: r for r in read_traces(tmp_path)}
+        first, replay = rows[rid], rows[after.headers["x-request-id"]]
+        assert first["status"] == 200 and not first["escalated"] and first["completion"] == auto.message.content
+        assert json.loads(first["tools"])["tools"] == [weather] and json.loads(first["tools"])["tool_choice"] == "auto"
+        assert json.loads(replay["prompt"])[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Oslo"}'
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(messages=[*msgs, {"role": "tool", "content": "x"}], **ask)
+        assert e.value.body["param"] == "messages.1" and "tool_call_id" in e.value.body["message"]
+    finally:
+        serve.delete("tools-gateway")
+
+
 def test_real_engine_reports_confidence(job):
     cfg = load_config(job["config"])
     rows = [r for r in read_traces(cfg.storage.path("traces")) if r["endpoint"] == "globex-chat" and r["status"] == 200]

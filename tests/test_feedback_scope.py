@@ -39,7 +39,7 @@ def test_a_valid_feedback_body():
     assert parse_feedback(b'{"request_id": "req-1", "score": 0, "label": "wrong"}') == ("req-1", 0.0, "wrong")
     assert parse_feedback(json.dumps({"request_id": "r" * 500, "label": "x" * 256}).encode())[0] == "r" * 128
     for body, param in [(b'{"score": 1}', "request_id"), (b'{"request_id": "", "score": 1}', "request_id"),
-                        (b"[1]", "request_id"), (json.dumps({"request_id": "r", "label": "x" * 257}).encode(), "label"),
+                        (b"[1]", None), (json.dumps({"request_id": "r", "label": "x" * 257}).encode(), "label"),
                         (b'{"request_id": "r", "label": 3}', "label"), (b"{nope", None)]:
         with pytest.raises(BadRequest) as e:
             parse_feedback(body)

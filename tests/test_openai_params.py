@@ -9,8 +9,9 @@ import pytest
 from loop.serving.protocol import (REFUSED, BadRequest, ChatCompletionRequest, CompletionRequest, cut_at_stop,
                                    parse_request)
 from loop.serving.responses import chat_logprobs, completion_logprobs
-from loop.serving.routing import Call, choice_request_id, engine_args
+from loop.serving.routing import Call, choice_request_id, engine_args, tools_asked
 from loop.traces.importer import chat_prompt
+from loop.traces.log import tool_traffic
 
 
 def _chat(**fields) -> bytes:
@@ -65,7 +66,7 @@ def test_neutral_values_of_refused_parameters_ask_nothing_and_pass():
     req = parse_request(_chat(messages=[{"role": "user", "content": "hi"}, replayed]), ChatCompletionRequest)
     assert req.messages[1].as_dict() == {"role": "assistant", "content": "ok"}
     err = _refusal(_chat(messages=[{**replayed, "tool_calls": [{"id": "1", "type": "function"}]}]))
-    assert err.param == "messages.0" and "tool_calls" in err.message
+    assert err.param == "messages.0.tool_calls.0.function" and "required" in err.message
 
 
 def test_a_field_that_is_not_openais_is_refused():
@@ -213,3 +214,106 @@ def test_tool_schemas_defs_are_hoisted_so_references_resolve():
     other = {"type": "function", "function": {"name": "g", "parameters": {"$defs": {"P": {"type": "string"}}}}}
     err = _refusal(_chat(tools=[tool, other], tool_choice="required"))
     assert err.param == "tools" and "two different schemas" in err.message
+
+
+def test_tool_choice_auto_reaches_the_parser_only_on_a_server_that_has_one():
+    for fields in ({"tools": [WEATHER]}, {"tools": [WEATHER], "tool_choice": "auto"}):
+        req = parse_request(_chat(**fields), ChatCompletionRequest, {"tool_parser": "hermes"})
+        assert req.parses_tools and req.offers_tools and req.uses_tools and not req.calls_tools
+        args = engine_args(Call("r", 0.0, "m", "e1", "champion", {"version": "v1"}, {}), req, "hermes")
+        assert args["tool_parser"] == "hermes" and [t["function"]["name"] for t in args["tools"]] == ["weather"]
+        assert "sampling" not in args, "auto: free decoding, no structured outputs"
+        assert json.loads(tools_asked(req)) == {"tools": [WEATHER], "tool_choice": "auto", "parallel_tool_calls": None}
+    forced = parse_request(_chat(tools=[WEATHER], tool_choice="required"), ChatCompletionRequest,
+                           {"tool_parser": "hermes"})
+    assert "tool_parser" not in engine_args(Call("r", 0.0, "m", "e1", "champion", {"version": "v1"}, {}), forced,
+                                            "hermes"), "a forced call is decoded under its schema, not parsed"
+    assert tools_asked(parse_request(_chat(), ChatCompletionRequest)) == ""
+
+
+CALLED = {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]}
+RESULT = {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}
+
+
+def test_an_agents_tool_turns_replay_to_the_template_as_vllm_passes_them():
+    from loop.serving.engine import template_messages
+
+    msgs = [{"role": "user", "content": "weather in Oslo?"}, CALLED, RESULT]
+    req = parse_request(json.dumps({"model": "m", "messages": msgs, "tools": [WEATHER], "tool_choice": "none"}).encode(),
+                        ChatCompletionRequest)
+    assert req.uses_tools and not req.offers_tools, "tools: none, but a tool turn: still a tool conversation"
+    sent = _args(req)["messages"]
+    assert sent == [msgs[0], {k: v for k, v in CALLED.items() if v is not None}, RESULT], "the trace keeps OpenAI's form"
+    shown = template_messages(sent)
+    assert shown[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"} and shown[1]["content"] == ""
+    assert sent[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Oslo"}', "the request is not changed"
+    plain = parse_request(json.dumps({"model": "m", "messages": [*msgs[:1], {**CALLED, "content": "ok",
+                                                                               "tool_calls": []}]}).encode(),
+                          ChatCompletionRequest)
+    assert not plain.uses_tools and "tool_calls" not in plain.messages[1].as_dict(), "replayed []: nothing asked"
+
+
+@pytest.mark.parametrize("messages, param, words", [
+    ([{"role": "tool", "content": "x"}], "messages.0", "tool_call_id"),
+    ([{"role": "user", "content": "x", "tool_call_id": "c"}], "messages.0", "only a tool message"),
+    ([{"role": "user", "content": None}], "messages.0", "content: required"),
+    ([{**CALLED, "role": "user"}], "messages.0", "only an assistant"),
+    ([{**CALLED, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{x"}}]}],
+     "messages.0.tool_calls.0.function.arguments", "not JSON"),
+    ([{**CALLED, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}],
+     "messages.0.tool_calls.0.function.arguments", "not list"),
+])
+def test_bad_tool_turns_name_the_field(messages, param, words):
+    err = _refusal(json.dumps({"model": "m", "messages": messages}).encode())
+    assert err.param == param and words in err.message, err.message
+
+
+def test_tool_traffic_is_neither_labelled_nor_graded():
+    from loop.control.judged import unrated
+
+    live = {"tenant": "t", "request_id": "a", "status": 200, "completion": "x", "prompt": json.dumps([RESULT])}
+    offered = {**live, "request_id": "b", "prompt": "[]", "tools": '{"tools": []}'}
+    plain = {**live, "request_id": "c", "prompt": json.dumps([{"role": "user", "content": "the tool is broken"}])}
+    assert [tool_traffic(r) for r in (live, offered, plain, {"prompt": "not json \"tool"})] == [True, True, False, False]
+    assert [r["request_id"] for r in unrated([live, offered, plain], [], 1.0)] == ["c"]
+
+
+def test_the_choice_of_an_auto_answer_is_what_the_parser_read():
+    from loop.serving.engine import Generation
+    from loop.serving.gateway import Gateway
+
+    req = parse_request(_chat(tools=[WEATHER]), ChatCompletionRequest, {"tool_parser": "hermes"})
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+    raw = 'Checking.<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    gen = Generation(raw, 3, 9, 1.0, "stop", tool_calls=[call], content="Checking.")
+    choice = Gateway._choice(req, gen, {"completion": raw})
+    assert choice.finish_reason == "tool_calls" and choice.message() == {
+        "role": "assistant", "content": "Checking.", "tool_calls": [call]}
+    said = Gateway._choice(req, Generation("It is sunny.", 3, 4, 1.0, "stop"), {"completion": "It is sunny."})
+    assert said.finish_reason == "stop" and said.message() == {"role": "assistant", "content": "It is sunny."}
+
+
+def test_vllms_tool_call_parser_reads_the_calls_on_the_models_tokenizer(tiny_model_dir):
+    """The real vLLM parsers on a real tokenizer: Hermes' tags read into OpenAI's tool_calls; a parser
+    whose tokens the tokenizer lacks, or one vLLM does not have, is a config error naming the field."""
+    from transformers import AutoTokenizer
+
+    from loop.serving.engine import Generation, ToolCallReader, tool_parser_problem
+
+    msgs = [{"role": "user", "content": "weather in Oslo?"}]
+    reader = ToolCallReader("hermes", AutoTokenizer.from_pretrained(tiny_model_dir), msgs, [WEATHER])
+    assert reader.sampling() == {"skip_special_tokens": False}, "Hermes keeps its tags (special in some tokenizers)"
+    gen = Generation('Checking.<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>', 3, 9, 1.0,
+                     "stop")
+    reader.read(gen)
+    ((call),) = gen.tool_calls
+    assert call["type"] == "function" and call["id"] and gen.content == "Checking."
+    assert call["function"] == {"name": "weather", "arguments": '{"city": "Oslo"}'}
+    plain = Generation("It is sunny.", 3, 4, 1.0, "stop")
+    reader.read(plain)
+    assert plain.tool_calls is None and plain.content is None, "no call read: the text is the answer"
+    assert tool_parser_problem("hermes", tiny_model_dir) is None
+    assert "<|python_tag|>" in tool_parser_problem("llama3_json", tiny_model_dir)
+    problem = tool_parser_problem("nope", tiny_model_dir)
+    assert problem.startswith("student.tool_call_parser: 'nope' is not a vLLM tool-call parser") and "hermes" in problem

@@ -103,6 +103,8 @@ def bad_requests(keys: dict[str, str], models: dict[str, str]) -> list[tuple[str
         ("a field that is not OpenAI's", "POST", c, chat(top_k=3), auth, 400),
         ("tools with tool_choice auto (no tool-call parser)", "POST", c,
          chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), auth, 400),
+        ("a tool message without its tool_call_id", "POST", c,
+         chat(messages=[{"role": "user", "content": "x"}, {"role": "tool", "content": "42"}]), auth, 400),
         ("json_schema without its schema", "POST", c, chat(response_format={"type": "json_schema"}), auth, 400),
         ("a schema vLLM cannot compile", "POST", c, chat(response_format={"type": "json_schema", "json_schema": {
             "name": "bad", "schema": {"type": "frob"}}}), auth, 400),
@@ -135,6 +137,8 @@ def bad_requests(keys: dict[str, str], models: dict[str, str]) -> list[tuple[str
         ("admin deploy: unknown version", "POST", "/admin/deploy",
          json.dumps({"model": mine, "version": 999}).encode(), "ADMIN", 404),
         ("admin: unknown action", "POST", "/admin/format-disk", json.dumps({"model": mine}).encode(), "ADMIN", 400),
+        ("admin: body not UTF-8", "POST", "/admin/deploy", b'{"model": "\xff"}', "ADMIN", 400),
+        ("admin: oversized body", "POST", "/admin/deploy", b'{"model": "' + b"x" * (2 << 20) + b'"}', "ADMIN", 413),
     ]
 
 

@@ -13,7 +13,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from loop.config.base import Section, hash_api_key
 from loop.config.infra import (CostConfig, DraftConfig, EngineConfig, ModelConfig, RayConfig, ServingConfig,
-                               StorageConfig, TeacherConfig)
+                               StorageConfig, StudentConfig, TeacherConfig)
 from loop.config.learning import (BootstrapConfig, DataConfig, DraftTrainingConfig, JudgeConfig, MergeConfig,
                                   OutcomeJudgeConfig, SuiteConfig, TrafficConfig, TrainingConfig, ValidationConfig,
                                   WorldConfig)
@@ -22,7 +22,8 @@ from loop.config.tenants import CascadeConfig, EndpointConfig, TenantConfig
 
 __all__ = ["BootstrapConfig", "CascadeConfig", "ConfigError", "CostConfig", "DataConfig", "DraftConfig",
            "DraftTrainingConfig", "EndpointConfig", "EngineConfig", "JudgeConfig", "LoopConfig", "MergeConfig", "ModelConfig",
-           "OutcomeJudgeConfig", "PromotionConfig", "RayConfig", "RolloutConfig", "ScheduleConfig", "ServingConfig", "StorageConfig", "SuiteConfig",
+           "OutcomeJudgeConfig", "PromotionConfig", "RayConfig", "RolloutConfig", "ScheduleConfig", "ServingConfig", "StorageConfig", "StudentConfig",
+           "SuiteConfig",
            "TeacherConfig", "TenantConfig", "TrafficConfig", "TrainingConfig", "ValidationConfig", "WorldConfig",
            "hash_api_key", "load_config", "simulation"]
 
@@ -31,7 +32,7 @@ class LoopConfig(Section):
     name: str
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
-    student: ModelConfig
+    student: StudentConfig
     draft: DraftConfig
     teacher: TeacherConfig = TeacherConfig()
     tenants: list[TenantConfig] = Field(min_length=1)

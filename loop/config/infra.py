@@ -47,6 +47,14 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
+class StudentConfig(ModelConfig):
+    tool_call_parser: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """vLLM's tool-call parser for this model's tool-call format (a ToolParserManager name: `hermes`
+    for Qwen2.5 and Hermes, `llama3_json` for Llama 3.1+, `mistral`, `pythonic`, ...). Set, the gateway
+    serves `tool_choice: auto` (the model answers or calls, the parser reads its calls); unset, auto
+    is refused naming tool_choice. `loopctl config check` tries it on the model's tokenizer."""
+
+
 class DraftConfig(ModelConfig):
     num_layers: int = Field(default=4, ge=1)
     """Decoder layers kept from the student when the initial draft is built."""

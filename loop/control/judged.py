@@ -35,10 +35,13 @@ class Judged:
 def unrated(rows: list[dict], feedback: list[dict], fraction: float) -> list[dict]:
     """The answered requests in `rows` (status 200, where rows carry one) that no feedback row names
     (by tenant and request id), a seeded `fraction` of them (the same requests on every call). An
-    escalated answer is the teacher's own: grading it would say nothing of the student."""
+    escalated answer is the teacher's own: grading it would say nothing of the student; a tool-using
+    conversation's is not graded without its tools."""
+    from loop.traces.log import tool_traffic
+
     rated = {(f.get("tenant"), f.get("request_id")) for f in feedback}
     return [r for r in rows if r.get("status", 200) == 200 and (r["tenant"], r["request_id"]) not in rated
-            and r.get("completion") and not r.get("escalated")
+            and r.get("completion") and not r.get("escalated") and not tool_traffic(r)
             and random.Random(r["request_id"]).random() < fraction]
 
 

@@ -10,7 +10,7 @@ from loop.data.label import (earlier_imports, escalation_labels, previous_cutoff
                              write_split)
 from loop.data.select import rated_good, select_prompts
 from loop.models.digest import dir_digest
-from loop.traces.log import EVAL_USER, read_feedback
+from loop.traces.log import EVAL_USER, read_feedback, tool_traffic
 
 
 class DataStages:
@@ -52,7 +52,7 @@ class DataStages:
         ds = ray.data.read_parquet(str(parts)).filter(
             expr=f"endpoint == '{self.endpoint.id}' and status == 200 and (ts > {since} or source == 'imported')")
         read = ds.select_columns(["prompt", "user", "ts", "request_id", "tenant", "escalated", "confidence",
-                                  "completion", "model_version", "source", "source_digest"]).take_all()
+                                  "completion", "model_version", "source", "source_digest", "tools"]).take_all()
         consumed = earlier_imports(self.dir.parent, self.number)
         read = [r for r in read if r["source"] != "imported" or r["source_digest"] not in consumed]
         # The next cycle starts after the newest live record read here: nothing falls between cycles.
@@ -61,7 +61,8 @@ class DataStages:
         # or a rolled-back challenger's, are not evidence about it. Imported history was answered by the
         # team's own system before the loop: evidence about what users ask, whoever answered.
         champion = self.lineage.version_info(self.endpoint.id, "champion")["version"]
-        rows = [r for r in read if not r["user"].startswith(EVAL_USER)
+        # A tool-using conversation is not labelled: the teacher would answer it without its tools.
+        rows = [r for r in read if not r["user"].startswith(EVAL_USER) and not tool_traffic(r)
                 and (r["model_version"] == champion or r["source"] == "imported")]
         imports = sorted({r["source_digest"] for r in rows if r["source"] == "imported"})
         d = self.cfg.data

@@ -7,6 +7,7 @@ vLLM is imported only when an engine is built, so `import loop` works without it
 from __future__ import annotations
 
 import gc
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +32,10 @@ class Generation:
     [[token, logprob], ...]}, `top` in vLLM's order (the sampled token first, then the likeliest)."""
     others: list[Generation] = field(default_factory=list)
     """The other choices of a request with n > 1 (whole answers, indexes 1..n-1)."""
+    tool_calls: list[dict] | None = None
+    """The calls the tool-call parser read in `text` (asked with `tool_parser`), in OpenAI's shape;
+    `content` is then what the model said beside them (None: nothing)."""
+    content: str | None = None
 
 
 class EngineRequestError(ValueError):
@@ -43,6 +48,69 @@ class EngineRequestError(ValueError):
 
     def __reduce__(self):  # Ray pickles it to the gateway: keep param and code
         return type(self), (str(self), self.param, self.code)
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """The messages as chat templates take them: an assistant's tool-call arguments decoded from their
+    JSON string to an object, as vLLM's server passes them (Transformers' tool-use templates expect it),
+    and its missing content empty (templates without tool support concatenate it)."""
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            m = {**m, "content": m.get("content") or "", "tool_calls": [{**c, "function": {**c["function"],
+                                                        "arguments": json.loads(c["function"]["arguments"] or "{}")}}
+                                     for c in m["tool_calls"]]}
+        out.append(m)
+    return out
+
+
+class ToolCallReader:
+    """vLLM's tool-call parser `name` (ToolParserManager: `hermes`, `llama3_json`, `pythonic`, ...) on
+    the answers of one request with tools and tool_choice auto, as vLLM's server applies it: the
+    parser may adjust the request (keep special tokens), then reads each finished answer."""
+
+    def __init__(self, name: str, tokenizer, messages: list[dict], tools: list[dict]):
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.tool_parsers import ToolParserManager
+
+        request = ChatCompletionRequest(model="student", messages=messages, tools=tools, tool_choice="auto")
+        self.parser = ToolParserManager.get_tool_parser(name)(tokenizer, request.tools)
+        self.request = self.parser.adjust_request(request)
+
+    def sampling(self) -> dict:
+        """What the parser needs of the sampling (Hermes' tags are special tokens in some tokenizers)."""
+        return {} if self.request.skip_special_tokens else {"skip_special_tokens": False}
+
+    def read(self, gen: Generation) -> None:
+        info = self.parser.extract_tool_calls(gen.text, self.request)
+        if info.tools_called and info.tool_calls:
+            gen.tool_calls = [c.model_dump(include={"id", "type", "function"}) for c in info.tool_calls]
+            gen.content = info.content or None
+
+
+def tool_parser_problem(name: str, model_dir) -> str | None:
+    """Why vLLM's tool-call parser `name` cannot read the calls of the model at `model_dir` (None: it
+    can, or this machine cannot tell: no vLLM, or the model is not fetched yet). A parser that needs
+    tokens the tokenizer lacks (Llama 3's `<|python_tag|>`) fails here, not on a user's request."""
+    from pathlib import Path
+
+    try:
+        from vllm.tool_parsers import ToolParserManager
+    except ImportError:
+        return None
+    known = ToolParserManager.list_registered()
+    if name not in known:
+        return f"student.tool_call_parser: {name!r} is not a vLLM tool-call parser (one of {', '.join(known)})"
+    if not (Path(model_dir) / "tokenizer_config.json").exists():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        ToolCallReader(name, AutoTokenizer.from_pretrained(model_dir), [{"role": "user", "content": "hi"}],
+                       [{"type": "function", "function": {"name": "probe"}}])
+    except Exception as e:  # noqa: BLE001 - whatever the parser says is the config's problem
+        return f"student.tool_call_parser: {name!r} cannot read {model_dir}'s calls: {e}"
+    return None
 
 
 class StudentEngine:
@@ -87,8 +155,12 @@ class StudentEngine:
     def _prompt_ids(self, messages: list[dict] | None, prompt: str | None,
                     tools: list[dict] | None = None) -> list[int]:
         if messages is not None:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     **({"tools": tools} if tools else {}))
+            try:
+                ids = self.tokenizer.apply_chat_template(template_messages(messages), add_generation_prompt=True,
+                                                         tokenize=True, **({"tools": tools} if tools else {}))
+            except Exception as e:  # noqa: BLE001 - jinja's errors: the conversation is the caller's
+                raise EngineRequestError(f"the base model's chat template cannot render these messages: "
+                                         f"{type(e).__name__}: {e}", param="messages") from None
             if hasattr(ids, "input_ids") or isinstance(ids, dict):
                 ids = ids["input_ids"]
         else:
@@ -190,10 +262,15 @@ class StudentEngine:
     async def generate(self, messages: list[dict] | None = None, *, prompt: str | None = None, max_tokens: int,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                        adapter_path: str | None = None, request_id: str, confidence: bool = False,
-                       sampling: dict | None = None, tools: list[dict] | None = None) -> Generation:
+                       sampling: dict | None = None, tools: list[dict] | None = None,
+                       tool_parser: str | None = None) -> Generation:
         """The whole answer at once (with n > 1, the first choice, the others in its `others`).
         `messages` (chat) or `prompt` (text completion); `confidence` also returns the mean token
-        log-probability."""
+        log-probability. `tool_parser`: the `tools` are the model's to call or not (tool_choice auto),
+        and this vLLM tool-call parser reads each answer's calls into its `tool_calls`."""
+        reader = ToolCallReader(tool_parser, self.tokenizer, messages, tools) if tool_parser else None
+        if reader:
+            sampling = {**(sampling or {}), **reader.sampling()}
         latest: dict[int, Generation] = {}
         async for gens in self._outputs(messages, prompt, max_tokens, temperature, top_p, seed, adapter_path,
                                         request_id, delta=False, confidence=confidence, sampling=sampling,
@@ -202,6 +279,8 @@ class StudentEngine:
         first, *others = [latest[i] for i in sorted(latest)]
         for gen in latest.values():
             gen.finish_reason = gen.finish_reason or "stop"
+            if reader:
+                reader.read(gen)
         first.others = others
         return first
 

@@ -12,7 +12,7 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
-from loop.serving.protocol import MAX_BODY_BYTES, BadRequest
+from loop.serving.protocol import BadRequest, json_body
 
 MAX_LABEL = 256
 
@@ -20,14 +20,8 @@ MAX_LABEL = 256
 def parse_feedback(body: bytes) -> tuple[str, float | None, str | None]:
     """`{"request_id": str, "score": number in [0, 1]?, "label": str?}` (a score or a label, or both)
     -> (request_id, score, label); any problem is a BadRequest naming the field."""
-    if len(body) > MAX_BODY_BYTES:
-        raise BadRequest(f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}", status=413,
-                         code="request_too_large")
-    try:
-        raw = json.loads(body or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("request_id"), str) or not raw["request_id"]:
+    raw = json_body(body, empty={})
+    if not isinstance(raw.get("request_id"), str) or not raw["request_id"]:
         raise BadRequest("request_id: required string", param="request_id")
     score, label = raw.get("score"), raw.get("label")
     if score is None and label is None:

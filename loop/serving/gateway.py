@@ -27,7 +27,7 @@ from loop.serving.auth import require_admin, tenant_of
 from loop.serving.cascade import Escalation
 from loop.serving.engine import EngineRequestError
 from loop.serving.feedback import RequestOwners, log_holds_request, not_found, parse_feedback
-from loop.serving.protocol import BadRequest, ChatCompletionRequest, CompletionRequest, error_response
+from loop.serving.protocol import BadRequest, ChatCompletionRequest, CompletionRequest, error_response, json_body
 from loop.serving.request_id import REQUEST_ID_HEADER, ServerRequestId
 from loop.serving.responses import SSE_DONE, Choice, chat_completion_body, completion_body, sse_chunk
 from loop.serving.rollouts import POLL_S
@@ -57,14 +57,18 @@ async def _after(first: str, events):
 
 
 class Gateway:
+    tool_parser: str | None = None
+    """The base model's vLLM tool-call parser (none: tool_choice auto is refused)."""
+
     def __init__(self, engine, trace_log, tenants: dict[str, dict], admin_key_hash: str | None = None,
                  cascade: dict[str, float] | None = None, teacher: dict | None = None, rollout_store=None,
-                 controller=None):
+                 controller=None, tool_parser: str | None = None):
         """`engine`: the multi-LoRA engine's handle (a version with an `engine_app` is served by that
         app's engine instead). `tenants`: tenant id -> {"api_key_hashes": [...], "endpoints": [ids]}.
         `cascade`: endpoint id -> minimum mean token log-probability before escalating to `teacher`
         ({"base_url", "model", "api_key", "timeout_s"}), reached with the `openai` client.
-        `controller`: the RolloutController actor that carries out the admin routes."""
+        `controller`: the RolloutController actor that carries out the admin routes. `tool_parser`: the
+        base model's vLLM tool-call parser (student.tool_call_parser), which `tool_choice: auto` needs."""
         from loop.serving.metrics import GatewayMetrics
 
         self.engine, self.trace_log, self.controller, self._engines = engine, trace_log, controller, {}
@@ -72,7 +76,7 @@ class Gateway:
         self.escalation = Escalation(teacher) if teacher else None
         self.key_to_tenant = {h: t for t, spec in tenants.items() for h in spec["api_key_hashes"]}
         self.tenant_models = {t: {f"model-{e}": e for e in spec["endpoints"]} for t, spec in tenants.items()}
-        self.admin_key_hash = admin_key_hash
+        self.admin_key_hash, self.tool_parser = admin_key_hash, tool_parser
         self.rollouts: dict[str, dict] = {}
         self.rollout_store, self._rollout_version, self._checked = rollout_store, -1, 0.0
         self.metrics = GatewayMetrics()
@@ -119,7 +123,8 @@ class Gateway:
     def _route(self, request: Request, kind: type, request_id: str, started: float, tenant: str,
                body: bytes, client_request_id: str = "") -> tuple[Call, object]:
         return route(request.headers, kind, body, request_id=request_id, started=started, tenant=tenant,
-                     models=self.tenant_models[tenant], rollouts=self.rollouts, client_request_id=client_request_id)
+                     models=self.tenant_models[tenant], rollouts=self.rollouts, client_request_id=client_request_id,
+                     tool_parser=self.tool_parser)
 
     def _engine(self, version: dict):
         """The engine that serves `version`: its own merged engine app, or the multi-LoRA engine."""
@@ -185,10 +190,11 @@ class Gateway:
                 await self.trace_log.append.remote([e.record])
                 self.owners.add(e.record["tenant"], e.record["request_id"])
             return e.response()
-        # A tool call is answered by the student (the teacher is not asked to call tools).
-        tools = isinstance(req, ChatCompletionRequest) and req.calls_tools
-        threshold = self.cascade.get(call.endpoint) if self.teacher and not tools else None
-        if req.stream and threshold is None and not tools:
+        # A tool-using conversation is answered by the student (the teacher is not asked to call tools);
+        # an answer that may be a call is read whole (a stream of it is replayed).
+        chat = isinstance(req, ChatCompletionRequest)
+        threshold = self.cascade.get(call.endpoint) if self.teacher and not (chat and req.uses_tools) else None
+        if req.stream and threshold is None and not (chat and req.offers_tools):
             events = self._stream(call, req)
             try:  # the first event before the headers: a refusal or a failure up to it is a real 4xx / 5xx
                 first = await events.__anext__()
@@ -196,7 +202,7 @@ class Gateway:
                 return e.response(headers=call.headers)
             return StreamingResponse(_after(first, events), media_type="text/event-stream", headers=call.headers)
         try:
-            gen = await self._engine(call.version).generate.remote(**engine_args(call, req),
+            gen = await self._engine(call.version).generate.remote(**engine_args(call, req, self.tool_parser),
                                                                   confidence=threshold is not None)
             gens = [gen, *gen.others]
             answers = [dict(completion=g.text, prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
@@ -230,13 +236,20 @@ class Gateway:
     @staticmethod
     def _choice(req, gen, answer: dict) -> Choice:
         """A choice as the response carries it: an escalated answer is the teacher's (the student's
-        log-probabilities are not its); a tool call's JSON is its `tool_calls`."""
+        log-probabilities are not its); a forced tool call's JSON is its `tool_calls`, an auto one's are
+        what the tool-call parser read (with what the model said beside them)."""
         logprobs = None if answer.get("escalated") else req.format_logprobs(gen.logprobs)
-        calls = req.tool_calls(answer["completion"]) if isinstance(req, ChatCompletionRequest) else None
+        if not isinstance(req, ChatCompletionRequest) or not req.offers_tools:
+            return Choice(answer["completion"], gen.finish_reason, logprobs)
+        if req.parses_tools:
+            if gen.tool_calls:
+                return Choice(gen.content or "", "tool_calls", logprobs, gen.tool_calls)
+            return Choice(answer["completion"], gen.finish_reason, logprobs)
+        calls = req.tool_calls(answer["completion"])
         # As OpenAI's and vLLM's servers: `tool_calls` for tool_choice required, `stop` for a named function.
         finish = "tool_calls" if calls and req.tool_choice == "required" and gen.finish_reason == "stop" else \
             gen.finish_reason
-        return Choice(answer["completion"], finish, logprobs, calls)
+        return Choice("" if calls else answer["completion"], finish, logprobs, calls)
 
     async def _escalate(self, call: Call, req, gens: list, answers: list[dict], threshold: float) -> None:
         """The cascade: each choice less confident than `threshold` becomes the teacher's answer (asked
@@ -381,9 +394,7 @@ class Gateway:
         promote {model} | rollback {model}: MLflow's aliases change, then every replica serves them."""
         try:
             require_admin(request.headers, self.admin_key_hash)
-            body = json.loads(await request.body() or b"{}")
-            if not isinstance(body, dict):
-                raise BadRequest("request body must be a JSON object")
+            body = json_body(await request.body(), empty={})
             if self.controller is None:
                 raise BadRequest("this gateway runs without a rollout controller", status=501,
                                  code="not_implemented", type_="server_error")
@@ -391,8 +402,6 @@ class Gateway:
             if unknown:
                 raise BadRequest(f"unknown field(s) {sorted(unknown)}: send model, version, role, challenger_weight",
                                  param=sorted(unknown)[0])
-        except json.JSONDecodeError as e:
-            return BadRequest(f"request body is not valid JSON: {e}").response()
         except BadRequest as e:
             return e.response()
         try:

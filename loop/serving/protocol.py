@@ -10,7 +10,8 @@ import json
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from starlette.responses import JSONResponse
 
 from loop.serving.responses import chat_logprobs, completion_logprobs
@@ -21,13 +22,44 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bounds, and vLLM's default max_logprobs
 MAX_COMPLETION_LOGPROBS = 5
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    arguments: str = Field(max_length=1 << 16)
+    """The arguments as a JSON object in a string, as OpenAI's response gave them."""
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments):
+        try:
+            decoded = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not JSON ({e.msg}): a tool call's arguments are a JSON object in a string") from None
+        if not isinstance(decoded, dict):
+            raise ValueError("a tool call's arguments are a JSON object in a string, not "
+                             f"{type(decoded).__name__}")
+        return arguments
+
+
+class MessageToolCall(BaseModel):
+    """A tool call of an earlier assistant turn, replayed as OpenAI's response gave it."""
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     """A message as OpenAI's chat API takes it; `content` a string or an array of text parts, joined
-    by newlines as vLLM's own server joins them."""
+    by newlines as vLLM's own server joins them. An agent's turns replay too: an assistant message
+    with the `tool_calls` it made (its content may be null), then a `tool` message per call with its
+    result, naming the call by `tool_call_id`."""
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | None = None
     name: str | None = Field(default=None, max_length=64)
+    tool_calls: list[MessageToolCall] | None = Field(default=None, max_length=128)
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=128)
 
     @model_validator(mode="before")
     @classmethod
@@ -58,9 +90,29 @@ class ChatMessage(BaseModel):
             texts.append(part["text"])
         return "\n".join(texts)
 
+    @model_validator(mode="after")
+    def _turn(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message carries the tool calls it made")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool_call_id: a tool message names the call it answers, and only a tool message does"
+                             if self.role == "tool" else "tool_call_id: only a tool message names a call")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content: required (only an assistant message with tool_calls may have none)")
+        return self
+
+    @property
+    def is_tool_turn(self) -> bool:
+        """A turn of a tool-using conversation (a call made, or its result)."""
+        return self.role == "tool" or bool(self.tool_calls)
+
     def as_dict(self) -> dict:
-        """The message as the chat template, the trace and the teacher take it."""
-        return self.model_dump(exclude_none=True)
+        """The message as the chat template, the trace and the teacher take it (OpenAI's form: a tool
+        call's arguments a JSON string; the engine decodes them for the template, as vLLM's server)."""
+        out = self.model_dump(exclude_none=True)
+        if self.tool_calls == []:
+            out.pop("tool_calls")
+        return out
 
 
 class StreamOptions(BaseModel):
@@ -69,7 +121,7 @@ class StreamOptions(BaseModel):
 
 
 _NOT_YET = "is not supported by this server yet (README: the OpenAI parameters)"
-_REPLAYED = {"refusal", "annotations", "tool_calls", "function_call", "audio"}
+_REPLAYED = {"refusal", "annotations", "function_call", "audio"}
 REFUSED = {
     "tools": "is not supported on text completions: send tools to /v1/chat/completions",
     "tool_choice": "is not supported on text completions",
@@ -252,29 +304,47 @@ class ChatCompletionRequest(_Sampling):
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    """`required` or a named function: decoded under structured outputs as vLLM's server does;
-    `auto` (OpenAI's default with tools) needs a tool-call parser for the base model: refused."""
+    """`required` or a named function: decoded under structured outputs as vLLM's server does. `auto`
+    (OpenAI's default with tools): the model answers or calls, its calls read by the base model's
+    tool-call parser (`student.tool_call_parser`); refused on a server that has none."""
     parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
-    def _tools_asked(self):
+    def _tools_asked(self, info: ValidationInfo):
         tools, choice = self.tools or [], self.tool_choice
         if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in tools}:
             raise BadRequest(f"tool_choice: names the function {choice.function.name!r}, which is not in tools",
                              param="tool_choice")
         if choice in ("required", "auto") and not tools:
             raise BadRequest(f"tool_choice: {choice!r} needs tools", param="tool_choice")
-        if tools and choice in (None, "auto"):
+        if tools and choice in (None, "auto") and not (info.context or {}).get("tool_parser"):
             raise BadRequest("tool_choice: 'auto' (the default with tools) needs a tool-call parser for the base "
-                             "model, which this server does not have; send tool_choice 'required' or "
+                             "model (student.tool_call_parser in the server's config, e.g. hermes for Qwen2.5), "
+                             "which this server does not have; send tool_choice 'required' or "
                              '{"type": "function", "function": {"name": ...}}, or "none"', param="tool_choice",
                              code="unsupported_parameter")
         if choice == "required":
             tool_calls_schema(tools, self.parallel_tool_calls)  # a refusal (conflicting $defs) at once
-        if self.calls_tools and self.response_format and self.response_format.type != "text":
+        if self.offers_tools and self.response_format and self.response_format.type != "text":
             raise BadRequest("response_format: a tool call's arguments are already JSON; send one of "
-                             "response_format and tool_choice", param="response_format")
+                             "response_format and tools", param="response_format")
         return self
+
+    @property
+    def offers_tools(self) -> bool:
+        """The model is shown tools it may (auto) or must (required, named) call."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def parses_tools(self) -> bool:
+        """The model decides whether to call (tool_choice auto): its answer is read by the tool-call parser."""
+        return self.offers_tools and self.tool_choice in (None, "auto")
+
+    @property
+    def uses_tools(self) -> bool:
+        """A request of a tool-using conversation (tools offered, or a tool turn in its messages): answered
+        by the student only, and never labelled for training without its tools."""
+        return self.offers_tools or any(m.is_tool_turn for m in self.messages)
 
     @property
     def calls_tools(self) -> bool:
@@ -364,24 +434,34 @@ class BadRequest(Exception):
                               headers=headers)
 
 
-def parse_request(body: bytes, model: type[BaseModel]):
-    """Validate a JSON body into `model`; any problem is a BadRequest naming the field."""
+def json_body(body: bytes, empty: dict | None = None) -> dict:
+    """A request body as a JSON object (`empty` stands for a body of no bytes, where a route allows it):
+    over MAX_BODY_BYTES a 413, not JSON (or not UTF-8) or not an object a 400, as every route answers."""
     if len(body) > MAX_BODY_BYTES:
         raise BadRequest(f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}", status=413,
                          code="request_too_large")
+    if not body and empty is not None:
+        return empty
     try:
         raw = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"request body is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise BadRequest("request body must be a JSON object")
+    return raw
+
+
+def parse_request(body: bytes, model: type[BaseModel], context: dict | None = None):
+    """Validate a JSON body into `model`; any problem is a BadRequest naming the field. `context`: what
+    the server can do that a request may ask for (`tool_parser`: the base model's tool-call parser)."""
+    raw = json_body(body)
     refused = {name: why for name, why in REFUSED.items() if name not in model.model_fields}
     for name, why in refused.items():
         if name in raw and not _neutral(name, raw[name]):
             raise BadRequest(f"{name} {why}; remove it from the request", param=name, code="unsupported_parameter")
     raw = {k: v for k, v in raw.items() if k not in refused}  # those left are neutral: nothing asked
     try:
-        return model.model_validate(raw)
+        return model.model_validate(raw, context=context)
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None

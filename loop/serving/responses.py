@@ -43,8 +43,8 @@ def completion_logprobs(tokens: list[dict] | None, top: int, offset: int = 0) ->
 
 @dataclass
 class Choice:
-    """One choice of a response: its text (or its tool calls), why it ended, and its log-probabilities
-    in the route's shape."""
+    """One choice of a response: its text, its tool calls (the text then what the model said beside
+    them, often nothing), why it ended, and its log-probabilities in the route's shape."""
     text: str
     finish_reason: str = "stop"
     logprobs: dict | None = None
@@ -52,7 +52,7 @@ class Choice:
 
     def message(self) -> dict:
         if self.tool_calls:
-            return {"role": "assistant", "content": None, "tool_calls": self.tool_calls}
+            return {"role": "assistant", "content": self.text or None, "tool_calls": self.tool_calls}
         return {"role": "assistant", "content": self.text}
 
 
@@ -86,7 +86,7 @@ def sse_chunk(request_id: str, model: str, chat: bool, delta: str | None, finish
     elif chat:
         message = {"role": "assistant", "content": delta}
         if tool_calls:
-            message = {"role": "assistant", "content": None,
+            message = {"role": "assistant", "content": delta or None,
                        "tool_calls": [{"index": i, **call} for i, call in enumerate(tool_calls)]}
         choices = [{"index": index, "delta": {} if delta is None and not tool_calls else message,
                     "finish_reason": finish_reason, "logprobs": logprobs}]

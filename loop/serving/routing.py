@@ -51,11 +51,13 @@ def model_named(headers, model: str) -> str:
 
 
 def route(headers, kind: type, body: bytes, *, request_id: str, started: float, tenant: str,
-          models: dict[str, str], rollouts: dict[str, dict], client_request_id: str = "") -> tuple[Call, object]:
+          models: dict[str, str], rollouts: dict[str, dict], client_request_id: str = "",
+          tool_parser: str | None = None) -> tuple[Call, object]:
     """Parse `body` as `kind` and route it: `models` is the tenant's (`model-<id>` -> endpoint id),
-    `rollouts` what every endpoint serves now. Returns the call (variant, version, the trace record
-    so far, the response headers) and the parsed request; refusals are `BadRequest`s."""
-    req = parse_request(body, kind)
+    `rollouts` what every endpoint serves now, `tool_parser` the base model's tool-call parser (which
+    tool_choice auto needs). Returns the call (variant, version, the trace record so far, the response
+    headers) and the parsed request; refusals are `BadRequest`s."""
+    req = parse_request(body, kind, {"tool_parser": tool_parser})
     model = model_named(headers, req.model)
     endpoint = models.get(model)
     if endpoint is None:
@@ -67,14 +69,15 @@ def route(headers, kind: type, body: bytes, *, request_id: str, started: float, 
     user = headers.get("x-loop-user") or req.user or ""
     variant = assign_variant(rollout, user)
     version = rollout[variant]
-    prompt = [m.as_dict() for m in req.messages] if kind is ChatCompletionRequest else req.prompt
+    chat = kind is ChatCompletionRequest
+    prompt = [m.as_dict() for m in req.messages] if chat else req.prompt
     # `ts` is set once here: a retried append is recognised as the same record.
     record = dict(request_id=request_id, tenant=tenant, endpoint=endpoint, variant=variant,
                   model_version=version["version"], adapter_digest=version.get("adapter_digest", ""),
                   checkpoint_digest=version.get("checkpoint_digest", ""),
                   training_run_id=version.get("training_run_id", ""),
                   deployed_at=version.get("deployed_at", ""), user=user, prompt=json.dumps(prompt),
-                  client_request_id=client_request_id, ts=time.time())
+                  client_request_id=client_request_id, ts=time.time(), tools=tools_asked(req) if chat else "")
     call = Call(request_id, started, model, endpoint, variant, version, record,
                 {"x-model-version": version["version"], "x-variant": variant})
     return call, req
@@ -86,9 +89,20 @@ def choice_request_id(request_id: str, index: int) -> str:
     return request_id if index == 0 else f"{request_id}-{index}"
 
 
-def engine_args(call: Call, req) -> dict:
+def tools_asked(req: ChatCompletionRequest) -> str:
+    """The trace's `tools` of a chat request: its tools and tool_choice as JSON ("" without tools), so a
+    record says what the model was offered (and the loop leaves a tool call out of its labels)."""
+    if not req.tools:
+        return ""
+    choice = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice or "auto"
+    return json.dumps({"tools": [t.model_dump(exclude_none=True) for t in req.tools], "tool_choice": choice,
+                       "parallel_tool_calls": req.parallel_tool_calls})
+
+
+def engine_args(call: Call, req, tool_parser: str | None = None) -> dict:
     """What the engine's `generate` takes for this call: the version's adapter unless the version has
-    an engine of its own (a merged version), and the request's sampling."""
+    an engine of its own (a merged version), the request's sampling, its tools, and (tool_choice auto)
+    the tool-call parser that reads its answer."""
     adapter = None if call.version.get("engine_app") else call.version.get("adapter_path")
     args = dict(max_tokens=req.token_limit, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                 adapter_path=adapter, request_id=call.request_id)
@@ -96,8 +110,10 @@ def engine_args(call: Call, req) -> dict:
         args["sampling"] = sampling
     if isinstance(req, ChatCompletionRequest):
         args["messages"] = [m.as_dict() for m in req.messages]
-        if req.calls_tools:  # the chat template shows the model its tools
+        if req.offers_tools:  # the chat template shows the model its tools
             args["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+        if req.parses_tools:
+            args["tool_parser"] = tool_parser
     else:
         args["prompt"] = req.prompt
     return args

@@ -87,7 +87,7 @@ def chat_prompt(messages: list[dict]) -> str:
     logged message's other fields (a response's `refusal`, `annotations`) are not part of the prompt."""
     from loop.serving.protocol import ChatMessage
 
-    keep = set(ChatMessage.model_fields)
+    keep = {"role", "content", "name"}  # an imported conversation is plain text (tool turns are refused)
     return json.dumps([ChatMessage.model_validate({k: v for k, v in m.items() if k in keep}).as_dict()
                        for m in messages])
 
@@ -96,7 +96,8 @@ def chat_prompt(messages: list[dict]) -> str:
 def _roles() -> tuple[str, ...]:
     from loop.serving.protocol import ChatMessage
 
-    return get_args(ChatMessage.model_fields["role"].annotation)
+    # A tool result is not imported: the teacher labels plain conversations.
+    return tuple(r for r in get_args(ChatMessage.model_fields["role"].annotation) if r != "tool")
 
 
 def _number(v) -> bool:
@@ -116,6 +117,9 @@ def _messages(msgs, where: str, roles: tuple[str, ...], problems: list) -> None:
             problems.append((f"{at}.role", "required"))
         elif m["role"] not in roles:
             problems.append((f"{at}.role", f"{m['role']!r} is not one of {', '.join(roles)}"))
+        if m.get("tool_calls"):
+            problems.append((f"{at}.tool_calls", "a tool-using conversation is not imported: the teacher labels "
+                             "plain conversations"))
         if "name" in m and not (isinstance(m["name"], str) and 0 < len(m["name"]) <= 64):
             problems.append((f"{at}.name", "must be a string of 1 to 64 characters"))
         if not isinstance(m.get("content"), str):

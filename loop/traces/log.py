@@ -35,6 +35,8 @@ class TraceRecord:
     user: str = ""
     prompt: str = ""
     """The chat messages as JSON."""
+    tools: str = ""
+    """The tools the request offered, with its tool_choice, as JSON ("" for none)."""
     completion: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -66,6 +68,23 @@ _SCHEMA = pa.schema([(f.name, _ARROW[f.type]) for f in fields(TraceRecord)])
 EVAL_USER = "loop-eval"
 """User-id prefix of evaluation traffic (a client's own test requests, the demo's accuracy checks):
 traced like any request, but never selected for training nor counted as a canary outcome."""
+
+
+def tool_traffic(record: dict) -> bool:
+    """A record of a tool-using conversation: tools offered, or a tool call or its result among the
+    messages. The teacher and the judge are asked plain conversations, so the loop neither labels nor
+    grades these; they are served and traced like any request."""
+    if record.get("tools"):
+        return True
+    prompt = record.get("prompt") or ""
+    if '"tool' not in prompt:
+        return False
+    try:
+        messages = json.loads(prompt)
+    except ValueError:
+        return False
+    return isinstance(messages, list) and any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls"))
+                                              for m in messages)
 
 
 def new_request_id() -> str:
