@@ -182,7 +182,7 @@ class StudentEngine:
         if sampling.get("structured_outputs"):
             sampling["structured_outputs"] = StructuredOutputsParams(**sampling["structured_outputs"])
         if confidence:  # the cascade's mean log-probability needs the sampled tokens' log-probabilities
-            sampling["logprobs"] = max(sampling.get("logprobs") or 0, 0)
+            sampling["logprobs"] = sampling.get("logprobs") or 0
         # n > 1 without deltas: the n whole answers at the end (vLLM aggregates them only then).
         kind = (RequestOutputKind.DELTA if delta else
                 RequestOutputKind.FINAL_ONLY if sampling.get("n", 1) > 1 else RequestOutputKind.CUMULATIVE)
