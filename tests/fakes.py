@@ -11,11 +11,20 @@ from loop.serving.protocol import cut_at_stop
 class FakeEngine:
     """Echoes which adapter answered, so the test sees routing in the completion text; with n > 1
     choice i says `#i` after it (and of a question, only the even choices are unsure); asked for
-    log-probabilities, each token's is -0.5 (top: itself, "x")."""
+    log-probabilities, each token's is -0.5 (top: itself, "x"). Given a tool-call parser (tool_choice
+    auto), a question about the weather is answered with a call, in Hermes' tags, read as the engine
+    reads it (Generation.tool_calls, the words before it its content)."""
 
     async def generate(self, messages=None, *, prompt=None, max_tokens, temperature=0.0, top_p=1.0, seed=None,
-                       adapter_path=None, request_id="", confidence=False, sampling=None, tools=None):
+                       adapter_path=None, request_id="", confidence=False, sampling=None, tools=None,
+                       tool_parser=None, parallel_tool_calls=True):
         text = messages[-1]["content"] if messages else prompt
+        if tool_parser and "weather" in text:
+            call = {"id": f"chatcmpl-tool-{request_id[-8:]}", "type": "function",
+                    "function": {"name": tools[0]["function"]["name"], "arguments": '{"city": "Oslo"}'}}
+            raw = 'Checking. <tool_call>{"name": "%s", "arguments": {"city": "Oslo"}}</tool_call>' % call["function"]["name"]
+            return Generation(text=raw, prompt_tokens=5, completion_tokens=20, ttft_ms=1.0, finish_reason="stop",
+                              mean_logprob=-5.0, tool_calls=[call], content="Checking. ")
         if text == "boom":
             raise RuntimeError("engine died")
         if text == "long":

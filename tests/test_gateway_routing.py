@@ -304,6 +304,47 @@ def test_stream_failures_before_the_first_byte_are_real_http_errors(fake_gateway
     assert [x["status"] for x in rows] == [503] and rows[0]["completion"] == "tok0 ", rows
 
 
+def test_tool_choice_auto_returns_the_calls_the_parser_read_streamed_or_not(fake_gateway):
+    """A gateway with a tool-call parser: an auto answer that is a call comes back as `tool_calls` with
+    the words beside it as content (`finish_reason: tool_calls`), the same as one stream chunk; it is
+    never escalated (the endpoint's cascade would take this unsure answer), and its record keeps the
+    model's text and the tools offered."""
+    import httpx
+    from fakes import fake_engine
+    from ray import serve
+
+    tenants = {"t2": {"api_key_hashes": [hash_api_key("sk-t2-secret")], "endpoints": ["e2"]}}
+    teacher = {"base_url": "http://127.0.0.1:9/v1", "model": "unreachable"}  # asked, it would fail the record
+    serve_gateway("fake-tools-gateway", "/fake-tools", fake_gateway["rollouts"], fake_engine(),
+                  fake_gateway["trace_log"], tenants, None, {"e2": -1.0}, teacher, None, None, "hermes")
+    try:
+        url = fake_gateway["url"].replace("/fake/", "/fake-tools/")
+        c = openai.OpenAI(base_url=url, api_key="sk-t2-secret", max_retries=0)
+        weather = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+        ask = dict(model="model-e2", messages=[{"role": "user", "content": "weather in Oslo?"}], tools=[weather])
+        raw = c.chat.completions.with_raw_response.create(**ask)
+        choice, rid = raw.parse().choices[0], raw.headers["x-request-id"]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking. "
+        (call,) = choice.message.tool_calls
+        assert (call.function.name, json.loads(call.function.arguments)) == ("weather", {"city": "Oslo"})
+        assert "x-loop-escalated" not in raw.headers
+        chunks = [json.loads(line[6:]) for line in httpx.post(
+            f"{url}/chat/completions", json={**ask, "stream": True}, headers={"Authorization": "Bearer sk-t2-secret"},
+            timeout=30).text.splitlines() if line.startswith("data: {")]
+        (only,) = chunks
+        delta = only["choices"][0]["delta"]
+        assert only["choices"][0]["finish_reason"] == "tool_calls" and delta["content"] == "Checking. "
+        assert delta["tool_calls"][0]["index"] == 0 and delta["tool_calls"][0]["function"] == {
+            "name": "weather", "arguments": '{"city": "Oslo"}'}
+        said = c.chat.completions.create(**{**ask, "messages": [{"role": "user", "content": "hi"}]}).choices[0]
+        assert said.finish_reason == "stop" and said.message.tool_calls is None and said.message.content
+        (row,) = [r for r in read_traces(fake_gateway["traces"]) if r["request_id"] == rid]
+        assert row["completion"].startswith("Checking. <tool_call>") and not row["escalated"] and not row["error"]
+        assert json.loads(row["tools"]) == {"tools": [weather], "tool_choice": "auto", "parallel_tool_calls": None}
+    finally:
+        serve.delete("fake-tools-gateway")
+
+
 def test_openai_parameters_are_honoured_or_refused_by_name(fake_gateway):
     import httpx
 

@@ -69,6 +69,11 @@ def test_neutral_values_of_refused_parameters_ask_nothing_and_pass():
     assert err.param == "messages.0.tool_calls.0.function" and "required" in err.message
 
 
+def test_a_body_nested_too_deeply_is_a_400_not_a_crash():
+    err = _refusal(b"[" * 100_000)
+    assert "nested too deeply" in err.message
+
+
 def test_a_field_that_is_not_openais_is_refused():
     for body, kind, param in [(_chat(top_k=5), ChatCompletionRequest, "top_k"),
                               (_chat(temprature=0.2), ChatCompletionRequest, "temprature"),
@@ -229,6 +234,13 @@ def test_tool_choice_auto_reaches_the_parser_only_on_a_server_that_has_one():
     assert "tool_parser" not in engine_args(Call("r", 0.0, "m", "e1", "champion", {"version": "v1"}, {}), forced,
                                             "hermes"), "a forced call is decoded under its schema, not parsed"
     assert tools_asked(parse_request(_chat(), ChatCompletionRequest)) == ""
+    none = parse_request(_chat(tools=[WEATHER], tool_choice="none"), ChatCompletionRequest)
+    assert tools_asked(none) == "" and not none.uses_tools, "tool_choice none: a plain request, tools not shown"
+    single = parse_request(_chat(tools=[WEATHER], parallel_tool_calls=False), ChatCompletionRequest,
+                           {"tool_parser": "hermes"})
+    assert "tool_parser" not in _args(single) and "parallel_tool_calls" not in _args(single), "no parser: none asked"
+    assert engine_args(Call("r", 0.0, "m", "e1", "champion", {"version": "v1"}, {}), single, "hermes")[
+        "parallel_tool_calls"] is False
 
 
 CALLED = {"role": "assistant", "content": None, "tool_calls": [
@@ -247,6 +259,14 @@ def test_an_agents_tool_turns_replay_to_the_template_as_vllm_passes_them():
     assert sent == [msgs[0], {k: v for k, v in CALLED.items() if v is not None}, RESULT], "the trace keeps OpenAI's form"
     shown = template_messages(sent)
     assert shown[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"} and shown[1]["content"] == ""
+    # What a model wrote as arguments replays as given (the server may have returned it); the template
+    # sees {} for what is not a JSON object, as vLLM's server renders it.
+    odd = [{**CALLED, "tool_calls": [{"id": f"c{i}", "type": "function", "function": {"name": "weather.now",
+                                                                                      "arguments": a}}]}
+           for i, a in enumerate(['"Oslo"', "null", "{x", "  ", "[" * 5000])]
+    req = parse_request(json.dumps({"model": "m", "messages": [msgs[0], *odd]}).encode(), ChatCompletionRequest)
+    assert [m["tool_calls"][0]["function"]["arguments"] for m in template_messages(_args(req)["messages"][1:])] == \
+        [{}] * 5
     assert sent[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Oslo"}', "the request is not changed"
     plain = parse_request(json.dumps({"model": "m", "messages": [*msgs[:1], {**CALLED, "content": "ok",
                                                                                "tool_calls": []}]}).encode(),
@@ -259,10 +279,10 @@ def test_an_agents_tool_turns_replay_to_the_template_as_vllm_passes_them():
     ([{"role": "user", "content": "x", "tool_call_id": "c"}], "messages.0", "only a tool message"),
     ([{"role": "user", "content": None}], "messages.0", "content: required"),
     ([{**CALLED, "role": "user"}], "messages.0", "only an assistant"),
-    ([{**CALLED, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{x"}}]}],
-     "messages.0.tool_calls.0.function.arguments", "not JSON"),
-    ([{**CALLED, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}],
-     "messages.0.tool_calls.0.function.arguments", "not list"),
+    ([{**CALLED, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "", "arguments": "{}"}}]}],
+     "messages.0.tool_calls.0.function.name", "at least 1"),
+    ([{**CALLED, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f"}}]}],
+     "messages.0.tool_calls.0.function.arguments", "required"),
 ])
 def test_bad_tool_turns_name_the_field(messages, param, words):
     err = _refusal(json.dumps({"model": "m", "messages": messages}).encode())
@@ -313,6 +333,14 @@ def test_vllms_tool_call_parser_reads_the_calls_on_the_models_tokenizer(tiny_mod
     plain = Generation("It is sunny.", 3, 4, 1.0, "stop")
     reader.read(plain)
     assert plain.tool_calls is None and plain.content is None, "no call read: the text is the answer"
+    two = '\n<tool_call>{"name": "weather", "arguments": {"city": "A"}}</tool_call>\n' \
+          '<tool_call>{"name": "weather", "arguments": {"city": "B"}}</tool_call>'
+    both, first = Generation(two, 3, 9, 1.0, "stop"), Generation(two, 3, 9, 1.0, "stop")
+    reader.read(both)
+    ToolCallReader("hermes", reader.parser.model_tokenizer, msgs, [WEATHER], parallel=False).read(first)
+    assert [json.loads(c["function"]["arguments"])["city"] for c in both.tool_calls] == ["A", "B"]
+    assert [json.loads(c["function"]["arguments"])["city"] for c in first.tool_calls] == ["A"]
+    assert both.content is None, "only whitespace beside the calls: no content, as vLLM's server"
     assert tool_parser_problem("hermes", tiny_model_dir) is None
     assert "<|python_tag|>" in tool_parser_problem("llama3_json", tiny_model_dir)
     problem = tool_parser_problem("nope", tiny_model_dir)

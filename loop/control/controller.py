@@ -18,7 +18,7 @@ import time
 from datetime import datetime
 
 from loop.control.decision import Decision, decide, variant_stats
-from loop.traces.log import EVAL_USER
+from loop.traces.log import EVAL_USER, tool_traffic
 
 
 def _epoch_s(iso: str) -> float:
@@ -99,8 +99,9 @@ class PromotionController:
         if path.exists():
             done = {(d["tenant"], d["request_id"]): d["agreement"]
                     for d in map(json.loads, path.read_text().splitlines()) if d and d.get("tenant")}
+        # A tool-using conversation is not asked of the teacher (it would answer without the tools).
         todo = [r for r in rows if r["status"] == 200 and (r["tenant"], r["request_id"]) not in scores
-                and (r["tenant"], r["request_id"]) not in done
+                and (r["tenant"], r["request_id"]) not in done and not tool_traffic(r)
                 and random.Random(r["request_id"]).random() < self.cfg.promotion.shadow_fraction]
         if todo and self.cfg.teacher.kind != "local":
             t = self.cfg.teacher

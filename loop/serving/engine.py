@@ -50,6 +50,16 @@ class EngineRequestError(ValueError):
         return type(self), (str(self), self.param, self.code)
 
 
+def _arguments(text: str) -> dict:
+    """A replayed call's arguments as the template sees them: the JSON object, or `{}` for anything
+    else (not JSON, not an object), as vLLM's server renders them so the conversation can go on."""
+    try:
+        decoded = json.loads(text) if text.strip() else {}
+    except (ValueError, RecursionError):
+        return {}
+    return decoded if isinstance(decoded, dict) else {}
+
+
 def template_messages(messages: list[dict]) -> list[dict]:
     """The messages as chat templates take them: an assistant's tool-call arguments decoded from their
     JSON string to an object, as vLLM's server passes them (Transformers' tool-use templates expect it),
@@ -57,9 +67,9 @@ def template_messages(messages: list[dict]) -> list[dict]:
     out = []
     for m in messages:
         if m.get("tool_calls"):
-            m = {**m, "content": m.get("content") or "", "tool_calls": [{**c, "function": {**c["function"],
-                                                        "arguments": json.loads(c["function"]["arguments"] or "{}")}}
-                                     for c in m["tool_calls"]]}
+            m = {**m, "content": m.get("content") or "", "tool_calls": [
+                {**c, "function": {**c["function"], "arguments": _arguments(c["function"]["arguments"])}}
+                for c in m["tool_calls"]]}
         out.append(m)
     return out
 
@@ -69,23 +79,28 @@ class ToolCallReader:
     the answers of one request with tools and tool_choice auto, as vLLM's server applies it: the
     parser may adjust the request (keep special tokens), then reads each finished answer."""
 
-    def __init__(self, name: str, tokenizer, messages: list[dict], tools: list[dict]):
+    def __init__(self, name: str, tokenizer, messages: list[dict], tools: list[dict], parallel: bool = True):
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.tool_parsers import ToolParserManager
 
         request = ChatCompletionRequest(model="student", messages=messages, tools=tools, tool_choice="auto")
         self.parser = ToolParserManager.get_tool_parser(name)(tokenizer, request.tools)
         self.request = self.parser.adjust_request(request)
+        self.parallel = parallel
 
     def sampling(self) -> dict:
         """What the parser needs of the sampling (Hermes' tags are special tokens in some tokenizers)."""
         return {} if self.request.skip_special_tokens else {"skip_special_tokens": False}
 
     def read(self, gen: Generation) -> None:
+        """The calls in `gen.text` into `gen.tool_calls` (the first only when parallel_tool_calls is
+        false, as vLLM's server keeps it), what the model said beside them into `gen.content` (None
+        when only whitespace, as vLLM's server)."""
         info = self.parser.extract_tool_calls(gen.text, self.request)
         if info.tools_called and info.tool_calls:
-            gen.tool_calls = [c.model_dump(include={"id", "type", "function"}) for c in info.tool_calls]
-            gen.content = info.content or None
+            calls = info.tool_calls if self.parallel else info.tool_calls[:1]
+            gen.tool_calls = [c.model_dump(include={"id", "type", "function"}) for c in calls]
+            gen.content = info.content if info.content and info.content.strip() else None
 
 
 def tool_parser_problem(name: str, model_dir) -> str | None:
@@ -263,12 +278,18 @@ class StudentEngine:
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                        adapter_path: str | None = None, request_id: str, confidence: bool = False,
                        sampling: dict | None = None, tools: list[dict] | None = None,
-                       tool_parser: str | None = None) -> Generation:
+                       tool_parser: str | None = None, parallel_tool_calls: bool = True) -> Generation:
         """The whole answer at once (with n > 1, the first choice, the others in its `others`).
         `messages` (chat) or `prompt` (text completion); `confidence` also returns the mean token
         log-probability. `tool_parser`: the `tools` are the model's to call or not (tool_choice auto),
-        and this vLLM tool-call parser reads each answer's calls into its `tool_calls`."""
-        reader = ToolCallReader(tool_parser, self.tokenizer, messages, tools) if tool_parser else None
+        and this vLLM tool-call parser reads each answer's calls into its `tool_calls` (the first only,
+        with `parallel_tool_calls` false)."""
+        reader = None
+        if tool_parser:
+            try:
+                reader = ToolCallReader(tool_parser, self.tokenizer, messages, tools, parallel_tool_calls)
+            except ValueError as e:  # vLLM's own request model refusing the conversation or its tools
+                raise EngineRequestError(f"the tool-call parser cannot take this request: {e}", param="tools") from None
         if reader:
             sampling = {**(sampling or {}), **reader.sampling()}
         latest: dict[int, Generation] = {}

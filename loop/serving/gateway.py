@@ -242,7 +242,7 @@ class Gateway:
         if not isinstance(req, ChatCompletionRequest) or not req.offers_tools:
             return Choice(answer["completion"], gen.finish_reason, logprobs)
         if req.parses_tools:
-            if gen.tool_calls:
+            if gen.tool_calls and not answer.get("escalated"):
                 return Choice(gen.content or "", "tool_calls", logprobs, gen.tool_calls)
             return Choice(answer["completion"], gen.finish_reason, logprobs)
         calls = req.tool_calls(answer["completion"])

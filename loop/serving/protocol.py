@@ -24,21 +24,11 @@ MAX_COMPLETION_LOGPROBS = 5
 
 class CalledFunction(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: str = Field(min_length=1, max_length=256)
     arguments: str = Field(max_length=1 << 16)
-    """The arguments as a JSON object in a string, as OpenAI's response gave them."""
-
-    @field_validator("arguments")
-    @classmethod
-    def _json_object(cls, arguments):
-        try:
-            decoded = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"not JSON ({e.msg}): a tool call's arguments are a JSON object in a string") from None
-        if not isinstance(decoded, dict):
-            raise ValueError("a tool call's arguments are a JSON object in a string, not "
-                             f"{type(decoded).__name__}")
-        return arguments
+    """The arguments as the response gave them: a JSON object in a string. Replayed as given, whatever a
+    model wrote there (the template sees `{}` for what is not an object, as vLLM's server renders it),
+    so a conversation with one malformed call can go on."""
 
 
 class MessageToolCall(BaseModel):
@@ -325,9 +315,9 @@ class ChatCompletionRequest(_Sampling):
                              code="unsupported_parameter")
         if choice == "required":
             tool_calls_schema(tools, self.parallel_tool_calls)  # a refusal (conflicting $defs) at once
-        if self.offers_tools and self.response_format and self.response_format.type != "text":
+        if self.calls_tools and self.response_format and self.response_format.type != "text":
             raise BadRequest("response_format: a tool call's arguments are already JSON; send one of "
-                             "response_format and tools", param="response_format")
+                             "response_format and tool_choice", param="response_format")
         return self
 
     @property
@@ -343,7 +333,9 @@ class ChatCompletionRequest(_Sampling):
     @property
     def uses_tools(self) -> bool:
         """A request of a tool-using conversation (tools offered, or a tool turn in its messages): answered
-        by the student only, and never labelled for training without its tools."""
+        by the student only (never escalated), and neither labelled nor graded (loop/traces/log.py's
+        tool_traffic reads the same from its trace record). Tools with tool_choice none are not offered:
+        a plain request, as vLLM's server with --exclude-tools-when-tool-choice-none."""
         return self.offers_tools or any(m.is_tool_turn for m in self.messages)
 
     @property
@@ -446,6 +438,8 @@ def json_body(body: bytes, empty: dict | None = None) -> dict:
         raw = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
     if not isinstance(raw, dict):
         raise BadRequest("request body must be a JSON object")
     return raw

@@ -90,9 +90,10 @@ def choice_request_id(request_id: str, index: int) -> str:
 
 
 def tools_asked(req: ChatCompletionRequest) -> str:
-    """The trace's `tools` of a chat request: its tools and tool_choice as JSON ("" without tools), so a
-    record says what the model was offered (and the loop leaves a tool call out of its labels)."""
-    if not req.tools:
+    """The trace's `tools` of a chat request: the tools offered and tool_choice as JSON ("" when none are
+    offered: no tools, or tool_choice none), so a record says what the model was shown (and the loop
+    leaves a tool call out of its labels)."""
+    if not req.offers_tools:
         return ""
     choice = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice or "auto"
     return json.dumps({"tools": [t.model_dump(exclude_none=True) for t in req.tools], "tool_choice": choice,
@@ -112,8 +113,10 @@ def engine_args(call: Call, req, tool_parser: str | None = None) -> dict:
         args["messages"] = [m.as_dict() for m in req.messages]
         if req.offers_tools:  # the chat template shows the model its tools
             args["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
-        if req.parses_tools:
+        if req.parses_tools and tool_parser:
             args["tool_parser"] = tool_parser
+            if req.parallel_tool_calls is False:
+                args["parallel_tool_calls"] = False
     else:
         args["prompt"] = req.prompt
     return args
