@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from typing import NoReturn
 
 from loop.config import ConfigError, LoopConfig, load_config
 
@@ -146,16 +147,16 @@ class EndpointsFailed(RuntimeError):
         self.failed, self.reports = failed, reports
 
 
-def _forever(cfg, services, keys, endpoints) -> list[dict]:
+def _forever(cfg, services, keys, endpoints) -> NoReturn:
     """Until interrupted: decide live challengers every promotion.check_interval_s, and start an
     endpoint's cycle once schedule.min_new_traces arrived since its last cycle, or schedule.interval_s
-    passed (with at least one new trace, unless the world is simulated: then its cycles make the traffic)."""
+    passed (with at least one new trace, unless the world is simulated: then its cycles make the traffic).
+    A failed cycle is printed and tried again at the endpoint's next trigger (it resumes at its stage)."""
     from loop.control.controller import PromotionController
 
     controller = PromotionController(services)
     last_cycle = {e.id: time.time() if next_cycle(cfg, e.id) > 1 else 0.0 for _, e in endpoints}
     last_check: dict[str, float] = {}
-    reports, failed = [], {}
     sc = cfg.schedule
     print(f"[loop] running until interrupted: a cycle per endpoint at {sc.min_new_traces} new traces"
           f"{f' or every {sc.interval_s:.0f} s' if sc.interval_s else ''}", flush=True)
@@ -170,11 +171,8 @@ def _forever(cfg, services, keys, endpoints) -> list[dict]:
             new = new_traces(cfg, endpoint.id)
             due = sc.interval_s is not None and now - last_cycle[endpoint.id] >= sc.interval_s
             if new >= sc.min_new_traces or (due and (new or last_cycle[endpoint.id] == 0)):
-                failed.pop(endpoint.id, None)
-                rep = _one_cycle(cfg, services, keys, tenant, endpoint, failed)
+                _one_cycle(cfg, services, keys, tenant, endpoint, failed={})
                 last_cycle[endpoint.id] = time.time()
-                if rep:
-                    reports.append(rep)
         time.sleep(sc.poll_s)
 
 

@@ -1,8 +1,11 @@
 """One generation of the loop for one endpoint, stage by stage, each stage's output on disk.
 
-traffic -> select -> label -> train -> merge -> draft -> validate -> register -> deploy -> canary -> evaluate.
-With `promotion.mode: canary` the new version goes live as challenger and the canary stage sends
-simulated users (graded by the feedback oracle) until the promotion controller decides.
+traffic -> label -> train -> merge -> draft -> validate -> register -> deploy -> canary -> evaluate
+(`label` selects the served prompts that matter, then has the teacher label them). `traffic` sends the
+demo's simulated users, or, on real traffic (`traffic.simulate: false`), counts what arrived. With
+`promotion.mode: canary` the new version goes live as challenger and the canary stage waits for live
+evidence (the simulated users graded by the feedback oracle, or real users' feedback and the judge)
+until the promotion controller decides.
 A stage whose `result.json` exists is not run again, so a crashed cycle resumes at the first stage
 without an output, and registration looks the adapter digest up first: never two versions of one
 checkpoint. Printing is the driver's business; this returns a CycleReport.

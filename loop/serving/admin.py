@@ -98,9 +98,6 @@ class RolloutController:
         for endpoint, apps in keep.items():
             delete_apps([a for a in merged_apps(endpoint) if a not in apps])
 
-    def status(self) -> dict:
-        return {"endpoints": self.live()}
-
     # --- acting -----------------------------------------------------------------------------
     def act(self, action: str, model: str, version: int | None = None, weight: float | None = None,
             role: str = "challenger", by: str = "admin") -> dict:

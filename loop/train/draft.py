@@ -26,7 +26,7 @@ def draft_train_loop(config: dict) -> None:
 
     from loop.models.chat import greedy_answers
     from loop.train.losses import full_kl
-    from loop.train.sft import _batches, answer_positions, autocast, encode_example, worker_setup
+    from loop.train.sft import answer_positions, autocast, batches, encode_example, worker_setup
 
     dc = DraftTrainingConfig.model_validate(config["draft_training"])
     rank, world, device = worker_setup(dc.torch_threads, dc.seed)
@@ -50,7 +50,7 @@ def draft_train_loop(config: dict) -> None:
     losses = []
     bar = tqdm(range(dc.max_steps), desc="draft", disable=rank != 0, mininterval=2.0)
     for step in bar:
-        b = {n: t.to(device) for n, t in _batches(pool, dc.batch_size, tok.pad_token_id or 0, step, rank, world,
+        b = {n: t.to(device) for n, t in batches(pool, dc.batch_size, tok.pad_token_id or 0, step, rank, world,
                                                   dc.seed).items()}
         mask = answer_positions(b["labels"]).float()
         with torch.no_grad(), autocast(device, dc.precision):

@@ -86,8 +86,8 @@ def _pick(examples: list[dict], batch_size: int, step: int, rank: int, world: in
     return [examples[i] for i in idx]
 
 
-def _batches(examples: list[dict], batch_size: int, pad_id: int, step: int, rank: int, world: int, seed: int,
-             k: int = 0):
+def batches(examples: list[dict], batch_size: int, pad_id: int, step: int, rank: int, world: int, seed: int,
+            k: int = 0):
     """One batch of `examples` ({"ids", "labels", "kd"}) for this worker: input ids, labels, attention
     mask, and (with k > 0) the teacher's top-k ids / log-probs / mask per position."""
     return _collate(_pick(examples, batch_size, step, rank, world, seed), pad_id, k)
