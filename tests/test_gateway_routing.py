@@ -338,6 +338,16 @@ def test_tool_choice_auto_returns_the_calls_the_parser_read_streamed_or_not(fake
             "name": "weather", "arguments": '{"city": "Oslo"}'}
         said = c.chat.completions.create(**{**ask, "messages": [{"role": "user", "content": "hi"}]}).choices[0]
         assert said.finish_reason == "stop" and said.message.tool_calls is None and said.message.content
+        # An agent loop as langchain runs it: its tool call, then the tool's result, sent back in one conversation.
+        from langchain_core.messages import HumanMessage, ToolMessage
+        from langchain_openai import ChatOpenAI
+
+        agent = ChatOpenAI(base_url=url, api_key="sk-t2-secret", model="model-e2", max_retries=0).bind_tools([weather])
+        asked = [HumanMessage("weather in Oslo?")]
+        called = agent.invoke(asked)
+        assert [(c["name"], c["args"]) for c in called.tool_calls] == [("weather", {"city": "Oslo"})]
+        answered = agent.invoke([*asked, called, ToolMessage("sunny, 21 C", tool_call_id=called.tool_calls[0]["id"])])
+        assert answered.content == "adapter=None" and not answered.tool_calls, "the fake's answer after a tool turn"
         (row,) = [r for r in read_traces(fake_gateway["traces"]) if r["request_id"] == rid]
         assert row["completion"].startswith("Checking. <tool_call>") and not row["escalated"] and not row["error"]
         assert json.loads(row["tools"]) == {"tools": [weather], "tool_choice": "auto", "parallel_tool_calls": None}
