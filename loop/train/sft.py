@@ -295,9 +295,13 @@ def _deepspeed(model, opt, sched, tc: TrainingConfig, world: int):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed first picks its accelerator
     import deepspeed
 
+    # Buckets no larger than what is trained (the LoRA weights): DeepSpeed's default 5e8 elements is a
+    # 2 GB buffer per worker for a few hundred thousand adapter parameters, most of ZeRO-2's start.
+    bucket = int(min(5e8, max(1e6, sum(p.numel() for p in model.parameters() if p.requires_grad))))
+    zero = {"stage": tc.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     ds_config = {"train_micro_batch_size_per_gpu": tc.batch_size, "gradient_accumulation_steps": 1,
                  "train_batch_size": tc.batch_size * world, "gradient_clipping": 1.0,
-                 "zero_optimization": {"stage": tc.zero_stage}, "steps_per_print": 10 ** 9,
+                 "zero_optimization": zero, "steps_per_print": 10 ** 9,
                  "zero_allow_untested_optimizer": True}
     return deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config,
                                 dist_init_required=False)
