@@ -25,9 +25,9 @@ def _refusal(body: bytes, kind=ChatCompletionRequest) -> BadRequest:
     return e.value
 
 
-def _args(req) -> dict:
+def _args(req, tool_parser: str | None = None) -> dict:
     call = Call("req-1", 0.0, "model-e1", "e1", "champion", {"version": "v1"}, {})
-    return engine_args(call, req)
+    return engine_args(call, req, tool_parser)
 
 
 def test_stop_and_the_penalties_reach_the_engine():
@@ -225,22 +225,20 @@ def test_tool_choice_auto_reaches_the_parser_only_on_a_server_that_has_one():
     for fields in ({"tools": [WEATHER]}, {"tools": [WEATHER], "tool_choice": "auto"}):
         req = parse_request(_chat(**fields), ChatCompletionRequest, {"tool_parser": "hermes"})
         assert req.parses_tools and req.offers_tools and req.uses_tools and not req.calls_tools
-        args = engine_args(Call("r", 0.0, "m", "e1", "champion", {"version": "v1"}, {}), req, "hermes")
+        args = _args(req, "hermes")
         assert args["tool_parser"] == "hermes" and [t["function"]["name"] for t in args["tools"]] == ["weather"]
         assert "sampling" not in args, "auto: free decoding, no structured outputs"
         assert json.loads(tools_asked(req)) == {"tools": [WEATHER], "tool_choice": "auto", "parallel_tool_calls": None}
     forced = parse_request(_chat(tools=[WEATHER], tool_choice="required"), ChatCompletionRequest,
                            {"tool_parser": "hermes"})
-    assert "tool_parser" not in engine_args(Call("r", 0.0, "m", "e1", "champion", {"version": "v1"}, {}), forced,
-                                            "hermes"), "a forced call is decoded under its schema, not parsed"
+    assert "tool_parser" not in _args(forced, "hermes"), "a forced call is decoded under its schema, not parsed"
     assert tools_asked(parse_request(_chat(), ChatCompletionRequest)) == ""
     none = parse_request(_chat(tools=[WEATHER], tool_choice="none"), ChatCompletionRequest)
     assert tools_asked(none) == "" and not none.uses_tools, "tool_choice none: a plain request, tools not shown"
     single = parse_request(_chat(tools=[WEATHER], parallel_tool_calls=False), ChatCompletionRequest,
                            {"tool_parser": "hermes"})
     assert "tool_parser" not in _args(single) and "parallel_tool_calls" not in _args(single), "no parser: none asked"
-    assert engine_args(Call("r", 0.0, "m", "e1", "champion", {"version": "v1"}, {}), single, "hermes")[
-        "parallel_tool_calls"] is False
+    assert _args(single, "hermes")["parallel_tool_calls"] is False
 
 
 CALLED = {"role": "assistant", "content": None, "tool_calls": [

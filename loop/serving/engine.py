@@ -50,7 +50,7 @@ class EngineRequestError(ValueError):
         return type(self), (str(self), self.param, self.code)
 
 
-def _arguments(text: str) -> dict:
+def _replayed_arguments(text: str) -> dict:
     """A replayed call's arguments as the template sees them: the JSON object, or `{}` for anything
     else (not JSON, not an object), as vLLM's server renders them so the conversation can go on."""
     try:
@@ -68,7 +68,7 @@ def template_messages(messages: list[dict]) -> list[dict]:
     for m in messages:
         if m.get("tool_calls"):
             m = {**m, "content": m.get("content") or "", "tool_calls": [
-                {**c, "function": {**c["function"], "arguments": _arguments(c["function"]["arguments"])}}
+                {**c, "function": {**c["function"], "arguments": _replayed_arguments(c["function"]["arguments"])}}
                 for c in m["tool_calls"]]}
         out.append(m)
     return out
