@@ -35,7 +35,7 @@ def _write(rows: list, path: Path) -> Path:
 
 def _evaluate(student: Path, adapter: Path | None, facts, earlier: set[str], max_new_tokens: int) -> dict:
     from loop.sim.world import GENERAL_QUESTIONS, is_correct, states
-    from loop.validate.gate import generate_answers
+    from loop.models.answers import generate_answers
 
     questions = [f.heldout_question() for f in facts] + [q for q, _ in GENERAL_QUESTIONS]
     answers = generate_answers(student, questions, max_new_tokens, str(adapter) if adapter else None)

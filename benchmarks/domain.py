@@ -70,7 +70,7 @@ def _bench_config(cfg: LoopConfig, root: Path, teacher_url: str, key: str) -> Pa
 
 def run(cfg: LoopConfig) -> dict:
     from loop.driver import check_models
-    from loop.traces.importer import import_file
+    from loop.data.importer import import_file
     from benchmarks.domains.teacher import Domain
 
     check_models(cfg)
@@ -103,9 +103,9 @@ def _cycle(bcfg, endpoint, policies, key, imported, domain) -> dict:
     import openai
 
     from loop.driver import run as run_loop
-    from loop.services import start_services
+    from loop.cluster import start_services
     from loop.traces.log import read_feedback, read_traces
-    from loop.validate.suites import load_suite, mean_score
+    from loop.suites import load_suite, mean_score
 
     started = time.perf_counter()
     services = start_services(bcfg, epoch=0)

@@ -85,7 +85,7 @@ def run(cfg: LoopConfig) -> dict:
 
     from benchmarks.common import gated_path, trained_adapter
     from loop.models.fetch import read_manifest
-    from loop.services import admin, start_services, stop_services
+    from loop.cluster import admin, start_services, stop_services
 
     read_manifest(cfg.model_path(cfg.student))
     root = Path(tempfile.mkdtemp(prefix="bench-rollout-", dir=cfg.storage.path()))
@@ -125,15 +125,11 @@ def run(cfg: LoopConfig) -> dict:
 
         print("[bench] 5/5 naive: the engine and gateway deleted, redeployed with the new version as champion",
               flush=True)
-        from ray import serve
-
-        from serve_apps.gateway_app import APP_NAME, ENGINE_APP
+        from loop.cluster import ENGINE_APP, GATEWAY_APP, delete_apps, reconcile
 
         admin(services, "promote", LORA)
-        for app in (APP_NAME, ENGINE_APP):
-            serve.delete(app)
+        delete_apps([GATEWAY_APP, ENGINE_APP], blocking=True)
         st = {}
-        from loop.services import reconcile
 
         _timed(st, "redeploy_s", lambda: reconcile(services))
         st["first_answer_s"] = _first_answer(bench, LORA, "bench-user-0", f"student-{LORA}/2")

@@ -110,11 +110,10 @@ def run(cfg: LoopConfig, requests: int = 64, max_tokens: int = 32, concurrency: 
     import ray
     from ray import serve
 
+    from loop.cluster import ENGINE_APP, GATEWAY_APP, delete_apps, deploy_gateway, init_ray, start_serve
     from loop.models.fetch import read_manifest
-    from loop.services import init_ray, start_serve
     from loop.serving.rollouts import RolloutStore
     from loop.traces.log import TraceLog, read_traces
-    from serve_apps.gateway_app import ENGINE_APP, deploy_gateway
 
     base = cfg.model_path(cfg.student)
     read_manifest(base)
@@ -169,8 +168,7 @@ def run(cfg: LoopConfig, requests: int = 64, max_tokens: int = 32, concurrency: 
         out["adapter_to_live_s"] = time.perf_counter() - t0
 
         print("[bench] naive redeploy (fresh engine deployment)", flush=True)
-        serve.delete(ENGINE_APP)
-        serve.delete("gateway")
+        delete_apps([ENGINE_APP, GATEWAY_APP], blocking=True)
         t0 = time.perf_counter()
         deploy_gateway(cfg, trace_log, one)
         asyncio.run(_through_gateway(url, key, model, prompts[:1], 8, 1, users=1))

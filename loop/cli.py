@@ -118,7 +118,7 @@ def _serve(args) -> int:
     from loop.config import ConfigError, load_config
     from loop.driver import check_models, latest_epoch
     from loop.models.fetch import ModelMissing
-    from loop.services import (announce_serving, embedded, running_server, start_services, stop_services,
+    from loop.cluster import (announce_serving, embedded, running_server, start_services, stop_services,
                                withdraw_serving)
 
     try:
@@ -235,7 +235,7 @@ def _bench(args) -> int:
 def _traces_import(args) -> int:
     """A JSONL file of chat completions into the trace log; every problem with its line, or nothing."""
     from loop.config import ConfigError, load_config
-    from loop.traces.importer import ImportRefused, import_file
+    from loop.data.importer import ImportRefused, import_file
 
     if (path := _config_path(args)) is None:
         return 2
@@ -268,7 +268,7 @@ def _traces_show(args) -> int:
     from collections import Counter
 
     from loop.config import ConfigError, load_config
-    from loop.traces.importer import imports
+    from loop.data.importer import imports
     from loop.traces.log import read_feedback, read_traces
 
     if (path := _config_path(args)) is None:

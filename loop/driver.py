@@ -50,7 +50,7 @@ def check_models(cfg: LoopConfig) -> None:
 
 
 def run(cfg: LoopConfig, cycles: int, forever: bool = False, only: list[str] | None = None) -> list[dict]:
-    from loop.services import start_services, stop_services
+    from loop.cluster import start_services, stop_services
     from loop.teacher.client import check_reachable
     from loop.teacher.local import check_same_tokenizer
 
@@ -218,7 +218,7 @@ def _f(v, digits: int = 2) -> str:
 
 
 def _where_next(cfg, services, t0) -> None:
-    from loop.services import embedded, joined_server
+    from loop.cluster import embedded, joined_server
 
     if embedded(cfg) and not joined_server():
         print("[loop] the gateway stops with this process; to serve while the loop learns, start "

@@ -18,27 +18,20 @@ from loop.config import load_config
 
 
 def engine(args: dict):
-    from ray import serve
-
-    from loop.serving.engine import StudentEngine
-    from serve_apps.gateway_app import ENGINE_APP
+    from loop.cluster import ENGINE_APP
+    from serve_apps.gateway_app import engine_app
 
     cfg = load_config(args["config"])
-    eng = cfg.serving.engine
-    return serve.deployment(
-        StudentEngine, name=ENGINE_APP, ray_actor_options={"num_cpus": eng.num_cpus, "num_gpus": eng.num_gpus},
-        max_ongoing_requests=64, health_check_timeout_s=120, graceful_shutdown_timeout_s=5,
-    ).bind(str(cfg.model_path(cfg.student)), eng, cfg.student.dtype, lora=True)
+    return engine_app(cfg, ENGINE_APP, str(cfg.model_path(cfg.student)), lora=True)
 
 
 def gateway(args: dict):
     import ray
 
-    from loop.services import helper_actors
-    from serve_apps.gateway_app import build_gateway_app
+    from loop.cluster import gateway_app, helper_actors
 
     cfg = load_config(args["config"])
     trace_log, rollout_store, controller = helper_actors(cfg)
     rollouts = ray.get(controller.live.remote())
     teacher_url = cfg.teacher.base_url if cfg.teacher.kind == "openai" else None
-    return build_gateway_app(cfg, trace_log, rollouts, teacher_url, rollout_store, controller)
+    return gateway_app(cfg, trace_log, rollouts, teacher_url, rollout_store, controller)

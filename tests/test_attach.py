@@ -9,14 +9,14 @@ import pytest
 import yaml
 
 from loop.config import load_config
-from loop.services import announce_serving, running_server, serving_file, withdraw_serving
+from loop.cluster import announce_serving, running_server, serving_file, withdraw_serving
 
 pytestmark = pytest.mark.cluster
 
 JOIN = """
 import json, sys
 from loop.config import load_config
-from loop.services import init_ray, joined_server, stop_services
+from loop.cluster import init_ray, joined_server, stop_services
 cfg = load_config(sys.argv[1])
 init_ray(cfg)
 import ray
@@ -48,7 +48,7 @@ def test_run_beside_serve_joins_its_cluster_and_leaves_serving_up(ray_cluster, c
     import ray
     from ray import serve
 
-    from serve_apps.gateway_app import APP_NAME
+    from loop.cluster import GATEWAY_APP
 
     ray.init(address=ray_cluster["RAY_ADDRESS"], namespace="loop-tests", ignore_reinit_error=True)
     cfg = load_config(root_config)
@@ -62,6 +62,6 @@ def test_run_beside_serve_joins_its_cluster_and_leaves_serving_up(ray_cluster, c
     assert seen["gcs"] == ray.get_runtime_context().gcs_address, "it joined the server's cluster"
     assert seen["joined"]["pid"] == os.getpid()
     assert "attached to the running `loopctl serve`" in out.stdout + out.stderr
-    assert serve.status().applications[APP_NAME].status == "RUNNING", "its end left the gateway up"
+    assert serve.status().applications[GATEWAY_APP].status == "RUNNING", "its end left the gateway up"
     withdraw_serving(cfg)
     assert not serving_file(cfg).exists()

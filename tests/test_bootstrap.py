@@ -9,7 +9,7 @@ from conftest import ROOT
 from loop.config import load_config
 from loop.models.fetch import ensure_models, read_manifest
 from loop.sim.world import World, is_correct
-from loop.validate.gate import generate_answers
+from loop.models.answers import generate_answers
 
 pytestmark = pytest.mark.cluster
 

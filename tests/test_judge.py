@@ -9,7 +9,7 @@ import pytest
 
 from loop.config import JudgeConfig, TeacherConfig
 from loop.teacher.judge import TeacherJudge, judge_messages, parse_grade
-from loop.validate.suites import SuiteItem, grade
+from loop.suites import SuiteItem, grade
 
 
 @pytest.fixture

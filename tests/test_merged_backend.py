@@ -10,8 +10,8 @@ import yaml
 from fakes import serve_gateway
 
 from loop.config import LoopConfig
-from loop.serving.admin import RolloutController
-from loop.serving.rollouts import RolloutStore
+from loop.cluster import ENGINE_APP, MergedEngines, delete_apps, engine_handle
+from loop.serving.rollouts import RolloutController, RolloutStore
 from loop.sim.world import World
 from loop.traces.log import TraceLog, read_traces
 
@@ -21,10 +21,6 @@ ENDPOINT = "tiny-support"
 
 @pytest.fixture(scope="module")
 def merged(ray_cluster, cycle_job, tmp_path_factory):
-    from ray import serve
-
-    from serve_apps.gateway_app import ENGINE_APP, delete_apps, merged_apps
-
     raw = yaml.safe_load(cycle_job["config"].read_text())
     for tenant in raw["tenants"]:
         for endpoint in tenant["endpoints"]:
@@ -33,7 +29,7 @@ def merged(ray_cluster, cycle_job, tmp_path_factory):
     cfg = LoopConfig.model_validate(raw)
     ray.init(address=ray_cluster["RAY_ADDRESS"], namespace="loop-tests", ignore_reinit_error=True)
     store = ray.remote(RolloutStore).options(num_cpus=0).remote()
-    controller = ray.remote(RolloutController).options(num_cpus=0).remote(cfg, store)
+    controller = ray.remote(RolloutController).options(num_cpus=0).remote(cfg, store, MergedEngines())
     started = time.perf_counter()
     rollouts = ray.get(controller.publish.remote(), timeout=900)  # starts one engine per live version
     start_s = time.perf_counter() - started
@@ -41,12 +37,12 @@ def merged(ray_cluster, cycle_job, tmp_path_factory):
     trace_log = ray.remote(TraceLog).options(num_cpus=0).remote(str(traces))
     tenants = {t.id: {"api_key_hashes": t.api_key_hashes, "endpoints": [e.id for e in t.endpoints]}
                for t in cfg.tenants}
-    engine = serve.get_deployment_handle(ENGINE_APP, app_name=ENGINE_APP)
-    serve_gateway("merged-gateway", "/merged", rollouts, engine, trace_log, tenants, None, {}, None, store, controller)
+    serve_gateway("merged-gateway", "/merged", rollouts, engine_handle(), trace_log, tenants, None, {}, None, store,
+                  controller, None, engine_handle)
     yield {"cfg": cfg, "rollouts": rollouts, "start_s": start_s, "traces": traces,
            "url": f"http://127.0.0.1:{cfg.serving.port}/merged/v1"}
-    serve.delete("merged-gateway")
-    delete_apps(merged_apps(ENDPOINT))
+    delete_apps(["merged-gateway"], blocking=True)
+    delete_apps(MergedEngines().running(ENDPOINT))
 
 
 def _questions(cfg, n=4):
@@ -55,16 +51,12 @@ def _questions(cfg, n=4):
 
 
 def test_each_live_version_has_its_engine_with_the_draft(merged):
-    from ray import serve
-
-    from serve_apps.gateway_app import merged_apps
-
     champion = merged["rollouts"][ENDPOINT]["champion"]
     assert champion["number"] >= 2, "the cycle job registered a new version"
     assert champion["engine_app"] == f"merged-{ENDPOINT}-{champion['number']}"
     # The previous champion keeps its engine too, so a rollback is instant.
-    assert set(merged_apps(ENDPOINT)) == {champion["engine_app"], f"merged-{ENDPOINT}-1"}
-    info = serve.get_deployment_handle(champion["engine_app"], app_name=champion["engine_app"]).info.remote().result()
+    assert set(MergedEngines().running(ENDPOINT)) == {champion["engine_app"], f"merged-{ENDPOINT}-1"}
+    info = engine_handle(champion["engine_app"]).info.remote().result()
     assert info["model"] == champion["merged_path"] and info["lora"] is False
     assert info["speculative"]["model"] == champion["draft_path"]
     assert info["speculative"]["num_speculative_tokens"] == merged["cfg"].serving.engine.num_speculative_tokens
@@ -73,13 +65,8 @@ def test_each_live_version_has_its_engine_with_the_draft(merged):
 
 
 def test_merged_with_draft_answers_like_the_adapter(merged):
-    from ray import serve
-
-    from serve_apps.gateway_app import ENGINE_APP
-
     champion = merged["rollouts"][ENDPOINT]["champion"]
-    merged_engine = serve.get_deployment_handle(champion["engine_app"], app_name=champion["engine_app"])
-    lora_engine = serve.get_deployment_handle(ENGINE_APP, app_name=ENGINE_APP)
+    merged_engine, lora_engine = engine_handle(champion["engine_app"]), engine_handle(ENGINE_APP)
     for i, q in enumerate(_questions(merged["cfg"])):
         msgs = [{"role": "user", "content": q}]
         a = merged_engine.generate.remote(msgs, max_tokens=16, request_id=f"m{i}", confidence=True).result()

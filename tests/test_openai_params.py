@@ -10,7 +10,7 @@ from loop.serving.protocol import (REFUSED, BadRequest, ChatCompletionRequest, C
                                    parse_request)
 from loop.serving.responses import chat_logprobs, completion_logprobs
 from loop.serving.routing import Call, choice_request_id, engine_args, tools_asked
-from loop.traces.importer import chat_prompt
+from loop.data.importer import chat_prompt
 from loop.traces.log import tool_traffic
 
 

@@ -138,7 +138,7 @@ def real(cycle_job, teacher, tmp_path_factory):
     before = set(cycles.glob("cycle-*/deploy/result.json"))
 
     def users():
-        from loop.validate.suites import token_f1
+        from loop.suites import token_f1
 
         while not stop.is_set() and not set(cycles.glob("cycle-*/deploy/result.json")) - before:
             time.sleep(0.5)

@@ -177,7 +177,7 @@ def test_a_worse_challenger_is_rolled_back_on_live_evidence(resumed, cycle_job):
     from loop.lineage.registry import Lineage
     from benchmarks.serving import make_adapter
     from loop.models.digest import dir_digest
-    from loop.services import admin, helper_actors
+    from loop.cluster import admin, helper_actors
     from loop.sim.traffic import ask_gateway, post_feedback, user_traffic
     from loop.sim.world import World
 

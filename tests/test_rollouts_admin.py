@@ -15,7 +15,7 @@ from loop.config import LoopConfig, hash_api_key
 from loop.lineage.registry import Lineage, registered_name
 from loop.models.digest import dir_digest
 from loop.models.fetch import read_manifest
-from loop.serving.admin import WEIGHT_TAG, RolloutController
+from loop.serving.rollouts import WEIGHT_TAG, RolloutController
 from loop.serving.rollouts import RolloutStore
 from loop.traces.log import TraceLog, read_traces
 

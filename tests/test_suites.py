@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from loop.config import ConfigError, load_config
-from loop.validate.suites import (SuiteError, SuiteItem, general_prompts, grade, load_suite, mean_score,
+from loop.suites import (SuiteError, SuiteItem, general_prompts, grade, load_suite, mean_score,
                                   parse_suite)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ import yaml
 
 from loop.cli import main
 from loop.config import load_config
-from loop.traces.importer import ImportRefused, file_digest, import_file, import_request_id, imports
+from loop.data.importer import ImportRefused, file_digest, import_file, import_request_id, imports
 from loop.traces.log import TraceLog, read_feedback, read_traces
 
 ROOT = Path(__file__).resolve().parent.parent

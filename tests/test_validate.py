@@ -6,7 +6,7 @@ import pytest
 
 import loop.validate.gate as gate
 from loop.config import ValidationConfig
-from loop.validate.suites import Suite, SuiteItem, heldout_suite, parse_suite, token_f1
+from loop.suites import Suite, SuiteItem, heldout_suite, parse_suite, token_f1
 
 
 def test_token_f1_by_hand():

@@ -28,7 +28,7 @@ from loop.config import LoopConfig
 def run(cfg: LoopConfig, requests: int = 1000, concurrency: int = 32, max_tokens: int = 8,
         fault_requests: int = 300, label_prompts: int = 80, fuzz_examples: int = 300,
         root: Path | None = None, dashboard: str = "http://127.0.0.1:8265", skip: tuple[str, ...] = ()) -> dict:
-    from loop.services import stop_services
+    from loop.cluster import stop_services
 
     work = Path(root or tempfile.mkdtemp(prefix="bench-reliability-", dir=cfg.storage.path()))
     cfg, keys, admin_key = bench_config(cfg, work)

@@ -19,7 +19,7 @@ from benchmarks.reliability.traffic import first_success_after, kill_once, mixed
 def _engine_replica():
     import ray
 
-    from serve_apps.gateway_app import ENGINE_APP
+    from loop.cluster import ENGINE_APP
 
     names = ray.util.list_named_actors(all_namespaces=True)
     for a in names:

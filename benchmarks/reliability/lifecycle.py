@@ -163,8 +163,8 @@ def scenario_corrupt_artifacts(cfg, services, keys) -> dict:
     from loop.models.digest import dir_digest
     from loop.driver import check_models
     from loop.models.fetch import ModelDamaged
-    from loop.serving.admin import AdminError
-    from loop.services import admin
+    from loop.serving.rollouts import AdminError
+    from loop.cluster import admin
 
     endpoint, lineage = cfg.tenants[0].endpoints[0], services.lineage
     base, work = cfg.model_path(cfg.student), cfg.storage.path("corrupt")

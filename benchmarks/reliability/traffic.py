@@ -42,8 +42,7 @@ def fresh_services(cfg: LoopConfig):
     ~50 s on CPU; the slots are filled before the mixed batches)."""
     from ray import serve
 
-    from loop.services import init_ray, start_services
-    from serve_apps.gateway_app import APP_NAME, ENGINE_APP, engine_matches
+    from loop.cluster import ENGINE_APP, GATEWAY_APP, delete_apps, engine_matches, init_ray, start_services
 
     init_ray(cfg)
     try:
@@ -54,9 +53,7 @@ def fresh_services(cfg: LoopConfig):
         running.discard(ENGINE_APP)
         print("[bench] the running engine serves this config's student: kept", flush=True)
     # The reference teacher is kept by start_services when it is this config's (same world and epoch).
-    for app in (APP_NAME, ENGINE_APP):
-        if app in running:
-            serve.delete(app)
+    delete_apps([app for app in (GATEWAY_APP, ENGINE_APP) if app in running], blocking=True)
     return start_services(cfg, epoch=1)
 
 
@@ -204,7 +201,7 @@ def register_challenger(cfg, services) -> dict:
     challenger at half the users: the load runs over an A/B rollout."""
     from benchmarks.serving import make_adapter
     from loop.models.digest import dir_digest
-    from loop.services import admin
+    from loop.cluster import admin
 
     endpoint = cfg.tenants[0].endpoints[0].id
     adapter = make_adapter(cfg.model_path(cfg.student), cfg.storage.path("bench-challenger"),

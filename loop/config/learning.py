@@ -185,7 +185,7 @@ class MergeConfig(Section):
 
 
 class SuiteConfig(Section):
-    """One evaluation suite of the gate (loop/validate/suites.py): a JSONL file of
+    """One evaluation suite of the gate (loop/suites.py): a JSONL file of
     `{"messages", "reference"?, "grader"?, "threshold"?}` lines."""
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     """Names the suite in the ValidationReport, MLflow (`suite.<name>.*` metrics) and the cycle report."""
@@ -216,7 +216,7 @@ class SuiteConfig(Section):
         if base and "{root}" not in self.path and not Path(self.path).is_absolute():
             self.path = str((Path(base) / self.path).resolve())
         if "{cycle}" not in self.path and "{root}" not in self.path:
-            from loop.validate.suites import SuiteError, load_suite
+            from loop.suites import SuiteError, load_suite
 
             try:
                 load_suite(self.path, self.name, self.kind, self.grader)

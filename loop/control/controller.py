@@ -60,7 +60,7 @@ class PromotionController:
         decision = decide(stats[0], stats[1], p)
         self._record(endpoint, challenger, decision, judged)
         if act and decision.action in ("promote", "rollback"):
-            from loop.services import admin
+            from loop.cluster import admin
 
             admin(self.services, decision.action, endpoint, by="controller")
         return decision

@@ -21,7 +21,7 @@ from loop.cycle.data import DataStages
 from loop.cycle.learn import LearnStages
 from loop.cycle.release import ReleaseStages
 from loop.cycle.report import CycleFailed, CycleReport
-from loop.services import Services
+from loop.cluster import Services
 from loop.stages import fault_point, manifest, output_digest, write_json
 
 __all__ = ["Cycle", "CycleFailed", "CycleReport"]

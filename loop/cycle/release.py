@@ -7,7 +7,7 @@ from pathlib import Path
 
 from loop.control.canary import stage_clock
 from loop.data.label import replay_sources
-from loop.services import admin
+from loop.cluster import admin
 
 
 class ReleaseStages:

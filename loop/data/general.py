@@ -26,7 +26,7 @@ def base_replay_rows(base_dir: Path, n: int, seed: int, max_new_tokens: int, cac
     `cache_root`, so each base answers each prompt once) as `{"messages", "completion", "eos": false,
     "source": "base"}` rows. Heavy (Hugging Face generation): run it in a Ray task."""
     from loop.models.digest import dir_digest
-    from loop.validate.gate import AnswerCache, generate_answers
+    from loop.models.answers import AnswerCache, generate_answers
 
     prompts = replay_prompts(prompts_path)
     picked = random.Random(seed).sample(prompts, min(n, len(prompts)))

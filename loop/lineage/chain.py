@@ -12,7 +12,7 @@ from loop.config import LoopConfig
 from loop.lineage.registry import registered_name, version_label
 
 HELDOUT_SUITE = "heldout-teacher"
-"""The skill suite the gate makes of a cycle's held-out teacher labels (loop/validate/suites.py)."""
+"""The skill suite the gate makes of a cycle's held-out teacher labels (loop/suites.py)."""
 
 
 def chain(cfg: LoopConfig, endpoint: str, version: int | None = None) -> dict:

@@ -152,7 +152,7 @@ def engine_proof(report: MergeReport, base_dir: Path, adapter_dir: Path, merged_
     import torch
 
     from loop.serving.engine import answer_with_engine
-    from loop.validate.gate import generate_answers
+    from loop.models.answers import generate_answers
 
     if not (base_dir / "tokenizer_config.json").exists():
         report.engine_note = "skipped: the base has no tokenizer, so there is nothing to chat with"

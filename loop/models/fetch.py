@@ -193,6 +193,6 @@ def ensure_models(cfg: LoopConfig, force: bool = False) -> dict[str, dict]:
 
 def tiny_corpus() -> list[str]:
     """The tiny random model's vocabulary without a simulation: the general prompts' words."""
-    from loop.validate.suites import general_prompts
+    from loop.suites import general_prompts
 
     return [m["content"] for p in general_prompts() for m in p]

@@ -62,9 +62,10 @@ class Gateway:
 
     def __init__(self, engine, trace_log, tenants: dict[str, dict], admin_key_hash: str | None = None,
                  cascade: dict[str, float] | None = None, teacher: dict | None = None, rollout_store=None,
-                 controller=None, tool_parser: str | None = None):
+                 controller=None, tool_parser: str | None = None, engine_handles=None):
         """`engine`: the multi-LoRA engine's handle (a version with an `engine_app` is served by that
-        app's engine instead). `tenants`: tenant id -> {"api_key_hashes": [...], "endpoints": [ids]}.
+        app's engine instead, whose handle is `engine_handles(app)`: loop.cluster.engine_handle).
+        `tenants`: tenant id -> {"api_key_hashes": [...], "endpoints": [ids]}.
         `cascade`: endpoint id -> minimum mean token log-probability before escalating to `teacher`
         ({"base_url", "model", "api_key", "timeout_s"}), reached with the `openai` client.
         `controller`: the RolloutController actor that carries out the admin routes. `tool_parser`: the
@@ -72,6 +73,7 @@ class Gateway:
         from loop.serving.metrics import GatewayMetrics
 
         self.engine, self.trace_log, self.controller, self._engines = engine, trace_log, controller, {}
+        self.engine_handles = engine_handles
         self.cascade, self.teacher = dict(cascade or {}), teacher
         self.escalation = Escalation(teacher) if teacher else None
         self.key_to_tenant = {h: t for t, spec in tenants.items() for h in spec["api_key_hashes"]}
@@ -132,9 +134,9 @@ class Gateway:
         if not app:
             return self.engine
         if app not in self._engines:
-            from ray import serve
-
-            self._engines[app] = serve.get_deployment_handle(app, app_name=app)
+            if self.engine_handles is None:
+                raise RuntimeError(f"a version is served by engine app {app!r}: this gateway has no engine_handles")
+            self._engines[app] = self.engine_handles(app)
         return self._engines[app]
 
     async def _trace(self, call: Call, status: int = 200, error: str = "", choices: list[dict] | None = None,

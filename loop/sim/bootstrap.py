@@ -33,10 +33,10 @@ def bootstrap_student(cfg: LoopConfig, base_dir: Path, out_dir: Path, key: str) 
 
     from loop.merge.merger import Merger
     from loop.models.fetch import _finish
-    from loop.services import embedded, init_ray
+    from loop.cluster import embedded, init_ray
     from loop.sim.world import GENERAL_QUESTIONS, ROUTINE_QUESTIONS, World, is_correct, states, training_rows
     from loop.train.sft import LoRADistiller
-    from loop.validate.gate import generate_answers
+    from loop.models.answers import generate_answers
 
     def accuracy(facts, answers: list[str]) -> float:
         return sum(is_correct(f, a) for f, a in zip(facts, answers)) / max(1, len(facts))

@@ -21,14 +21,11 @@ def engine_answers(requests: list[tuple[str, str | None]], max_tokens: int, conc
     import asyncio
     import uuid
 
-    from ray import serve
+    from loop.cluster import ENGINE_APP, engine_handle, running
 
-    from serve_apps.gateway_app import ENGINE_APP
-
-    status = serve.status().applications.get(ENGINE_APP)
-    if status is None or status.status != "RUNNING":
+    if not running(ENGINE_APP):
         raise NoEngine(f"{ENGINE_APP} is not running: the demo's accuracy lines need a multi_lora endpoint")
-    handle = serve.get_deployment_handle(ENGINE_APP, app_name=ENGINE_APP)
+    handle = engine_handle()
     run = uuid.uuid4().hex[:12]
 
     async def ask_all() -> list[str]:

@@ -95,7 +95,7 @@ def deploy_teacher(cfg: LoopConfig, epoch: int) -> str:
     returns its OpenAI base URL."""
     from ray import serve
 
-    from serve_apps.gateway_app import _wait_running
+    from loop.cluster import run_app
 
     w = cfg.world
     url = f"http://{cfg.serving.host}:{cfg.serving.port}{ROUTE}/v1"
@@ -110,8 +110,7 @@ def deploy_teacher(cfg: LoopConfig, epoch: int) -> str:
         ray_actor_options={"num_cpus": 0}, user_config={"epoch": epoch},
     ).bind(w.seed, w.num_entities, w.drift_fraction, w.new_per_epoch, cfg.teacher.model,
            str(cfg.model_path(cfg.student)))
-    serve.run(app, name=APP_NAME, route_prefix=ROUTE, blocking=False)
-    _wait_running(APP_NAME)
+    run_app(app, APP_NAME, ROUTE)
     return url
 
 
@@ -119,10 +118,10 @@ def _serving(url: str, wanted: dict) -> bool:
     """Whether the teacher app answering at `url` is already the one `wanted` describes (model, epoch,
     world, tokenizer), so deploying it again would change nothing."""
     import httpx
-    from ray import serve
 
-    status = serve.status().applications.get(APP_NAME)
-    if status is None or status.status != "RUNNING":
+    from loop.cluster import running
+
+    if not running(APP_NAME):
         return False
     try:
         served = httpx.get(f"{url}/models", timeout=5).json()["data"][0]

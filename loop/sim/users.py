@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from loop.config import EndpointConfig, LoopConfig
-from loop.services import Services
+from loop.cluster import Services
 from loop.sim.traffic import ask_gateway, eval_traffic, post_feedback, user_traffic
 from loop.sim.world import Fact, World, is_correct, value_pattern
 
@@ -54,7 +54,7 @@ class SimulatedUsers:
     def write_suites(self) -> None:
         """The world's facts as evaluation suites, files the demo configs name in `validation.suites`
         exactly as a user names theirs (see `world_suite_rows`)."""
-        from loop.validate.suites import write_suite
+        from loop.suites import write_suite
 
         out = self.cfg.storage.path("sim", f"cycle-{self.number:04d}")
         for name, rows in world_suite_rows(self.world).items():
@@ -118,7 +118,7 @@ def world_suites(world: World, earlier_max_drop: float | None = None) -> list:
     """The same suites in memory (the benchmarks' gate), `world-earlier` against the champion."""
     import json
 
-    from loop.validate.suites import Suite, parse_suite
+    from loop.suites import Suite, parse_suite
 
     rows = world_suite_rows(world)
     text = {k: "".join(json.dumps(r) + "\n" for r in v) for k, v in rows.items()}

@@ -62,7 +62,7 @@ class TeacherJudge:
         return score if self.cfg.pass_score is None else float(score >= self.cfg.pass_score)
 
     def __call__(self, item, answer: str) -> float:
-        """The `judge` grader of loop/validate/suites.py."""
+        """The `judge` grader of loop/suites.py."""
         return self.grade(item.conversation, answer, item.reference)
 
 

@@ -62,7 +62,7 @@ class TraceRecord:
 
 # Field annotations are strings here (`from __future__ import annotations`).
 _ARROW = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
-_SCHEMA = pa.schema([(f.name, _ARROW[f.type]) for f in fields(TraceRecord)])
+SCHEMA = pa.schema([(f.name, _ARROW[f.type]) for f in fields(TraceRecord)])
 
 
 EVAL_USER = "loop-eval"
@@ -97,9 +97,9 @@ class TraceLog:
         self.root.mkdir(parents=True, exist_ok=True)
         self._wal_path = self.root / "wal.jsonl"
         self._recover()
-        _truncate_torn_tail(self._wal_path)
+        truncate_torn_tail(self._wal_path)
         self._wal = open(self._wal_path, "a", encoding="utf-8")
-        _truncate_torn_tail(self.root / "feedback.jsonl")
+        truncate_torn_tail(self.root / "feedback.jsonl")
         self._feedback = open(self.root / "feedback.jsonl", "a", encoding="utf-8")
 
     def append_feedback(self, rows: list[dict]) -> int:
@@ -131,12 +131,12 @@ class TraceLog:
         return self.root / "parquet"
 
     def _compact_segment(self, sealed: Path) -> int:
-        rows = _read_jsonl(sealed)
+        rows = read_jsonl(sealed)
         part = self.parts_dir() / f"part-{sealed.stem.split('-')[1]}.parquet"
         if rows and not part.exists():
             part.parent.mkdir(parents=True, exist_ok=True)
             tmp = part.with_suffix(".tmp")
-            pq.write_table(pa.Table.from_pylist(rows, schema=_SCHEMA), tmp)
+            pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
             os.replace(tmp, part)
         sealed.unlink()
         return len(rows)
@@ -146,7 +146,7 @@ class TraceLog:
             self._compact_segment(sealed)
 
 
-def _truncate_torn_tail(path: Path) -> None:
+def truncate_torn_tail(path: Path) -> None:
     """Cut a crash's partial last line (never acknowledged), so the next record starts on a new line."""
     if not path.exists() or path.stat().st_size == 0:
         return
@@ -156,7 +156,7 @@ def _truncate_torn_tail(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -176,7 +176,7 @@ def read_feedback(root: str | Path) -> list[dict]:
     (`feedback-import-<digest>.jsonl`, written whole by `loopctl traces import`, never appended to)."""
     root = Path(root)
     paths = [root / "feedback.jsonl"] + sorted(root.glob("feedback-import-*.jsonl"))
-    return [row for path in paths if path.exists() for row in _read_jsonl(path)]
+    return [row for path in paths if path.exists() for row in read_jsonl(path)]
 
 
 def read_traces(root: str | Path) -> list[dict]:
@@ -190,7 +190,7 @@ def read_traces(root: str | Path) -> list[dict]:
         rows += pq.read_table(part).to_pylist()
     for seg in sorted(root.glob("wal-*.sealed")) + [root / "wal.jsonl"]:
         if seg.exists():
-            rows += _read_jsonl(seg)
+            rows += read_jsonl(seg)
     seen, out = set(), []
     for r in sorted(rows, key=lambda r: r["ts"]):
         key = (r["request_id"], r["ts"])

@@ -49,11 +49,9 @@ def merged_parity(cfg: LoopConfig) -> bool:
 
 
 async def _multi_lora(adapter_dir: str, conversations: list[list[dict]], max_tokens: int) -> list[list[int]]:
-    from ray import serve
+    from loop.cluster import engine_handle
 
-    from serve_apps.gateway_app import ENGINE_APP
-
-    handle = serve.get_deployment_handle(ENGINE_APP, app_name=ENGINE_APP)
+    handle = engine_handle()
     ids = []
     for i, c in enumerate(conversations):
         gen = await handle.generate.remote(c, max_tokens=max_tokens, adapter_path=adapter_dir,

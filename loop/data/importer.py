@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loop.config import LoopConfig
-from loop.traces.log import _SCHEMA, TraceRecord, _read_jsonl, _truncate_torn_tail
+from loop.traces.log import SCHEMA, TraceRecord, read_jsonl, truncate_torn_tail
 
 IMPORTED = "imported"
 """The `source`, `variant` and `model_version` of an imported record: no registered version served it."""
@@ -243,7 +243,7 @@ def imports(traces_root: str | Path) -> dict[str, dict]:
     """The ledger: every imported file's row, by digest."""
     path = Path(traces_root) / LEDGER
     # A torn last row (a crash while appending it) is skipped: that import finishes when run again.
-    return {r["digest"]: r for r in _read_jsonl(path)} if path.exists() else {}
+    return {r["digest"]: r for r in read_jsonl(path)} if path.exists() else {}
 
 
 def import_file(cfg: LoopConfig, path: str | Path, endpoint: str | None = None,
@@ -278,7 +278,7 @@ def import_file(cfg: LoopConfig, path: str | Path, endpoint: str | None = None,
             for row in feedback:
                 row["ts"] = ts.get(row["request_id"], row["ts"])
         else:
-            _write_atomic(part, lambda tmp: pq.write_table(pa.Table.from_pylist(records, schema=_SCHEMA), tmp))
+            _write_atomic(part, lambda tmp: pq.write_table(pa.Table.from_pylist(records, schema=SCHEMA), tmp))
         if feedback and not feedback_file.exists():
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in feedback)
             _write_atomic(feedback_file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -299,7 +299,7 @@ def _ledger_lock(root: Path):
     with open(root / LEDGER, "a", encoding="utf-8") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            _truncate_torn_tail(root / LEDGER)
+            truncate_torn_tail(root / LEDGER)
             yield f
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)

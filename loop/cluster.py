@@ -1,14 +1,17 @@
-"""The Ray topology of the loop: cluster, trace-log actor, teacher and gateway apps, reconciliation.
+"""The loop's Ray cluster: joining or starting it, its Serve applications (names, handles, readiness,
+deploying and deleting them) and its named helper actors (trace log, rollout store, rollout controller).
 
-Everything that applies `ray.remote` or talks to Serve for the driver lives here, so the numerical
-code (training, merge, validation) stays free of Ray wiring. MLflow's `champion` alias says what is
-live; `reconcile` makes the gateway serve exactly that.
+This is the one module that knows the wiring: the applications themselves are built in
+`serve_apps/` (which knows no app name and starts nothing), and the gateway and the rollout
+controller are plain classes handed what they need (`engine_handle`, `MergedEngines`). MLflow's
+`champion` alias says what is live; `reconcile` makes the gateway serve exactly that.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +19,15 @@ from pathlib import Path
 from loop.config import LoopConfig
 from loop.lineage.registry import Lineage
 from loop.models.fetch import read_manifest
-from loop.serving.admin import RolloutController
-from loop.serving.rollouts import RolloutStore
+from loop.serving.rollouts import POLL_S, RolloutController, RolloutStore
 from loop.traces.log import TraceLog
 
 TRACE_LOG_ACTOR = "loop-trace-log"
+GATEWAY_APP = "gateway"
+ENGINE_APP = "student-engine"
+"""The multi-LoRA vLLM engine of the student base, shared by every `multi_lora` endpoint."""
+MERGED_PREFIX = "merged-"
+"""A `merged` endpoint's version runs in its own engine app, `merged-<endpoint>-<n>`."""
 
 
 @dataclass
@@ -184,7 +191,7 @@ def helper_actors(cfg: LoopConfig, lineage: Lineage | None = None, base_manifest
         lineage.ensure_base_version(endpoint.id, cfg.model_path(cfg.student), base_manifest)
     # Serve calls from inside it (starting a merged version's engine) need no CPU of their own.
     controller = ray.remote(RolloutController).options(name=f"loop-rollout-controller-{root_tag}", **named).remote(
-        _absolute(cfg), rollout_store)
+        _absolute(cfg), rollout_store, MergedEngines())
     ray.get(controller.configure.remote(_absolute(cfg)))
     return trace_log, rollout_store, controller
 
@@ -199,10 +206,8 @@ def reconcile(services: Services) -> dict:
     the rollout store (replicas pick them up in place); the gateway app is created if it is not up."""
     import ray
 
-    from serve_apps.gateway_app import APP_NAME, _running, deploy_gateway
-
     rollouts = ray.get(services.controller.publish.remote())
-    if _running(APP_NAME):
+    if running(GATEWAY_APP):
         _settle()
     else:
         deploy_gateway(services.cfg, services.trace_log, rollouts, services.teacher_url, services.rollout_store,
@@ -222,8 +227,127 @@ def admin(services: Services, action: str, endpoint: str, **kwargs) -> dict:
 
 def _settle() -> None:
     """Wait until every gateway replica has polled the rollout store since it changed."""
-    import time
-
-    from loop.serving.rollouts import POLL_S
-
     time.sleep(2 * POLL_S)
+
+
+# --- Serve applications ---------------------------------------------------------------------
+def running(app: str) -> bool:
+    from ray import serve
+
+    st = serve.status().applications.get(app)
+    return st is not None and st.status == "RUNNING"
+
+
+def wait_running(app: str, timeout_s: float = 600) -> None:
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        st = serve.status().applications.get(app)
+        if st and st.status == ApplicationStatus.RUNNING:
+            return
+        if st and st.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
+            raise RuntimeError(f"Serve app '{app}' {st.status}: {st.message}")
+        time.sleep(1)
+    raise TimeoutError(f"Serve app '{app}' not RUNNING after {timeout_s:.0f} s")
+
+
+def engine_handle(app: str = ENGINE_APP):
+    """The handle of an engine app's one deployment (named as its app)."""
+    from ray import serve
+
+    return serve.get_deployment_handle(app, app_name=app)
+
+
+def run_app(app, name: str, route_prefix: str | None = None) -> None:
+    """`serve.run` an application built in serve_apps/ and wait until it is RUNNING."""
+    from ray import serve
+
+    serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+    wait_running(name)
+
+
+def delete_apps(apps: list[str], blocking: bool = False) -> None:
+    from ray import serve
+
+    for app in apps:
+        serve.delete(app, _blocking=blocking)
+
+
+def _engine_app(cfg: LoopConfig, app_name: str, model_dir: str, lora: bool, draft_dir: str | None = None) -> None:
+    """Start one engine app unless it is already running (engine start: ~20-60 s on CPU)."""
+    from serve_apps.gateway_app import engine_app
+
+    if not running(app_name):
+        run_app(engine_app(cfg, app_name, model_dir, lora, draft_dir), app_name)
+
+
+def deploy_engine(cfg: LoopConfig) -> None:
+    """The multi-LoRA engine of the student base model, shared by every `multi_lora` endpoint."""
+    _engine_app(cfg, ENGINE_APP, str(cfg.model_path(cfg.student)), lora=True)
+
+
+def engine_matches(cfg: LoopConfig) -> bool:
+    """Whether the running multi-LoRA engine app is the one `cfg` would start (the same base model,
+    engine settings and dtype), so a caller may keep it instead of paying an engine start."""
+    if not running(ENGINE_APP):
+        return False
+    try:
+        info = engine_handle().info.remote().result(timeout_s=30)
+    except Exception:  # noqa: BLE001 - an engine that cannot say what it serves is not kept
+        return False
+    wanted = {"model": str(cfg.model_path(cfg.student)), "lora": True, "dtype": cfg.student.dtype,
+              "engine": cfg.serving.engine.model_dump(mode="json")}
+    return all(info.get(k) == v for k, v in wanted.items())
+
+
+class MergedEngines:
+    """The engine apps of `merged` endpoints' versions, as the RolloutController starts and retires
+    them (handed to it, so it looks up nothing itself)."""
+
+    def start(self, cfg: LoopConfig, endpoint: str, number: int, model_dir: str, draft_dir: str | None) -> str:
+        """The engine of one merged version with its draft; returns its app (and deployment) name."""
+        name = f"{MERGED_PREFIX}{endpoint}-{number}"
+        _engine_app(cfg, name, model_dir, lora=False, draft_dir=draft_dir)
+        return name
+
+    def running(self, endpoint: str) -> list[str]:
+        """The running engine apps of `endpoint`'s merged versions."""
+        from ray import serve
+
+        pattern = re.compile(rf"{MERGED_PREFIX}{re.escape(endpoint)}-\d+")
+        return [a for a in serve.status().applications if pattern.fullmatch(a)]
+
+    def stop(self, apps: list[str]) -> None:
+        delete_apps(apps)
+
+
+def _multi_lora(cfg: LoopConfig) -> bool:
+    return any(e.backend == "multi_lora" for _, e in cfg.endpoints())
+
+
+def gateway_app(cfg: LoopConfig, trace_log, rollouts: dict, teacher_url: str | None = None, rollout_store=None,
+                controller=None):
+    """The gateway application, bound to the multi-LoRA engine (if an endpoint needs it)."""
+    from serve_apps.gateway_app import build_gateway_app
+
+    engine = engine_handle() if _multi_lora(cfg) else None
+    return build_gateway_app(cfg, engine, trace_log, rollouts, teacher_url, rollout_store, controller,
+                             engine_handles=engine_handle)
+
+
+def deploy_gateway(cfg: LoopConfig, trace_log, rollouts: dict, teacher_url: str | None = None,
+                   rollout_store=None, controller=None) -> None:
+    """Move the gateway to `rollouts`: in place through the rollout store when the app is running,
+    otherwise create it (and the engine app, if needed)."""
+    import ray
+
+    if rollout_store is not None:
+        ray.get(rollout_store.set.remote(rollouts))
+        if running(GATEWAY_APP):
+            time.sleep(2 * POLL_S)  # every replica reads the store on its next request after POLL_S
+            return
+    if _multi_lora(cfg):
+        deploy_engine(cfg)
+    run_app(gateway_app(cfg, trace_log, rollouts, teacher_url, rollout_store, controller), GATEWAY_APP, "/")
