@@ -1,6 +1,6 @@
 """Merge benchmark: the streaming merger against peft's merge_and_unload, layout by layout and on the student.
 
-Per layout (loop/models/zoo.py, built here bigger than the tests' and sharded, so streaming matters)
+Per layout (benchmarks/zoo.py, built here bigger than the tests' and sharded, so streaming matters)
 with zoo's random-nonzero adapter:
   - ours: `layouts.plan` + `checkpoint.write_merged`, disk to disk, without the proofs -> merge_seconds;
   - peft: load the base from disk, PeftModel.from_pretrained, merge_and_unload, save_pretrained -> peft_seconds;
@@ -204,7 +204,7 @@ def _both_sides(base: Path, adapter: Path, tmp: Path, shard: str | None, threads
 
 
 def _layout(cfg: LoopConfig, name: str, tmp: Path, threads: int) -> dict:
-    from loop.models import zoo
+    from benchmarks import zoo
 
     dims, shard = BUILDS[name]
     base = getattr(zoo, name)(tmp / "base", max_shard_size=shard, **dims)
@@ -222,7 +222,7 @@ def _layout(cfg: LoopConfig, name: str, tmp: Path, threads: int) -> dict:
 def _student(cfg: LoopConfig, tmp: Path, threads: int) -> dict:
     from transformers import AutoConfig
 
-    from loop.models import zoo
+    from benchmarks import zoo
 
     student = cfg.model_path(cfg.student)
     t = cfg.training
@@ -255,7 +255,7 @@ def _gated(cfg: LoopConfig, tmp: Path) -> dict:
 def run(cfg: LoopConfig) -> dict:
     import torch
 
-    from loop.models import zoo
+    from benchmarks import zoo
     from loop.models.fetch import read_manifest
 
     read_manifest(cfg.model_path(cfg.student))  # before the layouts: a clear error if the student was not fetched

@@ -96,7 +96,7 @@ def run(cfg: LoopConfig) -> dict:
         t0 = time.perf_counter()
         services = start_services(bench, epoch=1)
         out["services_up_s"] = time.perf_counter() - t0
-        ray.get(services.controller.configure.remote(bench))
+        ray.get(services.rollout_controller.configure.remote(bench))
         adapter, trained_s = trained_adapter(cfg)
         out["adapter_trained_s"] = trained_s
 

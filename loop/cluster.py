@@ -36,7 +36,7 @@ class Services:
     lineage: Lineage
     trace_log: object
     rollout_store: object
-    controller: object
+    rollout_controller: object
     teacher_url: str
     gateway_url: str
     base_manifest: dict
@@ -206,12 +206,12 @@ def reconcile(services: Services) -> dict:
     the rollout store (replicas pick them up in place); the gateway app is created if it is not up."""
     import ray
 
-    rollouts = ray.get(services.controller.publish.remote())
+    rollouts = ray.get(services.rollout_controller.publish.remote())
     if running(GATEWAY_APP):
         _settle()
     else:
         deploy_gateway(services.cfg, services.trace_log, rollouts, services.teacher_url, services.rollout_store,
-                       services.controller)
+                       services.rollout_controller)
     return rollouts
 
 
@@ -220,7 +220,7 @@ def admin(services: Services, action: str, endpoint: str, **kwargs) -> dict:
     once every gateway replica serves it."""
     import ray
 
-    rollout = ray.get(services.controller.act.remote(action, endpoint, **kwargs))
+    rollout = ray.get(services.rollout_controller.act.remote(action, endpoint, **kwargs))
     _settle()
     return rollout
 

@@ -178,7 +178,7 @@ def _forever(cfg, services, keys, endpoints) -> NoReturn:
 
 def new_traces(cfg: LoopConfig, endpoint: str) -> int:
     """Served requests of `endpoint` (evaluation traffic aside) since its last cycle read the log."""
-    from loop.data.label import previous_cutoff
+    from loop.data.label_outputs import previous_cutoff
     from loop.traces.log import EVAL_USER, read_traces
 
     since = previous_cutoff(cfg.storage.path("cycles", endpoint), next_cycle(cfg, endpoint))
@@ -189,8 +189,8 @@ def new_traces(cfg: LoopConfig, endpoint: str) -> int:
 
 def write_run_report(cfg: LoopConfig, cycles: list[tuple[str, int]], wall_seconds: float | None = None,
                      gateway_url: str | None = None, run: str | None = None) -> None:
-    """The run's report (loop/report.py) under .loop/reports/<run>/, and its headline numbers."""
-    from loop import report
+    """The run's report (loop/run_report.py) under .loop/reports/<run>/, and its headline numbers."""
+    from loop import run_report as report
 
     run = run or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     rep = report.build(cfg, cycles, run, wall_seconds, gateway_url)

@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LOWER = ("config", "suites", "traces", "lineage", "data", "serving")
 """Rooms that import nothing from UPPER."""
-UPPER = ("cycle", "driver", "control", "sim", "serve_apps", "cli", "report", "cluster")
+UPPER = ("cycle", "driver", "control", "sim", "serve_apps", "cli", "run_report", "cluster")
 SERVE_LIFECYCLE = ("serve.run(", "serve.status(", "serve.delete(", "get_deployment_handle(", "serve.shutdown(",
                    "serve.start(")
 """Calls only the owner of the Ray wiring makes (tests and benchmarks aside)."""

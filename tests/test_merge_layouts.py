@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config
 import loop.merge.layouts as layouts
 from loop.config import MergeConfig
 from loop.merge.merger import MergeFailed, Merger
-from loop.models import zoo
+from benchmarks import zoo
 
 DIMS = zoo.LLAMA  # tiny: 2 layers, hidden 32, vocab 96
 IDS = torch.randint(1, 96, (3, 12), generator=torch.Generator().manual_seed(1))

@@ -1,5 +1,5 @@
 """The merger on mixture-of-experts and quantized bases, tiny models built from config: 3-D expert
-parameters stored per expert or fused, and block-FP8 and MXFP4 checkpoints written by hand (loop/models/zoo.py,
+parameters stored per expert or fused, and block-FP8 and MXFP4 checkpoints written by hand (benchmarks/zoo.py,
 with quantizers of its own: the checks below do not go through loop/merge/formats.py). Each
 merge proves itself with numbers; a wrong expert delta, a dropped delta or a proof that cannot run is
 refused, and nothing is left behind."""
@@ -16,7 +16,7 @@ import loop.merge.layouts as layouts
 import loop.merge.merger as merger
 from loop.config import MergeConfig
 from loop.merge.merger import MergeFailed, Merger
-from loop.models import zoo
+from benchmarks import zoo
 
 EXPERT_PARAMS = zoo.EXPERT_PARAMS
 IDS = torch.randint(1, 96, (3, 12), generator=torch.Generator().manual_seed(1))

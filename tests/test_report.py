@@ -4,7 +4,7 @@ import json
 import yaml
 
 from conftest import ROOT
-from loop import report
+from loop import run_report as report
 from loop.config import load_config
 from loop.traces.log import TraceLog
 

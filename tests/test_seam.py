@@ -38,7 +38,7 @@ def test_the_walk_catches_an_import():
 REAL = """
 import sys
 from loop.config import load_config, simulation
-import loop.cli, loop.driver, loop.cycle, loop.cluster, loop.control.controller, loop.report
+import loop.cli, loop.driver, loop.cycle, loop.cluster, loop.control.controller, loop.run_report
 import loop.validate.gate, loop.models.fetch, loop.serving.gateway, serve_apps.gateway_app
 cfg = load_config(sys.argv[1])
 assert simulation(cfg) is None

@@ -125,7 +125,7 @@ def test_feedback_joins_only_its_own_tenants_requests():
 
 
 def test_escalated_prompts_reuse_the_answer_the_cascade_paid_for():
-    from loop.data.label import escalation_labels
+    from loop.data.label_outputs import escalation_labels
 
     rows = [_rec("hard", escalated=True, completion="The teacher's answer."), _rec("easy", completion="mine")]
     prompts = [r["prompt"] for r in rows] + [json.dumps([{"role": "user", "content": "other"}])]

@@ -27,7 +27,7 @@ def driver(config: Path, env: dict, endpoint: str, kill: str | None = None, time
     Returns returncode, stdout (with stderr), seconds, and up_s: start -> services up, cycle resuming."""
     from types import SimpleNamespace
 
-    from loop.stages import FAULT_ENV
+    from loop.cycle.stages import FAULT_ENV
 
     env = {k: v for k, v in env.items() if k != FAULT_ENV} | ({FAULT_ENV: f"{endpoint}:{kill}"} if kill else {})
     started, lines, up_s = time.perf_counter(), [], None

@@ -22,7 +22,7 @@ from loop.cycle.learn import LearnStages
 from loop.cycle.release import ReleaseStages
 from loop.cycle.report import CycleFailed, CycleReport
 from loop.cluster import Services
-from loop.stages import fault_point, manifest, output_digest, write_json
+from loop.cycle.stages import fault_point, manifest, output_digest, write_json
 
 __all__ = ["Cycle", "CycleFailed", "CycleReport"]
 

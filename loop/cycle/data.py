@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from loop.cycle.report import CycleFailed
-from loop.data.label import (earlier_imports, escalation_labels, previous_cutoff, write_failures, write_replay,
+from loop.data.label_outputs import (earlier_imports, escalation_labels, previous_cutoff, write_failures, write_replay,
                              write_split)
 from loop.data.select import rated_good, select_prompts
 from loop.models.digest import dir_digest

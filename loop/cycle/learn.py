@@ -7,7 +7,7 @@ from pathlib import Path
 
 from loop.cycle.report import CycleFailed
 from loop.models.digest import dir_digest
-from loop.stages import write_json
+from loop.cycle.stages import write_json
 from loop.teacher.calls import teacher_dir
 
 

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from loop.control.canary import stage_clock
-from loop.data.label import replay_sources
+from loop.data.label_outputs import replay_sources
 from loop.cluster import admin
 
 
@@ -39,7 +39,7 @@ class ReleaseStages:
         started = time.perf_counter()
         canary = self.cfg.promotion.mode == "canary"
         role = "challenger" if canary else "champion"
-        rollout = ray.get(self.services.controller.live.remote())[self.endpoint.id]
+        rollout = ray.get(self.services.rollout_controller.live.remote())[self.endpoint.id]
         held = [r for r in ("champion", "challenger") if (rollout[r] or {}).get("number") == reg["number"]]
         if held:  # a resumed cycle whose deploy went through before the crash: never deployed twice
             role = held[0]

@@ -32,7 +32,7 @@ class SimulatedUsers:
     def champion(self) -> dict:
         import ray
 
-        return ray.get(self.services.controller.live.remote())[self.endpoint.id]["champion"]
+        return ray.get(self.services.rollout_controller.live.remote())[self.endpoint.id]["champion"]
 
     def scores(self, versions: dict[str, dict], general: set[str] = frozenset()) -> dict[str, dict]:
         """Each named version (a registry version's info) on the held-out phrasings of the current facts,

@@ -5,7 +5,7 @@ dimensions) and `loopctl bench merge` (bigger: the same builders with larger `**
 writes a base directory and returns it; `adapter(layout, base, out)` writes a peft adapter with
 random nonzero A and B on that base. The quantized checkpoints are written here by hand, with their
 own quantizers, independently of loop/merge/formats.py (which the tests check against them). Not a
-source of models for the loop itself (see fetch.py and tiny.py).
+source of models for the loop itself (see loop/models/fetch.py and tiny.py).
 """
 from __future__ import annotations
 
