@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 from loop.config import LoopConfig
+from loop.cycle.results import (CanaryResult, DraftResult, EvaluateResult, LabelResult, TrafficResult,
+                                read_result)
 
 TARGETS = {"champion_over_teacher": 0.9, "regression_drop_pts": 2.0, "student_share": 0.8, "cost_ratio_vs_teacher": 0.2}
 
@@ -37,7 +39,10 @@ def cycle_entry(cfg: LoopConfig, endpoint: str, number: int) -> dict:
     rep = _read(d / "report.json")
     if not rep:
         raise FileNotFoundError(f"{d}: cycle {number} of {endpoint} has no report.json (not finished)")
-    label, draft, traffic, canary = (_read(d / s / "result.json") for s in ("label", "draft", "traffic", "canary"))
+    label, draft, traffic, canary, after = (
+        read_result(d, stage, kind) for stage, kind in (("label", LabelResult), ("draft", DraftResult),
+                                                        ("traffic", TrafficResult), ("canary", CanaryResult),
+                                                        ("evaluate", EvaluateResult)))
     teacher, champion = rep["teacher_acc"], rep["student_acc_after"]
     base_reg, reg = _num(rep.get("base_regression_acc")), _num(rep.get("regression_acc"))
     return {
@@ -47,21 +52,22 @@ def cycle_entry(cfg: LoopConfig, endpoint: str, number: int) -> dict:
         "champion_over_teacher": champion / teacher if teacher else None,
         "regression_acc": reg, "base_regression_acc": base_reg,
         "regression_drop_pts": 100 * (base_reg - reg) if reg is not None and base_reg is not None else None,
-        "draft_acceptance_stale": draft.get("acceptance_stale"),
-        "draft_acceptance_cotrained": draft.get("acceptance_cotrained"), "draft_k": draft.get("k"),
+        "draft_acceptance_stale": draft.acceptance_stale if draft else None,
+        "draft_acceptance_cotrained": draft.acceptance_cotrained if draft else None, "draft_k": draft and draft.k,
         "new_version": rep.get("new_version"), "validation_passed": rep.get("validation_passed"),
         "promotion": rep.get("promotion"), "served_by": rep.get("served_after"),
-        "requests": traffic.get("requests", 0) + canary.get("requests", 0),
-        "labels": label.get("labelled", 0),
-        "label_calls": label.get("labelled", 0) - label.get("teacher_cached", 0),
-        "labels_from_escalations": label.get("from_escalation", 0),
-        "label_cache_hits": label.get("teacher_cached", 0) - label.get("from_escalation", 0),
-        "kept": label.get("kept", 0), "label_cost_usd": label.get("teacher_cost_usd", 0.0),
-        "label_completion_tokens": label.get("teacher_completion_tokens"),
+        "requests": (traffic.requests if traffic else 0) + (canary.requests if canary else 0),
+        "labels": label.labelled if label else 0,
+        "label_calls": label.labelled - label.teacher_cached if label else 0,
+        "labels_from_escalations": label.from_escalation if label else 0,
+        "label_cache_hits": label.teacher_cached - label.from_escalation if label else 0,
+        "kept": label.kept if label else 0, "label_cost_usd": label.teacher_cost_usd if label else 0.0,
+        "label_completion_tokens": label.teacher_completion_tokens if label else None,
         "suites": rep.get("suites", {}), "teacher_agreement": _num(rep.get("teacher_agreement")),
         "stage_seconds": rep.get("stage_seconds", {}), "stage_clock": rep.get("stage_clock", {}),
         "cycle_seconds": sum(rep.get("stage_seconds", {}).values()),
-        "window": [traffic.get("_started_at"), _read(d / "evaluate" / "result.json").get("_ended_at")],
+        "window": [traffic.record.started_at if traffic and traffic.record else None,
+                   after.record.ended_at if after and after.record else None],
     }
 
 

@@ -6,6 +6,8 @@ import yaml
 from conftest import ROOT
 from loop import run_report as report
 from loop.config import load_config
+from loop.cycle.results import (CanaryResult, DraftResult, EvaluateResult, LabelResult, StageRecord, TrafficResult,
+                                to_json)
 from loop.traces.log import TraceLog
 
 
@@ -23,13 +25,15 @@ def _config(tmp_path):
 def _cycle(cfg, n, static, before, after, regression, t0, label_cost, labels):
     d = cfg.storage.path("cycles", "tiny-support", f"cycle-{n:04d}")
     for stage, result in {
-        "traffic": {"requests": 10, "_started_at": t0}, "canary": {"requests": 10},
-        "label": {"labelled": labels + 1, "teacher_cached": 1, "from_escalation": 1, "kept": 3,
-                  "teacher_cost_usd": label_cost, "teacher_completion_tokens": 10 * labels},
-        "draft": {"acceptance_stale": 0.2, "acceptance_cotrained": 0.9, "k": 3},
-        "evaluate": {"_ended_at": t0 + 100}}.items():
+        "traffic": TrafficResult(requests=10, served_by="", record=StageRecord(started_at=t0)),
+        "canary": CanaryResult(decision="promote", reasons=[], requests=10),
+        "label": LabelResult(dataset="train.jsonl", dataset_digest="", selected=labels, labelled=labels + 1, cutoff=t0,
+                             replay="", teacher_cached=1, from_escalation=1, kept=3, teacher_cost_usd=label_cost,
+                             teacher_completion_tokens=10 * labels),
+        "draft": DraftResult(draft_path="draft", draft_digest="", acceptance_stale=0.2, acceptance_cotrained=0.9, k=3),
+        "evaluate": EvaluateResult(served_by="", record=StageRecord(ended_at=t0 + 100))}.items():
         (d / stage).mkdir(parents=True)
-        (d / stage / "result.json").write_text(json.dumps(result))
+        (d / stage / "result.json").write_text(json.dumps(to_json(result)))
     (d / "report.json").write_text(json.dumps({
         "endpoint": "tiny-support", "cycle": n, "epoch": n, "student_acc_before": before, "student_acc_after": after,
         "teacher_acc": 1.0, "static_acc": static, "regression_acc": regression, "base_regression_acc": 1.0,

@@ -1,6 +1,7 @@
 """Resumable stages: a finished stage is skipped while its outputs match its manifest of digests; an
 output changed behind its back runs it again, and every stage after it."""
 import json
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import yaml
@@ -8,7 +9,15 @@ import yaml
 from conftest import ROOT
 from loop.config import LoopConfig
 from loop.cycle import Cycle
+from loop.cycle.results import StageRecord
 from loop.lineage.registry import Lineage
+
+
+@dataclass
+class Counted:
+    n: int
+    extra: dict = field(default_factory=dict)
+    record: StageRecord | None = None
 
 
 def _cycle(tmp_path, log):
@@ -20,31 +29,32 @@ def _cycle(tmp_path, log):
 
 
 def _stages(cycle, calls):
-    def first(sdir, run_id):
+    def first(ctx, sdir, run_id):
         calls.append("first")
         (sdir / "rows.jsonl").write_text('{"x": 1}\n')
         (sdir / "model").mkdir(exist_ok=True)
         (sdir / "model" / "w.bin").write_bytes(b"\x01\x02")
         (sdir / "notes.json").write_text("{}")
-        return {"n": 1}
+        return Counted(1)
 
-    def second(sdir, run_id):
+    def second(ctx, sdir, run_id):
         calls.append("second")
-        return {"n": 2}
+        return Counted(2)
 
-    return cycle.stage("first", first), cycle.stage("second", second)
+    return cycle.stage("first", Counted, first), cycle.stage("second", Counted, second)
 
 
 def test_a_finished_stage_is_skipped_until_its_outputs_change(tmp_path):
     calls, log = [], []
     a, _ = _stages(_cycle(tmp_path, log), calls)
     assert calls == ["first", "second"]
-    assert set(a["_manifest"]) == {"rows.jsonl", "model"}, "outputs, not the report beside them"
-    assert a["_manifest"]["model"].startswith("sha256:")
-    _stages(_cycle(tmp_path, log), calls)
+    assert set(a.record.manifest) == {"rows.jsonl", "model"}, "outputs, not the report beside them"
+    assert a.record.manifest["model"].startswith("sha256:")
+    again, _ = _stages(_cycle(tmp_path, log), calls)
     assert calls == ["first", "second"], "both resumed from their results"
+    assert again == a and isinstance(again, Counted), "the result read back is the one written, typed"
     assert "  [first] done in an earlier run, skipped" in log
-    # A report beside the outputs may change (the validate stage adds to the merge report).
+    # A report beside the outputs may change.
     (tmp_path / "cycles" / "tiny-support" / "cycle-0001" / "first" / "notes.json").write_text('{"more": 1}')
     _stages(_cycle(tmp_path, log), calls)
     assert calls == ["first", "second"]

@@ -26,10 +26,10 @@ def first_served(traces: Path, endpoint: str, version: str) -> float | None:
     return min(ts) if ts else None
 
 
-def stage_clock(stage_seconds: dict, train: dict, canary: dict) -> dict | None:
-    """From the checkpoint on disk (train stage done) to the first request the new version served as
-    challenger, and each stage's share of it (`other_share`: what no stage accounts for)."""
-    first, written = canary.get("first_canary_request_ts"), train.get("_ended_at")
+def stage_clock(stage_seconds: dict, written: float | None, first: float | None) -> dict | None:
+    """From the checkpoint on disk (`written`: the train stage's end) to the first request the new
+    version served as challenger (`first`), and each stage's share of it (`other_share`: what no stage
+    accounts for)."""
     if not first or not written:
         return None
     total = first - written

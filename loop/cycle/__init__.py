@@ -6,6 +6,8 @@ demo's simulated users, or, on real traffic (`traffic.simulate: false`), counts 
 `promotion.mode: canary` the new version goes live as challenger and the canary stage waits for live
 evidence (the simulated users graded by the feedback oracle, or real users' feedback and the judge)
 until the promotion controller decides.
+Each stage is a plain function of the cycle's context (loop/cycle/context.py) in `data`, `learn` or
+`release`, handing the next stages a typed result (loop/cycle/results.py) that is also its result.json.
 A stage whose `result.json` exists is not run again, so a crashed cycle resumes at the first stage
 without an output, and registration looks the adapter digest up first: never two versions of one
 checkpoint. Printing is the driver's business; this returns a CycleReport.
@@ -16,128 +18,133 @@ import json
 import time
 from dataclasses import asdict
 
-from loop.config import EndpointConfig, LoopConfig
-from loop.cycle.data import DataStages
-from loop.cycle.learn import LearnStages
-from loop.cycle.release import ReleaseStages
-from loop.cycle.report import CycleFailed, CycleReport
 from loop.cluster import Services
+from loop.config import EndpointConfig, LoopConfig
+from loop.cycle import data, learn, release
+from loop.cycle.context import CycleContext
+from loop.cycle.report import CycleFailed, CycleReport
+from loop.cycle.results import (CanaryResult, DeployResult, DraftResult, EvaluateResult, LabelResult, MergeResult,
+                                RegisterResult, StageRecord, TrafficResult, TrainResult, ValidationResult, from_json,
+                                to_json)
 from loop.cycle.stages import fault_point, manifest, output_digest, write_json
 
 __all__ = ["Cycle", "CycleFailed", "CycleReport"]
 
 
-class Cycle(DataStages, LearnStages, ReleaseStages):
+class Cycle:
     def __init__(self, cfg: LoopConfig, services: Services, endpoint: EndpointConfig, number: int,
                  api_key: str, progress=print):
-        self.cfg, self.services, self.endpoint, self.number = cfg, services, endpoint, number
-        self.api_key, self.progress = api_key, progress
-        self.dir = cfg.storage.path("cycles", endpoint.id, f"cycle-{number:04d}")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.epoch = number
-        self.report = CycleReport(endpoint.id, number, self.epoch)
-        self.lineage = services.lineage
-        self._redo = False
+        cycle_dir = cfg.storage.path("cycles", endpoint.id, f"cycle-{number:04d}")
+        cycle_dir.mkdir(parents=True, exist_ok=True)
         # The demo's simulated users (services.world, loaded by import path); a real-traffic cycle has none.
         self.world = services.world
-        self.users = self.world.users(services, endpoint, number, api_key, progress) if self.world else None
-        self.simulate = self.users is not None
+        users = self.world.users(services, endpoint, number, api_key, progress) if self.world else None
+        self.ctx = CycleContext(cfg, services, endpoint, number, cycle_dir, CycleReport(endpoint.id, number, number),
+                                users, progress)
+        self.report, self.lineage = self.ctx.report, self.ctx.lineage
+        self._redo = False
 
     # --- stage bookkeeping ------------------------------------------------------------------
-    def stage(self, name: str, fn):
-        """Run `fn(stage_dir, mlflow_run_id)` unless the stage already finished and its outputs are as
-        it left them (the manifest of digests in its result.json); record its time and MLflow child run.
-        A finished stage whose outputs changed runs again, and so does every stage after it."""
-        sdir = self.dir / name
+    def stage(self, name: str, kind, fn):
+        """The `kind` result of `fn(context, stage_dir, mlflow_run_id)`, unless the stage already
+        finished and its outputs are as it left them (the manifest of digests in its result.json):
+        then the result it wrote. Records its time and MLflow child run. A finished stage whose outputs
+        changed runs again, and so does every stage after it."""
+        ctx = self.ctx
+        sdir = ctx.dir / name
         done = sdir / "result.json"
         if done.exists() and not self._redo:
-            result = json.loads(done.read_text())
-            changed = [k for k, v in result.get("_manifest", {}).items() if output_digest(sdir / k) != v]
+            result = from_json(kind, json.loads(done.read_text()))
+            record = result.record or StageRecord()
+            changed = [k for k, v in record.manifest.items() if output_digest(sdir / k) != v]
             if not changed:
-                self.progress(f"  [{name}] done in an earlier run, skipped")
-                self.report.stage_seconds[name] = result.get("_seconds", 0.0)
+                ctx.progress(f"  [{name}] done in an earlier run, skipped")
+                self.report.stage_seconds[name] = record.seconds
                 return result
-            self.progress(f"  [{name}] outputs {changed} differ from its manifest: running it and every later stage again")
+            ctx.progress(f"  [{name}] outputs {changed} differ from its manifest: running it and every later stage again")
             self._redo = True
         sdir.mkdir(parents=True, exist_ok=True)
-        self.progress(f"  [{name}] ...")
+        ctx.progress(f"  [{name}] ...")
         started, started_at = time.perf_counter(), time.time()
         child = self.lineage.start_run(f"{name}", parent_run_id=self.report.run_id,
-                                       tags={"loop.stage": name, "loop.endpoint": self.endpoint.id})
-        fault_point(self.endpoint.id, name, "before")
+                                       tags={"loop.stage": name, "loop.endpoint": ctx.endpoint.id})
+        fault_point(ctx.endpoint.id, name, "before")
         try:
-            result = fn(sdir, child)
+            result = fn(ctx, sdir, child)
         except BaseException:
             self.lineage.end_run(child, ok=False)
             raise
         seconds = time.perf_counter() - started
-        result.update(_seconds=seconds, _started_at=started_at, _ended_at=time.time(), _manifest=manifest(sdir))
+        result.record = StageRecord(seconds, started_at, time.time(), manifest(sdir))
         self.lineage.log(child, metrics={"seconds": seconds})
         self.lineage.end_run(child)
-        fault_point(self.endpoint.id, name, "after")
-        write_json(done, result)
+        fault_point(ctx.endpoint.id, name, "after")
+        write_json(done, to_json(result))
         self.report.stage_seconds[name] = seconds
-        self.progress(f"  [{name}] {seconds:.1f} s")
+        ctx.progress(f"  [{name}] {seconds:.1f} s")
         return result
 
     # --- the cycle --------------------------------------------------------------------------
     def run(self) -> CycleReport:
-        run_file = self.dir / "run.json"
+        ctx, rep = self.ctx, self.report
+        run_file = ctx.dir / "run.json"
         if run_file.exists():
-            self.report.run_id = json.loads(run_file.read_text())["run_id"]
+            rep.run_id = json.loads(run_file.read_text())["run_id"]
         else:
-            self.report.run_id = self.lineage.start_run(
-                f"{self.endpoint.id}-cycle-{self.number}",
-                tags={"loop.endpoint": self.endpoint.id, "loop.cycle": str(self.number)})
-            write_json(run_file, {"run_id": self.report.run_id})
+            rep.run_id = self.lineage.start_run(
+                f"{ctx.endpoint.id}-cycle-{ctx.number}",
+                tags={"loop.endpoint": ctx.endpoint.id, "loop.cycle": str(ctx.number)})
+            write_json(run_file, {"run_id": rep.run_id})
         ok = False
         try:
             if self.world:
-                self.world.before_cycle(self.epoch)
-            traffic = self.stage("traffic", self._traffic if self.simulate else self._observe)
-            self.report.student_acc_before = traffic["eval_acc"]
-            self.report.teacher_acc = traffic["teacher_acc"]
-            self.report.served_before = traffic["served_by"]
-            data = self.stage("label", self._select_and_label)
-            train = self.stage("train", lambda d, r: self._train(d, r, data))
-            merge = self.stage("merge", lambda d, r: self._merge(d, r, train))
-            if merge["passed"]:
+                self.world.before_cycle(ctx.epoch)
+            traffic: TrafficResult = self.stage("traffic", TrafficResult, data.traffic if ctx.simulate else data.observe)
+            rep.student_acc_before, rep.teacher_acc, rep.served_before = \
+                traffic.eval_acc, traffic.teacher_acc, traffic.served_by
+            label: LabelResult = self.stage("label", LabelResult, data.select_and_label)
+            trained: TrainResult = self.stage("train", TrainResult, lambda c, d, r: learn.train(c, d, r, label))
+            merged: MergeResult = self.stage("merge", MergeResult, lambda c, d, r: learn.merge(c, d, r, trained))
+            if merged.passed:
                 # The draft is co-trained first, so the gate can check it as part of the version.
-                draft = self.stage("draft", lambda d, r: self._draft(d, r, data, train, merge))
-                val = self.stage("validate", lambda d, r: self._validate(d, r, data, train, merge, draft))
+                drafted: DraftResult = self.stage("draft", DraftResult,
+                                                  lambda c, d, r: learn.draft(c, d, r, label, trained, merged))
+                val: ValidationResult = self.stage(
+                    "validate", ValidationResult, lambda c, d, r: learn.validate(c, d, r, label, trained, merged, drafted))
             else:
-                val = {"passed": False, "reasons": [f"merge proofs failed: {'; '.join(merge['reasons'])}"]}
-            self.report.validation_passed = val["passed"]
-            self.report.suites = {k: {f: v[f] for f in ("kind", "num_items", "candidate", "champion", "base", "passed")}
-                                  for k, v in val.get("suites", {}).items()}
-            self.report.teacher_agreement = val.get("teacher_agreement", float("nan"))
-            self.report.teacher_cost_usd = data.get("teacher_cost_usd", 0.0) + val.get("judge", {}).get("cost_usd", 0.0)
-            if val["passed"]:
-                reg = self.stage("register", lambda d, r: self._register(d, r, data, train, merge, val, draft))
-                self.report.new_version = reg["version"]
-                self.stage("deploy", lambda d, r: self._deploy(d, r, reg))
-                if self.cfg.promotion.mode == "canary":
-                    canary = self.stage("canary", lambda d, r: self._canary(d, r, reg))
-                    self.report.promotion = canary["decision"]
-                    if canary["decision"] != "promote":
-                        self.report.notes.append(f"canary {canary['decision']}: {'; '.join(canary['reasons'])}")
-                    self._stage_clock(train, canary)
+                val = ValidationResult(passed=False, reasons=[f"merge proofs failed: {'; '.join(merged.reasons)}"])
+            rep.validation_passed = val.passed
+            rep.suites = {k: {f: v[f] for f in ("kind", "num_items", "candidate", "champion", "base", "passed")}
+                          for k, v in val.suites.items()}
+            rep.teacher_agreement = val.teacher_agreement
+            rep.teacher_cost_usd = label.teacher_cost_usd + val.judge.get("cost_usd", 0.0)
+            if val.passed:
+                reg: RegisterResult = self.stage(
+                    "register", RegisterResult, lambda c, d, r: release.register(c, d, r, label, trained, merged, val,
+                                                                                 drafted))
+                rep.new_version = reg.version
+                self.stage("deploy", DeployResult, lambda c, d, r: release.deploy(c, d, r, reg))
+                if ctx.cfg.promotion.mode == "canary":
+                    canaried: CanaryResult = self.stage("canary", CanaryResult,
+                                                        lambda c, d, r: release.canary(c, d, r, reg))
+                    rep.promotion = canaried.decision
+                    if canaried.decision != "promote":
+                        rep.notes.append(f"canary {canaried.decision}: {'; '.join(canaried.reasons)}")
+                    release.record_stage_clock(ctx, trained, canaried)
             else:
-                self.report.notes += val["reasons"]
-            after = self.stage("evaluate", self._evaluate)
-            self.report.student_acc_after = after["eval_acc"]
-            self.report.served_after = after["served_by"]
-            self.report.static_acc = after.get("static_acc", float("nan"))
-            self.report.regression_acc = after.get("regression_acc", float("nan"))
-            self.report.base_regression_acc = after.get("static_regression_acc", float("nan"))
+                rep.notes += val.reasons
+            after: EvaluateResult = self.stage("evaluate", EvaluateResult, data.evaluate)
+            rep.student_acc_after, rep.served_after = after.eval_acc, after.served_by
+            rep.static_acc, rep.regression_acc = after.static_acc, after.regression_acc
+            rep.base_regression_acc = after.static_regression_acc
             ok = True
         finally:
-            self.lineage.log(self.report.run_id, metrics={
-                "student_acc_before": self.report.student_acc_before,
-                "student_acc_after": self.report.student_acc_after, "teacher_acc": self.report.teacher_acc,
+            self.lineage.log(rep.run_id, metrics={
+                "student_acc_before": rep.student_acc_before,
+                "student_acc_after": rep.student_acc_after, "teacher_acc": rep.teacher_acc,
                 **{k: v for k in ("static_acc", "regression_acc", "base_regression_acc")
-                   if (v := getattr(self.report, k)) == v},
-                **{f"stage_seconds.{k}": v for k, v in self.report.stage_seconds.items()}})
-            self.lineage.end_run(self.report.run_id, ok=ok)
-        write_json(self.dir / "report.json", asdict(self.report))
-        return self.report
+                   if (v := getattr(rep, k)) == v},
+                **{f"stage_seconds.{k}": v for k, v in rep.stage_seconds.items()}})
+            self.lineage.end_run(rep.run_id, ok=ok)
+        write_json(ctx.dir / "report.json", asdict(rep))
+        return rep
