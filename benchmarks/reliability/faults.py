@@ -202,17 +202,18 @@ def _free_port() -> int:
 def scenario_disk_full(cfg, services, keys) -> dict:
     """The train stage writes its checkpoint onto a filesystem with a few KB left: the stage fails with
     one line, leaves no partial adapter and no result, and nothing is registered."""
-    from loop.cycle import Cycle, CycleFailed
+    from loop.cycle import Cycle, CycleFailed, learn
+    from loop.cycle.results import LabelResult, TrainResult
     from loop.sim.world import World, training_rows
 
     endpoint = cfg.tenants[0].endpoints[0]
     tcfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": 3})})
     cycle = Cycle(tcfg, services, endpoint, 90, keys[cfg.tenants[0].id], progress=lambda m: None)
     cycle.report.run_id = services.lineage.start_run("disk-full")
-    sdir = cycle.dir / "train"
+    sdir = cycle.ctx.dir / "train"
     sdir.mkdir(parents=True, exist_ok=True)
     w = cfg.world
-    dataset = cycle.dir / "train.jsonl"
+    dataset = cycle.ctx.dir / "train.jsonl"
     dataset.write_text("".join(json.dumps(r) + "\n" for r in training_rows(
         World(w.seed, 1, w.num_entities, w.drift_fraction, w.new_per_epoch).facts)))
     before = services.lineage.versions(endpoint.id)
@@ -223,7 +224,8 @@ def scenario_disk_full(cfg, services, keys) -> dict:
     try:
         _fill(sdir, keep_bytes=8 << 10)
         try:
-            cycle.stage("train", lambda d, r: cycle._train(d, r, {"dataset": str(dataset), "replay": None}))
+            data = LabelResult(dataset=str(dataset), dataset_digest="", selected=0, labelled=0, cutoff=0.0, replay="")
+            cycle.stage("train", TrainResult, lambda c, d, r: learn.train(c, d, r, data))
             message = "no error"
         except CycleFailed as e:
             message = str(e)

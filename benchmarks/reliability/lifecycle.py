@@ -158,7 +158,8 @@ def scenario_corrupt_artifacts(cfg, services, keys) -> dict:
     stage's proofs (verdict and reasons in MLflow, nothing registered); an adapter damaged on disk after
     registration is refused at deploy (409, the reason tagged on the version in MLflow)."""
     from benchmarks.serving import make_adapter
-    from loop.cycle import Cycle
+    from loop.cycle import Cycle, learn
+    from loop.cycle.results import MergeResult, TrainResult
     from loop.lineage.registry import registered_name
     from loop.models.digest import dir_digest
     from loop.driver import check_models
@@ -188,16 +189,17 @@ def scenario_corrupt_artifacts(cfg, services, keys) -> dict:
         cycle = Cycle(cfg, services, endpoint, 80 + i, keys[cfg.tenants[0].id], progress=lambda m: None)
         cycle.report.run_id = lineage.start_run(f"corrupt-adapter-{how}")
         adapter = _corrupt_adapter(base, work / f"adapter-{how}", how)
-        result = cycle.stage("merge", lambda d, r: cycle._merge(d, r, {"adapter_dir": str(adapter)}))
+        trained = TrainResult(adapter_dir=str(adapter), adapter_digest="", parent={}, run_id="")
+        result = cycle.stage("merge", MergeResult, lambda c, d, r: learn.merge(c, d, r, trained))
         run = lineage.client.search_runs([lineage.experiment_id],
                                          f"tags.`mlflow.parentRunId` = '{cycle.report.run_id}'")[0]
         logged = json.loads(open(lineage.client.download_artifacts(run.info.run_id, "merge_report.json",
-                                                                   str(cycle.dir))).read())
+                                                                   str(cycle.ctx.dir))).read())
         lineage.end_run(cycle.report.run_id, ok=False)
-        cases.append({"kind": f"adapter-{how}", "refused": result["passed"] is False, "at": "merge proofs",
-                      "reason": "; ".join(result["reasons"]),
-                      "in_mlflow": run.data.tags.get("verdict") == "fail" and logged["reasons"] == result["reasons"],
-                      "merged_left": (cycle.dir / "merge" / "merged").exists()})
+        cases.append({"kind": f"adapter-{how}", "refused": result.passed is False, "at": "merge proofs",
+                      "reason": "; ".join(result.reasons),
+                      "in_mlflow": run.data.tags.get("verdict") == "fail" and logged["reasons"] == result.reasons,
+                      "merged_left": (cycle.ctx.dir / "merge" / "merged").exists()})
 
     adapter = make_adapter(base, work / "adapter-registered", cfg.training.lora_rank, seed=4)
     run = lineage.start_run("corrupt-after-registration")

@@ -54,9 +54,12 @@ class Cycle:
         sdir = ctx.dir / name
         done = sdir / "result.json"
         if done.exists() and not self._redo:
-            result = from_json(kind, json.loads(done.read_text()))
-            record = result.record or StageRecord()
-            changed = [k for k, v in record.manifest.items() if output_digest(sdir / k) != v]
+            try:
+                result = from_json(kind, json.loads(done.read_text()))
+                record = result.record or StageRecord()
+                changed = [k for k, v in record.manifest.items() if output_digest(sdir / k) != v]
+            except (TypeError, ValueError) as e:  # not a result this stage writes: run it again
+                result, changed = None, [f"result.json ({e})"]
             if not changed:
                 ctx.progress(f"  [{name}] done in an earlier run, skipped")
                 self.report.stage_seconds[name] = record.seconds

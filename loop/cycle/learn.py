@@ -55,7 +55,8 @@ def merge(ctx: CycleContext, sdir: Path, run_id: str, trained: TrainResult) -> M
         ray.kill(actor)
     # Proof 4 (the engine's answers on the merged weights) is the validate stage's serving parity:
     # one engine start, with the draft the version ships with (ValidationResult.parity).
-    report.engine_note = "deferred to the validate stage's serving parity (one engine start, with the draft)"
+    report.engine_note = ("not run here: where validation.merged_parity applies, the validate stage's serving "
+                          "parity runs it (its parity.merged_identical; the version's engine_identical tag)")
     (sdir / "merge_report.json").write_text(json.dumps(report.to_dict(), indent=2))
     ctx.lineage.log_dict(run_id, report.to_dict(), "merge_report.json")
     ctx.lineage.log(run_id, metrics={"max_abs_logit_diff": report.max_abs_logit_diff,
