@@ -15,7 +15,8 @@ from starlette.routing import Route
 
 from loop.config import hash_api_key
 from loop.serving.feedback import RequestOwners, holds_request, parse_feedback
-from loop.serving.protocol import BadRequest, ChatCompletionRequest
+from loop.serving.errors import BadRequest
+from loop.serving.protocol import ChatCompletionRequest
 from loop.traces.log import TraceLog, new_request_id, read_feedback
 
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from loop.serving.protocol import (REFUSED, BadRequest, ChatCompletionRequest, CompletionRequest, cut_at_stop,
-                                   parse_request)
+from loop.serving.errors import BadRequest
+from loop.serving.protocol import REFUSED, ChatCompletionRequest, CompletionRequest, cut_at_stop, parse_request
 from loop.serving.responses import chat_logprobs, completion_logprobs
 from loop.serving.routing import Call, choice_request_id, engine_args, tools_asked
 from loop.data.importer import chat_prompt

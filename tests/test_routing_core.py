@@ -7,7 +7,8 @@ import pytest
 
 from loop.config import hash_api_key
 from loop.serving.auth import require_admin, tenant_of
-from loop.serving.protocol import BadRequest, ChatCompletionRequest, CompletionRequest
+from loop.serving.errors import BadRequest
+from loop.serving.protocol import ChatCompletionRequest, CompletionRequest
 from loop.serving.routing import assign_variant, engine_args, route
 
 CHAMPION = {"version": "student-e1/1", "adapter_path": None, "adapter_digest": "d1"}

@@ -6,7 +6,7 @@ OpenAI's error shape (401: no or unknown key; 403: a tenant key on an admin rout
 from __future__ import annotations
 
 from loop.config import hash_api_key
-from loop.serving.protocol import BadRequest
+from loop.serving.errors import BadRequest
 
 
 def bearer_key(headers, what: str = "API key") -> str:

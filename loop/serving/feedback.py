@@ -12,7 +12,8 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
-from loop.serving.protocol import BadRequest, json_body
+from loop.serving.errors import BadRequest
+from loop.serving.protocol import json_body
 
 MAX_LABEL = 256
 

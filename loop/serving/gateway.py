@@ -27,7 +27,8 @@ from loop.serving.auth import require_admin, tenant_of
 from loop.serving.cascade import Escalation
 from loop.serving.engine import EngineRequestError
 from loop.serving.feedback import RequestOwners, log_holds_request, not_found, parse_feedback
-from loop.serving.protocol import BadRequest, ChatCompletionRequest, CompletionRequest, error_response, json_body
+from loop.serving.errors import BadRequest, error_response
+from loop.serving.protocol import ChatCompletionRequest, CompletionRequest, json_body
 from loop.serving.request_id import REQUEST_ID_HEADER, ServerRequestId
 from loop.serving.responses import SSE_DONE, Choice, chat_completion_body, completion_body, sse_chunk
 from loop.serving.rollouts import POLL_S

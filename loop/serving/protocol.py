@@ -1,8 +1,9 @@
 """The requests of the OpenAI HTTP protocol the gateway and the reference teacher take.
 
-Request validation gives one clear message naming the field; errors use OpenAI's error body. What
-goes back (bodies, log-probabilities, stream events) is `responses.py`; the `x-request-id` a
-response carries is `request_id.py`.
+Request validation gives one clear message naming the field; errors use OpenAI's error body
+(`errors.py`). Tools (the functions offered, replayed calls, the schema `tool_choice: required`
+decodes under) are `tools.py`; what goes back (bodies, log-probabilities, stream events) is
+`responses.py`; the `x-request-id` a response carries is `request_id.py`.
 """
 from __future__ import annotations
 
@@ -12,31 +13,15 @@ from typing import Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
-from starlette.responses import JSONResponse
 
+from loop.serving.errors import BadRequest
 from loop.serving.responses import chat_logprobs, completion_logprobs
+from loop.serving.tools import MessageToolCall, NamedToolChoice, Tool, arguments_schema, tool_calls_schema
 
 MAX_BODY_BYTES = 1 << 20
 MAX_CHOICES = 16
 MAX_TOP_LOGPROBS = 20  # OpenAI's bounds, and vLLM's default max_logprobs
 MAX_COMPLETION_LOGPROBS = 5
-
-
-class CalledFunction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=256)
-    arguments: str = Field(max_length=1 << 16)
-    """The arguments as the response gave them: a JSON object in a string. Replayed as given, whatever a
-    model wrote there (the template sees `{}` for what is not an object, as vLLM's server renders it),
-    so a conversation with one malformed call can go on."""
-
-
-class MessageToolCall(BaseModel):
-    """A tool call of an earlier assistant turn, replayed as OpenAI's response gave it."""
-    model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1, max_length=128)
-    type: Literal["function"] = "function"
-    function: CalledFunction
 
 
 class ChatMessage(BaseModel):
@@ -235,55 +220,6 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    description: str | None = None
-    parameters: dict | None = None
-    """A JSON schema of the arguments (none: any JSON object)."""
-    strict: bool | None = None
-
-
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["function"]
-    function: FunctionDef
-
-
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str
-
-
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["function"]
-    function: NamedFunction
-
-
-def _arguments(params: dict | None) -> dict:
-    return params or {"type": "object", "properties": {}}
-
-
-def tool_calls_schema(tools: list[Tool], parallel: bool | None) -> dict:
-    """`tool_choice: required` as vLLM's server decodes it: a JSON array of at least one
-    {name, parameters} of the given tools (at most one when `parallel_tool_calls` is false)."""
-    defs, items = {}, []
-    for t in tools:
-        params = dict(_arguments(t.function.parameters))
-        for name, sub in params.pop("$defs", {}).items():  # hoisted, so `#/$defs/...` still resolves
-            if defs.setdefault(name, sub) != sub:
-                raise BadRequest(f"tools: $defs {name!r} has two different schemas", param="tools")
-        items.append({"properties": {"name": {"type": "string", "enum": [t.function.name]}, "parameters": params},
-                      "required": ["name", "parameters"]})
-    schema = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": items}}
-    if parallel is False:
-        schema["maxItems"] = 1
-    if defs:
-        schema["$defs"] = defs
-    return schema
-
-
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
@@ -380,7 +316,7 @@ class ChatCompletionRequest(_Sampling):
     def structured(self) -> dict | None:
         if isinstance(self.tool_choice, NamedToolChoice) and self.tools:
             named = next(t for t in self.tools if t.function.name == self.tool_choice.function.name)
-            return {"json": _arguments(named.function.parameters)}
+            return {"json": arguments_schema(named.function.parameters)}
         if self.calls_tools:
             return {"json": tool_calls_schema(self.tools, self.parallel_tool_calls)}
         fmt = self.response_format
@@ -406,24 +342,6 @@ class CompletionRequest(_Sampling):
 
     def format_logprobs(self, tokens: list[dict] | None, offset: int = 0) -> dict | None:
         return None if self.logprobs is None else completion_logprobs(tokens, self.logprobs, offset)
-
-
-def error_response(status: int, message: str, *, type_: str = "invalid_request_error",
-                   param: str | None = None, code: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status, headers=headers)
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
-                 type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.message, self.param, self.status, self.code, self.type_ = message, param, status, code, type_
-
-    def response(self, headers: dict | None = None) -> JSONResponse:
-        return error_response(self.status, self.message, type_=self.type_, param=self.param, code=self.code,
-                              headers=headers)
 
 
 def json_body(body: bytes, empty: dict | None = None) -> dict:

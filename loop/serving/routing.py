@@ -9,7 +9,8 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from loop.serving.protocol import BadRequest, ChatCompletionRequest, parse_request
+from loop.serving.errors import BadRequest
+from loop.serving.protocol import ChatCompletionRequest, parse_request
 
 
 def assign_variant(rollout: dict, user: str) -> str:

@@ -12,7 +12,8 @@ from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse
 
 from loop.config import LoopConfig
-from loop.serving.protocol import BadRequest, cut_at_stop, parse_chat_request
+from loop.serving.errors import BadRequest
+from loop.serving.protocol import cut_at_stop, parse_chat_request
 from loop.serving.responses import Choice, chat_completion_body
 from loop.sim.world import World
 from loop.traces.log import new_request_id
