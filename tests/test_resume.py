@@ -187,7 +187,7 @@ def test_a_worse_challenger_is_rolled_back_on_live_evidence(resumed, cycle_job):
     ray.init(address=cycle_job["env"]["RAY_ADDRESS"], namespace=cfg.ray.namespace, ignore_reinit_error=True)
     lineage = Lineage(cfg.storage.tracking_uri, cfg.storage.path("mlartifacts"))
     _, _, controller = helper_actors(cfg, lineage)
-    services = SimpleNamespace(cfg=cfg, lineage=lineage, controller=controller, teacher_url="")
+    services = SimpleNamespace(cfg=cfg, lineage=lineage, rollout_controller=controller, teacher_url="")
     champion = lineage.version_info(ENDPOINT, "champion")
     # Noise on every linear layer: the model it makes answers garbage.
     noise = make_adapter(cfg.model_path(cfg.student), cfg.storage.path("noise-adapter"), 8, seed=0, std=1.0)
